@@ -1,0 +1,23 @@
+"""The built-in backends, one module per backend family.
+
+A backend depends on the contract (``pytest_longctx.spec``, ``.protocol``,
+``.errors``, ``.rope``) and never on the suite. Built-ins are listed here by
+import path so that listing them imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Builtin(NamedTuple):
+    factory: str  # "module:attribute", called with the backend's options
+    device_kind: str
+
+
+BUILTINS = {
+    "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
+}
+
+# Device-kind aliases: the first available built-in of that kind is used.
+ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}

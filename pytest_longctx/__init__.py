@@ -1,0 +1,39 @@
+"""pytest-longctx: certify a long-context inference backend with measured figures.
+
+The public contract a backend implements is exported here; the pytest plugin
+itself lives in ``pytest_longctx.plugin``.
+"""
+
+from .errors import (
+    BackendUnavailable,
+    ContextLimitExceeded,
+    LongctxError,
+    NotSupported,
+    SpecError,
+)
+from .protocol import BackendInfo, KVBackend, KVCache
+from .registry import load_backend
+from .rope import RopeFrequencies, rope_frequencies
+from .shapes import SHAPES, parse_shape
+from .spec import KV_DTYPES, CacheSpec, RopeSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "BackendUnavailable",
+    "CacheSpec",
+    "ContextLimitExceeded",
+    "KVBackend",
+    "KVCache",
+    "KV_DTYPES",
+    "LongctxError",
+    "NotSupported",
+    "RopeFrequencies",
+    "RopeSpec",
+    "SHAPES",
+    "SpecError",
+    "load_backend",
+    "parse_shape",
+    "rope_frequencies",
+]

@@ -1,0 +1,177 @@
+"""Finding and constructing backends: ``load_backend`` works outside pytest too.
+
+A backend is named three ways: a built-in (or a device-kind alias of one), a
+name registered by a third-party package (entry-point group
+``pytest_longctx.backends`` or the ``pytest_longctx_backends`` hook), or an
+import path ``package.module:factory``. Any of them takes options as
+``NAME[key=value,...]``. Registered names never contain ``:``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from .errors import BackendUnavailable, LongctxError, SpecError
+from .protocol import KVBackend
+
+Factory = Union[Callable[..., KVBackend], str]
+
+ENTRY_POINT_GROUP = "pytest_longctx.backends"
+_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class BackendLoadError(LongctxError):
+    """A backend's module or factory raised; every case of that backend reports it."""
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """A parsed ``--longctx-backend`` value."""
+
+    text: str
+    name: str
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_import_path(self) -> bool:
+        return ":" in self.name
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_backend(text: str) -> BackendRef:
+    """Split ``NAME[key=value,...]`` into name and options; malformed text is a SpecError."""
+    text = text.strip()
+    name, bracket, rest = text.partition("[")
+    name = name.strip()
+    options: Dict[str, Any] = {}
+    if bracket:
+        if not rest.endswith("]"):
+            raise SpecError(f"backend {text!r}: options must be closed with ']'")
+        body = rest[:-1].strip()
+        for item in filter(None, (part.strip() for part in body.split(","))):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise SpecError(f"backend {text!r}: option {item!r} is not key=value")
+            options[key] = _option_value(value)
+    if ":" in name:
+        if not _IMPORT_PATH.match(name):
+            raise SpecError(f"backend {text!r}: an import path must look like package.module:factory")
+    elif not _NAME.match(name):
+        raise SpecError(f"backend {text!r}: not a backend name")
+    return BackendRef(text, name, options)
+
+
+def registered_factories(extra: Optional[Mapping[str, Factory]] = None) -> Dict[str, Factory]:
+    """Built-ins, then entry points, then ``extra`` (from the pluggy hook); later wins."""
+    from .backends import BUILTINS
+
+    factories: Dict[str, Factory] = {name: b.factory for name, b in BUILTINS.items()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        factories[ep.name] = ep.value
+    for name, factory in (extra or {}).items():
+        if ":" in name:
+            raise SpecError(f"registered backend name {name!r} must not contain ':'")
+        factories[name] = factory
+    return factories
+
+
+def _resolve(path: str) -> Callable[..., Any]:
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:
+        raise BackendLoadError(f"importing {path} raised {type(exc).__name__}: {exc}") from exc
+    return target
+
+
+def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBackend:
+    target = _resolve(factory) if isinstance(factory, str) else factory
+    try:
+        backend = target(**options)
+    except (BackendUnavailable, SpecError):
+        raise
+    except TypeError as exc:
+        raise SpecError(f"backend {label!r} does not take these options: {exc}") from None
+    except Exception as exc:
+        raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
+    missing = [
+        attr
+        for attr in ("name", "info", "open_cache", "asarray", "to_numpy", "synchronize", "memory_in_use")
+        if not hasattr(backend, attr)
+    ]
+    if missing:
+        raise BackendLoadError(
+            f"backend {label!r} factory returned {type(backend).__name__}, "
+            f"which is not a KVBackend (missing: {', '.join(missing)})"
+        )
+    return backend
+
+
+def _load_alias(kind: str, options: Mapping[str, Any]) -> KVBackend:
+    from .backends import BUILTINS
+
+    reasons = []
+    for name, builtin in BUILTINS.items():
+        if builtin.device_kind != kind:
+            continue
+        try:
+            return _construct(name, builtin.factory, options)
+        except BackendUnavailable as exc:
+            reasons.append(f"{name}: {exc}")
+    detail = "; ".join(reasons) if reasons else "none is built in"
+    raise BackendUnavailable(f"no {kind} backend is available ({detail})")
+
+
+def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None) -> BackendRef:
+    """Parse and check that the name is known, without constructing anything."""
+    from .backends import ALIASES
+
+    ref = parse_backend(text)
+    if ref.is_import_path or ref.name in ALIASES:
+        return ref
+    factories = registered_factories(extra)
+    if ref.name not in factories:
+        known = ", ".join(sorted(set(factories) | set(ALIASES)))
+        raise SpecError(
+            f"unknown backend {ref.name!r}; known: {known}; or give package.module:factory"
+        )
+    return ref
+
+
+def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> KVBackend:
+    """Construct the backend named by ``text``.
+
+    Raises SpecError for a malformed or unknown name, BackendUnavailable when it
+    cannot run here, BackendLoadError when its module or factory raises.
+    """
+    from .backends import ALIASES
+
+    ref = check_backend_name(text, extra)
+    if ref.is_import_path:
+        return _construct(ref.text, ref.name, ref.options)
+    if ref.name in ALIASES:
+        return _load_alias(ALIASES[ref.name], ref.options)
+    return _construct(ref.text, registered_factories(extra)[ref.name], ref.options)
