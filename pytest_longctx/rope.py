@@ -103,7 +103,7 @@ def rope_frequencies(spec: CacheSpec) -> RopeFrequencies:
     """
     rope = spec.rope
     dim = spec.rotary_dim
-    if rope.kind == "none":
+    if dim == 0:
         return RopeFrequencies(np.zeros(0), 1.0, 0)
     if rope.kind == "default":
         inv_freq, factor = _base_inv_freq(rope.theta, dim), 1.0

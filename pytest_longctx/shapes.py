@@ -67,7 +67,7 @@ SHAPES: Dict[str, CacheSpec] = {
     "phi-3-mini-128k": CacheSpec(
         32, 32, 32, 96, 131072,
         rope=RopeSpec(
-            kind="longrope", theta=10000.0, original_max_positions=4096,
+            kind="longrope", theta=10000.0, factor=32.0, original_max_positions=4096,
             short_factor=_PHI3_SHORT, long_factor=_PHI3_LONG,
         ),
     ),

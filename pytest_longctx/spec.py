@@ -124,9 +124,19 @@ class CacheSpec:
                 f"rope rotary_dim={self.rope.rotary_dim} is larger than head_dim={self.head_dim}"
             )
         if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window <= 0
         ):
             raise SpecError(f"sliding_window={self.sliding_window!r}, but should be a positive integer")
+        if self.rope.kind == "dynamic" and self.rotary_dim <= 2:
+            raise SpecError(f"rope kind='dynamic' needs rotary_dim > 2, got {self.rotary_dim}")
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self.rope, name)
+            if values is not None and len(values) != self.rotary_dim // 2:
+                raise SpecError(
+                    f"rope {name} has {len(values)} values, but should have rotary_dim/2 = {self.rotary_dim // 2}"
+                )
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise SpecError(f"softmax_scale={self.softmax_scale!r}, but should be > 0")
         if self.softcap is not None and not self.softcap > 0:
@@ -139,6 +149,9 @@ class CacheSpec:
 
     @property
     def rotary_dim(self) -> int:
+        """Leading dims of each head that rotate (0 for kind "none"); the rest pass through."""
+        if self.rope.kind == "none":
+            return 0
         return self.rope.rotary_dim if self.rope.rotary_dim is not None else self.head_dim
 
     @property
