@@ -1,0 +1,298 @@
+"""Unit tests of the measurement layer: timers, memory probes, preflight, lock, bandwidth."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import multiprocessing
+import threading
+import time
+import tracemalloc
+from types import SimpleNamespace
+from typing import List, Optional
+
+import numpy as np
+import pytest
+
+from pytest_longctx import measure
+from pytest_longctx.measure import (
+    Bandwidth,
+    ExclusiveLock,
+    MemoryProbe,
+    Stats,
+    backend_bandwidth,
+    format_bytes,
+    host_bandwidth,
+    memory_available,
+    preflight,
+    timed,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class FakeDevice:
+    """A device backend whose memory counter the test moves by hand."""
+
+    name = "fake-device"
+
+    def __init__(self, used: int = 1000, free: Optional[int] = None) -> None:
+        self.used = used
+        self.free = free
+        self.bandwidth_calls = 0
+
+    def memory_in_use(self) -> Optional[int]:
+        return self.used
+
+    def memory_available(self) -> Optional[int]:
+        return self.free
+
+    def info(self) -> SimpleNamespace:
+        return SimpleNamespace(device_kind="gpu")
+
+    def bandwidth(self) -> SimpleNamespace:
+        self.bandwidth_calls += 1
+        return SimpleNamespace(copy_gbps=3000.0, read_gbps=2500.0)
+
+
+class FakeHost:
+    name = "fake-host"
+
+    def memory_in_use(self) -> Optional[int]:
+        return None
+
+
+# ----------------------------------------------------------------- Stats
+
+
+def test_stats_of_known_samples() -> None:
+    stats = Stats.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (stats.n, stats.median, stats.mean, stats.min, stats.max) == (5, 3.0, 3.0, 1.0, 5.0)
+    assert stats.stdev == pytest.approx(math.sqrt(2.5))
+    assert stats.iqr == pytest.approx(2.0)  # quartiles 2 and 4
+    assert stats.spread == pytest.approx(2.0 / 3.0)
+    assert stats.as_dict() == {
+        "n": 5, "median": 3.0, "mean": 3.0, "stdev": stats.stdev,
+        "min": 1.0, "max": 5.0, "iqr": stats.iqr,
+    }
+
+
+def test_stats_single_sample_and_empty() -> None:
+    stats = Stats.of([0.25])
+    assert (stats.n, stats.median, stats.stdev, stats.iqr, stats.spread) == (1, 0.25, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        Stats.of([])
+
+
+# ----------------------------------------------------------------- timed
+
+
+def test_timed_synchronizes_before_start_and_before_stop() -> None:
+    calls: List[str] = []
+
+    def sync() -> None:
+        calls.append("sync")
+        if len(calls) == 3:  # the closing sync: queued device work, must be counted
+            time.sleep(0.02)
+
+    def fn() -> None:
+        calls.append("fn")
+
+    seconds = timed(fn, sync)
+    assert calls == ["sync", "fn", "sync"]
+    assert 0.02 <= seconds < 5.0
+
+
+# ----------------------------------------------------------------- MemoryProbe
+
+
+def test_probe_sees_untouched_numpy_allocation_through_tracemalloc() -> None:
+    with MemoryProbe(FakeHost()) as probe:
+        array = np.empty(64 * MiB, dtype=np.uint8)  # never touched: RSS does not see it
+        now = probe.sample()
+        assert now.traced - probe.baseline.traced >= 64 * MiB
+        assert now.device is None
+        assert probe.held() >= 64 * MiB
+        del array
+        assert probe.held() < 8 * MiB
+        assert probe.peak() >= 64 * MiB
+
+
+def test_probe_sees_touched_native_allocation_through_rss() -> None:
+    with MemoryProbe() as probe:
+        region = mmap.mmap(-1, 64 * MiB)  # native: invisible to tracemalloc
+        view = (ctypes.c_char * (64 * MiB)).from_buffer(region)
+        ctypes.memset(ctypes.addressof(view), 1, 64 * MiB)
+        now = probe.sample()
+        assert now.traced - probe.baseline.traced < 1 * MiB
+        assert probe.held() >= 60 * MiB
+        del view
+        region.close()
+
+
+def test_probe_uses_device_deltas() -> None:
+    device = FakeDevice(used=1000)
+    with MemoryProbe(device) as probe:
+        assert probe.is_device and probe.baseline.device == 1000
+        device.used += 500
+        assert probe.held() == 500
+        device.used += 1000
+        probe.sample()
+        device.used -= 1200
+        assert probe.held() == 300
+        assert probe.peak() == 1500
+        device.used = 0
+        assert probe.held() == 0  # never negative
+
+
+def test_probe_stops_tracemalloc_only_if_it_started_it() -> None:
+    if tracemalloc.is_tracing():
+        pytest.skip("tracemalloc was started outside the test")
+    with MemoryProbe():
+        assert tracemalloc.is_tracing()
+    assert not tracemalloc.is_tracing()
+    tracemalloc.start()
+    try:
+        with MemoryProbe():
+            pass
+        assert tracemalloc.is_tracing()
+    finally:
+        tracemalloc.stop()
+
+
+# ----------------------------------------------------------------- preflight
+
+
+def test_preflight_accepts_small_sizes() -> None:
+    assert preflight(1 * MiB) is None
+
+
+def test_preflight_refuses_more_than_free_naming_both_numbers() -> None:
+    free, place = memory_available()
+    assert place == "host" and free > 0
+    reason = preflight(2 * free)
+    assert reason == f"needs {2 * free / GiB:.1f} GiB of host memory, {free / GiB:.1f} GiB free"
+
+
+def test_preflight_message_and_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = SimpleNamespace(available=int(7.1 * GiB))
+    monkeypatch.setattr(measure.psutil, "virtual_memory", lambda: fake)
+    assert preflight(int(9.4 * GiB)) == "needs 9.4 GiB of host memory, 7.1 GiB free"
+    assert preflight(int(7.0 * GiB)) == (
+        "needs 7.0 GiB of host memory, 7.1 GiB free (0.7 GiB kept in reserve)"
+    )
+    assert preflight(int(6.0 * GiB)) is None
+
+
+def test_preflight_on_a_device_backend() -> None:
+    device = FakeDevice(used=0, free=8 * GiB)
+    assert memory_available(device) == (8 * GiB, "gpu")
+    assert preflight(10 * GiB, device) == "needs 10.0 GiB of gpu memory, 8.0 GiB free"
+    assert memory_available(FakeDevice(free=None))[1] == "host"  # no figure: fall back
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(100) == "100 B"
+    assert format_bytes(12 * 1024) == "12.0 KiB"
+    assert format_bytes(512 * MiB) == "512.0 MiB"
+    assert format_bytes(int(1.9 * GiB)) == "1.9 GiB"
+    assert format_bytes(-2048) == "-2.0 KiB"
+
+
+# ----------------------------------------------------------------- ExclusiveLock
+
+
+def _hold(path: str, mode: str, held, release, seconds: float) -> None:
+    with getattr(ExclusiveLock(path), mode)():
+        held.set()
+        release.wait(seconds)
+
+
+def _acquire(path: str, mode: str, started, acquired) -> None:
+    started.set()
+    with getattr(ExclusiveLock(path), mode)():
+        acquired.set()
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+@pytest.mark.skipif(measure.fcntl is None, reason="no fcntl: the lock is a no-op")
+def test_exclusive_waits_for_shared_holders(tmp_path) -> None:
+    ctx, path = _context(), str(tmp_path / "lock")
+    started, acquired = ctx.Event(), ctx.Event()
+    with ExclusiveLock(path).shared():
+        child = ctx.Process(target=_acquire, args=(path, "exclusive", started, acquired))
+        child.start()
+        assert started.wait(10)
+        assert not acquired.wait(0.3), "exclusive was granted while a shared holder held the lock"
+    assert acquired.wait(10), "exclusive was not granted after the shared holder left"
+    child.join(10)
+    assert child.exitcode == 0
+
+
+@pytest.mark.skipif(measure.fcntl is None, reason="no fcntl: the lock is a no-op")
+def test_shared_holders_coexist_and_wait_for_exclusive(tmp_path) -> None:
+    ctx, path = _context(), str(tmp_path / "lock")
+    held, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold, args=(path, "shared", held, release, 10))
+    child.start()
+    assert held.wait(10)
+    start = time.monotonic()
+    with ExclusiveLock(path).shared():
+        assert time.monotonic() - start < 2.0
+    release.set()
+    child.join(10)
+
+    held, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold, args=(path, "exclusive", held, release, 10))
+    child.start()
+    assert held.wait(10)
+    started, acquired = threading.Event(), threading.Event()
+    waiter = threading.Thread(target=_acquire, args=(path, "shared", started, acquired))
+    waiter.start()
+    assert started.wait(10)
+    assert not acquired.wait(0.3), "shared was granted while another process held it exclusively"
+    release.set()
+    assert acquired.wait(10), "shared was not granted after the exclusive holder left"
+    waiter.join(10)
+    child.join(10)
+
+
+def test_lock_nests_within_one_process(tmp_path) -> None:
+    path = str(tmp_path / "lock")
+    outer, inner = ExclusiveLock(path), ExclusiveLock(path)
+    with outer.shared():
+        with inner.exclusive():  # same process: converts instead of deadlocking
+            with outer.shared():
+                pass
+        with inner.shared():
+            pass
+    with inner.exclusive():
+        pass
+
+
+# ----------------------------------------------------------------- bandwidth
+
+
+def test_host_bandwidth_is_plausible() -> None:
+    found = host_bandwidth(8 * MiB, repeats=3)
+    assert 0 < found.nbytes <= 8 * MiB
+    assert 0.1 < found.copy_gbps < 10_000
+    assert 0.1 < found.read_gbps < 10_000
+    assert found.method.startswith("host numpy")
+
+
+def test_backend_bandwidth_prefers_the_backend_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(measure, "_BANDWIDTH", {})
+    host = Bandwidth(copy_gbps=20.0, read_gbps=30.0, nbytes=1, method="stub")
+    monkeypatch.setattr(measure, "host_bandwidth", lambda: host)
+    device = FakeDevice()
+    first = backend_bandwidth(device)
+    assert (first.copy_gbps, first.read_gbps) == (3000.0, 2500.0)
+    assert backend_bandwidth(device) is first and device.bandwidth_calls == 1
+    assert backend_bandwidth(FakeHost()) is host
