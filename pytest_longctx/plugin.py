@@ -1,1 +1,11 @@
-"""The pytest11 entry point: lists the plugin modules, as pytest lists its own."""
+"""The pytest11 entry point: the plugin modules, listed as pytest lists its own.
+
+Each module is a plugin for one concern: options and settings, the fixtures
+and matrix parametrization, the terminal summary.
+"""
+
+pytest_plugins = (
+    "pytest_longctx.options",
+    "pytest_longctx.fixtures",
+    "pytest_longctx.summary",
+)

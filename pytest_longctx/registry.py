@@ -10,7 +10,9 @@ import path ``package.module:factory``. Any of them takes options as
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, Optional, Union
@@ -96,6 +98,9 @@ def registered_factories(extra: Optional[Mapping[str, Factory]] = None) -> Dict[
 
 def _resolve(path: str) -> Callable[..., Any]:
     module_name, _, attribute = path.partition(":")
+    # As uvicorn does for "module:app": an in-house module beside the user is importable.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):

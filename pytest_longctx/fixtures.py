@@ -1,0 +1,252 @@
+"""Public fixtures and the parametrization of the backend × kv dtype × positions matrix.
+
+A test that asks for ``longctx_backend`` runs once per ``--longctx-backend``;
+one that also asks for ``longctx_kv_dtype`` runs for every dtype that backend
+claims (or ``--longctx-kv-dtype``); ``longctx_positions`` adds every positions
+value. The parameters are session-scoped, so pytest groups the tests of one
+case together and module- or session-scoped fixtures can build on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from .errors import BackendUnavailable, LongctxError, NotSupported
+from .inputs import Inputs
+from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, format_bytes, preflight
+from .options import factories_key, settings_key
+from .protocol import KVBackend, KVCache
+from .registry import load_backend
+from .settings import Settings
+from .spec import CacheSpec
+
+RECORD_KEY = "longctx"
+# Most precise first: a check marked longctx_storage_independent runs at the first claimed.
+PRECISION_ORDER = ("float32", "float16", "bfloat16", "q8_0", "fp8_e4m3", "q4_0")
+
+
+def most_precise(dtypes: Tuple[str, ...]) -> Tuple[str, ...]:
+    ranked = sorted(dtypes, key=lambda d: PRECISION_ORDER.index(d) if d in PRECISION_ORDER else len(PRECISION_ORDER))
+    return tuple(ranked[:1])
+
+
+@dataclass
+class _Loaded:
+    backend: Optional[KVBackend] = None
+    error: Optional[BaseException] = None
+    kv_dtypes: Tuple[str, ...] = ()
+
+
+@dataclass
+class LongctxState:
+    """Per-process state: the backends constructed once, the lock for timed sections."""
+
+    settings: Settings
+    factories: Dict[str, Any]
+    lock: Optional[ExclusiveLock] = None
+    loaded: Dict[str, _Loaded] = field(default_factory=dict)
+
+    def load(self, text: str) -> _Loaded:
+        if text not in self.loaded:
+            try:
+                backend = load_backend(text, self.factories)
+                dtypes = tuple(backend.info().kv_dtypes)
+                self.loaded[text] = _Loaded(backend, None, dtypes)
+            except Exception as exc:  # reported on every case of this backend
+                self.loaded[text] = _Loaded(None, exc)
+        return self.loaded[text]
+
+
+state_key = pytest.StashKey[LongctxState]()
+
+
+def get_state(config: pytest.Config) -> LongctxState:
+    if state_key not in config.stash:
+        config.stash[state_key] = LongctxState(config.stash[settings_key], config.stash[factories_key])
+    return config.stash[state_key]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    names = metafunc.fixturenames
+    if "longctx_backend" not in names:
+        return
+    state = get_state(metafunc.config)
+    settings = state.settings
+    if "longctx_kv_dtype" in names:
+        one = metafunc.definition.get_closest_marker("longctx_storage_independent") is not None
+        pairs, ids = [], []
+        for text in settings.backends:
+            loaded = state.load(text)
+            dtypes = settings.kv_dtypes or loaded.kv_dtypes or ("unavailable",)
+            dtypes = most_precise(dtypes) if one else dtypes
+            for dtype in dtypes:
+                pairs.append((text, dtype))
+                ids.append(f"{text}-{dtype}")
+        metafunc.parametrize(["longctx_backend", "longctx_kv_dtype"], pairs, ids=ids,
+                             indirect=["longctx_backend"], scope="session")
+    else:
+        metafunc.parametrize("longctx_backend", settings.backends, indirect=True, scope="session")
+    if "longctx_positions" in names:
+        metafunc.parametrize("longctx_positions", settings.positions, scope="session")
+
+
+@pytest.fixture(scope="session")
+def longctx_settings(pytestconfig: pytest.Config) -> Settings:
+    """The run's settings: shape, positions, seed and every bar the suite applies."""
+    return pytestconfig.stash[settings_key]
+
+
+@pytest.fixture(scope="session")
+def longctx_backend(request: pytest.FixtureRequest) -> KVBackend:
+    """The backend under test, constructed once per run.
+
+    Example::
+
+        def test_my_long_prompt(longctx_backend, longctx_spec):
+            cache = longctx_backend.open_cache(longctx_spec)
+    """
+    text = getattr(request, "param", None) or get_state(request.config).settings.backends[0]
+    loaded = get_state(request.config).load(text)
+    if isinstance(loaded.error, BackendUnavailable):
+        pytest.skip(f"backend {text!r} unavailable: {loaded.error}")
+    if loaded.error is not None:
+        pytest.fail(f"backend {text!r} could not be loaded: {loaded.error}", pytrace=False)
+    return loaded.backend
+
+
+@pytest.fixture
+def longctx_spec(request: pytest.FixtureRequest, longctx_settings: Settings) -> CacheSpec:
+    """The CacheSpec in force: the shape at this case's kv dtype and positions."""
+    dtype = _param(request, "longctx_kv_dtype") or (longctx_settings.kv_dtypes or ("float16",))[0]
+    positions = _param(request, "longctx_positions") or max(longctx_settings.positions)
+    return longctx_settings.spec_for(dtype, positions)
+
+
+def _param(request: pytest.FixtureRequest, name: str) -> Any:
+    if name in request.fixturenames:
+        return request.getfixturevalue(name)
+    return None
+
+
+def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> KVCache:
+    """Open a cache after checking that it fits; skip if it does not or is not supported.
+
+    ``working_bytes`` is what the test itself will allocate beside the cache
+    (inputs, reference working set), counted in the host check.
+    """
+    host_backend = backend.memory_in_use() is None
+    needed = spec.kv_bytes(spec.max_positions)
+    reason = preflight(needed + working_bytes if host_backend else working_bytes)
+    if reason is None and not host_backend:
+        reason = preflight(needed, backend)
+    if reason is not None:
+        pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
+    try:
+        return backend.open_cache(spec)
+    except NotSupported as exc:
+        pytest.skip(f"not supported: {exc.reason}")
+    except LongctxError as exc:
+        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc}", pytrace=False)
+    except Exception as exc:
+        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc} [{spec.describe()}]", pytrace=False)
+
+
+@contextlib.contextmanager
+def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Iterator[KVCache]:
+    cache = open_cache(backend, spec, working_bytes)
+    try:
+        yield cache
+    finally:
+        with contextlib.suppress(Exception):
+            cache.close()
+
+
+@pytest.fixture
+def longctx_cache(longctx_backend: KVBackend, longctx_spec: CacheSpec) -> Iterator[KVCache]:
+    """A fresh, empty cache of ``longctx_spec``, closed after the test.
+
+    Skipped with the bytes needed and free when it would not fit, and as not
+    supported when the backend refuses the spec.
+    """
+    with opened(longctx_backend, longctx_spec) as cache:
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def longctx_reference() -> Any:
+    """The float64 reference: ``apply_rope``, ``attention``, ``attend``, ``roundtrip``, ``plain_attend``."""
+    from . import reference
+
+    return reference
+
+
+@pytest.fixture
+def longctx_inputs(request: pytest.FixtureRequest, longctx_settings: Settings) -> Inputs:
+    """Seeded generators for K/V/Q, timed-call pools and needles; the seed is the run's."""
+    return Inputs(longctx_settings.seed, request.node.nodeid)
+
+
+class Measure:
+    """Timers, memory probes and bandwidth for one backend, and a recorder of figures."""
+
+    def __init__(self, node: pytest.Item, backend: KVBackend, lock: ExclusiveLock) -> None:
+        self._node = node
+        self.backend = backend
+        self._lock = lock
+
+    def memory(self) -> MemoryProbe:
+        return MemoryProbe(self.backend)
+
+    def bandwidth(self) -> Any:
+        """The device's memory bandwidth, probed once per process."""
+        with self._lock.exclusive():
+            return backend_bandwidth(self.backend)
+
+    def exclusive(self) -> Any:
+        """Hold while timing, so that pytest-xdist workers do not measure against each other."""
+        return self._lock.exclusive()
+
+    def record(self, check: str, value: float, unit: str, *, bound: str = "", passed: bool = True,
+               cell: str = "", **extra: Any) -> None:
+        """Attach a figure to the test report (plain data: it crosses pytest-xdist)."""
+        params = getattr(getattr(self._node, "callspec", None), "params", {})
+        record = {
+            "backend": params.get("longctx_backend", self.backend.name),
+            "kv_dtype": params.get("longctx_kv_dtype", ""),
+            "positions": params.get("longctx_positions", extra.pop("positions", "")),
+            "check": check,
+            "value": value,
+            "unit": unit,
+            "bound": bound,
+            "passed": passed,
+            "cell": cell or f"{value:.4g} {unit}",
+            **extra,
+        }
+        self._node.user_properties.append((RECORD_KEY, record))
+
+
+@pytest.fixture(scope="session")
+def _longctx_lock(tmp_path_factory: pytest.TempPathFactory) -> ExclusiveLock:
+    # Workers' base temps share a parent: one lock file for the whole run.
+    return ExclusiveLock(os.path.join(tmp_path_factory.getbasetemp().parent, "longctx-timing.lock"))
+
+
+@pytest.fixture
+def longctx_measure(request: pytest.FixtureRequest, longctx_backend: KVBackend,
+                    _longctx_lock: ExclusiveLock) -> Iterator[Measure]:
+    """Timers and memory probes that know the device, and ``record()`` for figures."""
+    with _longctx_lock.shared():
+        yield Measure(request.node, longctx_backend, _longctx_lock)
+
+
+def records_of(report: pytest.TestReport) -> List[Dict[str, Any]]:
+    return [value for key, value in report.user_properties if key == RECORD_KEY]
+
+
+def describe_size(spec: CacheSpec, positions: int) -> str:
+    return f"{format_bytes(spec.kv_bytes(positions))} for {positions} positions"

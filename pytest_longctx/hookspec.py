@@ -1,0 +1,31 @@
+"""Hooks for third parties, added to pytest's plugin manager by ``pytest_addhooks``.
+
+Implement them in a conftest.py or in a plugin registered through ``pytest11``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+
+def pytest_longctx_backends() -> Mapping[str, Any]:
+    """Register backends by name.
+
+    Return a mapping of backend name to factory: a callable taking the
+    backend's options as keyword arguments and returning a KVBackend, or a
+    ``"package.module:factory"`` string. Names must not contain ``:``. Called
+    once per run, at configuration; every implementation's mapping is merged,
+    later registrations winning over earlier ones and over built-ins.
+
+    Packages can register the same way without pytest through the entry-point
+    group ``pytest_longctx.backends``.
+    """
+
+
+def pytest_longctx_record(config: Any, nodeid: str, record: Dict[str, Any]) -> None:
+    """A figure was measured (on the controller, also under pytest-xdist).
+
+    ``record`` is plain data: backend, kv_dtype, positions, check, value, unit,
+    bound, passed and a formatted cell. Called in test order as reports
+    arrive, before the terminal summary.
+    """

@@ -1,0 +1,173 @@
+"""Command-line options, their ini mirrors, markers, the run's settings and header.
+
+Every option ``--longctx-NAME`` has an ini key ``longctx_NAME``; the command
+line wins. The settings are built once in ``pytest_configure`` and kept in the
+config's stash; a malformed value stops the run with a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+from . import hookspec
+from .errors import SpecError
+from .registry import check_backend_name
+from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_positions
+from .shapes import DEFAULT_SHAPE, parse_shape
+
+settings_key = pytest.StashKey[Settings]()
+factories_key = pytest.StashKey[Dict[str, Any]]()
+
+MARKERS = {
+    "longctx_limits": "context limits: holds exactly max_positions, refuses one more loudly, loses nothing",
+    "longctx_memory": "KV memory: measured cache memory within the analytic size",
+    "longctx_throughput": "fill and retrieve throughput, also as a fraction of memory bandwidth",
+    "longctx_equivalence": "attention with RoPE matches the float64 reference at long positions",
+    "longctx_storage_independent": "the check does not depend on the KV storage type: run it at the "
+    "backend's most precise kv dtype only",
+}
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any] = str
+    metavar: str = "VALUE"
+    ini_type: str = "string"
+
+
+OPTIONS = (
+    _Option("shape", f"model shape: a preset, a TOML/JSON file or key=value,... (default {DEFAULT_SHAPE})",
+            DEFAULT_SHAPE, metavar="SHAPE"),
+    _Option("positions", "comma-separated positions to certify, up to 131072 (default 4096,8192,16384)",
+            ",".join(map(str, DEFAULT_POSITIONS)), metavar="N,N,..."),
+    _Option("kv-dtype", "narrow the KV dtypes to these (default: every dtype the backend claims)",
+            None, metavar="DTYPE,..."),
+    _Option("seed", "seed of every input; printed in the header so a run can be reproduced",
+            None, int, metavar="SEED"),
+    _Option("chunk", "positions per append in prefill-style fill (default 512)", 512, int, metavar="N"),
+    _Option("repeats", "timed repeats per throughput figure (default 5)", 5, int, metavar="N"),
+    _Option("memory-allowance", "fraction measured KV memory may exceed the analytic size (default 0.10)",
+            0.10, float, metavar="FRACTION"),
+    _Option("error-factor", "equivalence: backend error <= factor x plain float32 error + floor (default 3)",
+            3.0, float, metavar="K"),
+    _Option("fill-floor", "minimum fill rate in positions/s at 16384 positions, scaled by positions (default 125)",
+            125.0, float, metavar="RATE"),
+    _Option("retrieve-floor", "minimum retrieve rate in ops/s at 16384 positions, scaled by positions (default 1250)",
+            1250.0, float, metavar="RATE"),
+    _Option("attention-floor", "minimum decode attention rate in tokens/s (one query through all layers) at 16384 positions, scaled by positions (default none)",
+            None, float, metavar="RATE"),
+)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspec)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("longctx", "long-context backend conformance")
+    group.addoption(
+        "--longctx-backend", action="append", dest="longctx_backend", default=None, metavar="NAME",
+        help="backend to certify: a name (cpu, gpu, npu, numpy, ...), NAME[key=value,...] or "
+        "package.module:factory; repeat for a matrix",
+    )
+    parser.addini("longctx_backend", "backends to certify, as --longctx-backend", type="args", default=[])
+    for opt in OPTIONS:
+        dest = "longctx_" + opt.name.replace("-", "_")
+        group.addoption(f"--longctx-{opt.name}", dest=dest, default=None, metavar=opt.metavar, help=opt.help)
+        parser.addini(dest, opt.help, type=opt.ini_type, default=None)
+
+
+def _value(config: pytest.Config, opt: _Option) -> Any:
+    dest = "longctx_" + opt.name.replace("-", "_")
+    raw = config.getoption(dest)
+    if raw is None:
+        raw = config.getini(dest)
+    if raw is None or raw == "":
+        return opt.default
+    try:
+        return opt.parse(raw)
+    except (ValueError, SpecError) as exc:
+        raise pytest.UsageError(f"--longctx-{opt.name}={raw!r}: {exc}") from None
+
+
+def _settings(config: pytest.Config, factories: Dict[str, Any]) -> Settings:
+    values = {opt.name: _value(config, opt) for opt in OPTIONS}
+    backends = config.getoption("longctx_backend") or config.getini("longctx_backend") or ["cpu"]
+    try:
+        for text in backends:
+            check_backend_name(text, factories)
+        shape = parse_shape(values["shape"])
+        positions = parse_positions(values["positions"])
+        kv_dtypes = parse_kv_dtypes(values["kv-dtype"]) if values["kv-dtype"] else None
+    except SpecError as exc:
+        raise pytest.UsageError(f"longctx: {exc}") from None
+    workerinput = getattr(config, "workerinput", None)
+    seed = values["seed"]
+    if workerinput is not None and "longctx_seed" in workerinput:
+        seed = workerinput["longctx_seed"]
+    elif seed is None:
+        seed = secrets.randbits(32)
+    for name in ("chunk", "repeats"):
+        if values[name] < 1:
+            raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
+    return Settings(
+        backends=tuple(backends),
+        shape_text=values["shape"],
+        shape=shape,
+        positions=positions,
+        seed=seed,
+        kv_dtypes=kv_dtypes,
+        chunk=values["chunk"],
+        repeats=values["repeats"],
+        memory_allowance=values["memory-allowance"],
+        error_factor=values["error-factor"],
+        fill_floor=values["fill-floor"],
+        retrieve_floor=values["retrieve-floor"],
+        attention_floor=values["attention-floor"],
+    )
+
+
+def _conformance_dir() -> str:
+    from . import conformance
+
+    return os.path.dirname(conformance.__file__)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    factories: Dict[str, Any] = {}
+    for mapping in config.hook.pytest_longctx_backends():
+        factories.update(mapping or {})
+    config.stash[factories_key] = factories
+    config.stash[settings_key] = _settings(config, factories)
+    # `pytest --longctx-backend=X` with no path runs the installed conformance suite.
+    if config.getoption("longctx_backend") and config.args_source == pytest.Config.ArgsSource.INVOCATION_DIR:
+        config.args[:] = [_conformance_dir()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: every worker draws its inputs from the controller's seed."""
+    node.workerinput["longctx_seed"] = node.config.stash[settings_key].seed
+
+
+def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
+    settings = config.stash.get(settings_key, None)
+    if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend")):
+        return None
+    positions = ",".join(map(str, settings.positions))
+    dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
+    return [
+        f"longctx: backend {' '.join(settings.backends)} | shape {settings.shape_text} "
+        f"({settings.shape.describe()}) | positions {positions} | kv {dtypes} | seed {settings.seed}"
+    ]

@@ -1,0 +1,92 @@
+"""The settings of one run, parsed and validated once, independent of pytest.
+
+Every bar the suite applies (allowances, factors, floors) is here with its
+default and the reason for it, so a profile or a command line can state it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .errors import SpecError
+from .spec import KV_DTYPES, CacheSpec
+
+MAX_POSITIONS = 131072
+DEFAULT_POSITIONS = (4096, 8192, 16384)
+# The seed benchmark's ladder (../shared/seeds/004_*): at 16384 positions a 7B cache
+# fills at >= 125 positions/s and retrieves at >= 1250 ops/s.
+FLOOR_POSITIONS = 16384
+_POSITION = re.compile(r"^(\d+)\s*([kK]?)$")
+
+
+def parse_positions(text: str) -> Tuple[int, ...]:
+    """``4096,8192,16k`` → (4096, 8192, 16384); sorted, unique, 1 ≤ p ≤ 131072."""
+    values = []
+    for item in str(text).replace(" ", "").split(","):
+        match = _POSITION.match(item)
+        if not match:
+            raise SpecError(f"positions item {item!r} is not a whole number (such as 4096 or 16k)")
+        value = int(match.group(1)) * (1024 if match.group(2) else 1)
+        if not 1 <= value <= MAX_POSITIONS:
+            raise SpecError(f"positions {value} is outside 1..{MAX_POSITIONS}")
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def parse_kv_dtypes(text: str) -> Tuple[str, ...]:
+    dtypes = tuple(d.strip() for d in str(text).split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in KV_DTYPES]
+    if unknown or not dtypes:
+        raise SpecError(
+            f"kv dtype {', '.join(unknown) or repr(text)} is not one of {', '.join(KV_DTYPES)}"
+        )
+    return dtypes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the suite runs and the bars it holds the backend to."""
+
+    backends: Tuple[str, ...]
+    shape_text: str
+    shape: CacheSpec
+    positions: Tuple[int, ...]
+    seed: int
+    kv_dtypes: Optional[Tuple[str, ...]] = None
+    # Prefill-style fill appends this many positions per call (llama.cpp's default n_batch).
+    chunk: int = 512
+    # Decode-style fill is timed over this many positions at the end of the cache.
+    decode_positions: int = 128
+    repeats: int = 5
+    # Measured KV memory may exceed the analytic size by this fraction plus a fixed slack
+    # (rope tables, bookkeeping).
+    memory_allowance: float = 0.10
+    memory_slack: int = 16 << 20
+    # Output equivalence: error <= factor x plain float32 error + floor (FlashAttention's
+    # KV-cache test uses 3).
+    error_factor: float = 3.0
+    # Floors at FLOOR_POSITIONS; they scale as FLOOR_POSITIONS / positions, since the
+    # work per position of attention grows with depth.
+    fill_floor: float = 125.0
+    retrieve_floor: float = 1250.0
+    attention_floor: Optional[float] = None
+
+    def floor(self, base: Optional[float], positions: int) -> Optional[float]:
+        """A floor given at 16384 positions, scaled to ``positions``."""
+        return None if base is None else base * FLOOR_POSITIONS / positions
+
+    def spec_for(self, kv_dtype: str, positions: int) -> CacheSpec:
+        return self.shape.replace(kv_dtype=kv_dtype, max_positions=positions)
+
+    def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int]) -> str:
+        """The command-line options that reproduce one case alone."""
+        options = [f"--longctx-backend={shlex.quote(backend)}", f"--longctx-shape={shlex.quote(self.shape_text)}"]
+        if kv_dtype:
+            options.append(f"--longctx-kv-dtype={kv_dtype}")
+        all_positions = ",".join(map(str, self.positions))
+        options.append(f"--longctx-positions={positions or all_positions}")
+        options.append(f"--longctx-seed={self.seed}")
+        return " ".join(options)

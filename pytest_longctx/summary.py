@@ -1,0 +1,89 @@
+"""The terminal summary: a table of backend × check × positions, and rerun commands.
+
+Figures travel as plain data in each report's ``user_properties``, so the
+controller sees every worker's under pytest-xdist; only the controller prints.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, Dict, List, Tuple
+
+import pytest
+from tabulate import tabulate
+
+from .fixtures import records_of
+from .options import settings_key
+
+RERUN_KEY = "longctx_rerun"
+
+
+class SummaryCollector:
+    """Registered as a plugin on the controller; holds what the reports carried."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: List[Dict[str, Any]] = []
+        self.reruns: List[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for record in records_of(report):
+            self.records.append(record)
+            self.config.hook.pytest_longctx_record(config=self.config, nodeid=report.nodeid, record=record)
+        if report.failed:
+            self.reruns.extend(value for key, value in report.user_properties if key == RERUN_KEY)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.records:
+            settings = self.config.stash[settings_key]
+            terminalreporter.write_sep("=", "longctx figures")
+            terminalreporter.write_line(
+                f"shape {settings.shape_text} ({settings.shape.describe()}), seed {settings.seed}"
+            )
+            terminalreporter.write_line(self.table())
+        if self.reruns:
+            terminalreporter.write_sep("-", "longctx: rerun a failed case alone")
+            for command in dict.fromkeys(self.reruns):
+                terminalreporter.write_line(command)
+
+    def table(self) -> str:
+        positions = sorted({r["positions"] for r in self.records if isinstance(r["positions"], int)})
+        rows: Dict[Tuple[str, str, str], Dict[Any, str]] = {}
+        for record in self.records:
+            key = (record["backend"], record["kv_dtype"], record["check"])
+            mark = "" if record["passed"] else " FAIL"
+            rows.setdefault(key, {})[record["positions"]] = record["cell"] + mark
+        extra = sorted({p for cells in rows.values() for p in cells} - set(positions), key=str)
+        columns = positions + extra
+        body = [[*key, *(cells.get(p, "") for p in columns)] for key, cells in rows.items()]
+        headers = ["backend", "kv dtype", "check", *(str(p) for p in columns)]
+        return tabulate(body, headers=headers, tablefmt="simple")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Only the controller summarises; workers send their reports to it.
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(SummaryCollector(config), "longctx-summary")
+
+
+def rerun_command(item: pytest.Item) -> str:
+    """The one-line command that reruns this case alone, with the same inputs."""
+    settings = item.config.stash[settings_key]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    options = settings.rerun_options(
+        params.get("longctx_backend", settings.backends[0]),
+        params.get("longctx_kv_dtype"),
+        params.get("longctx_positions"),
+    )
+    return f"pytest {shlex.quote(item.nodeid)} {options}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if report.failed and "longctx_backend" in params:
+        command = rerun_command(item)
+        report.sections.append(("longctx rerun", command))
+        report.user_properties.append((RERUN_KEY, command))
+    return report
