@@ -1,0 +1,236 @@
+"""Output equivalence: does attention with RoPE match a float64 reference at long positions?
+
+Criterion (as FlashAttention's tests): the backend's max abs error against the
+float64 reference ≤ factor × the error of a plain implementation in the
+backend's storage precision (float32 angles and arithmetic, K and V stored as
+the cache stores them) + a floor of (8 + sqrt(keys summed)) float32 ulps of the
+output's scale, the rounding any correct float32 summation carries. Any NaN or
+Inf fails.
+A correct backend that computes angles in float32 passes; one that computes
+them in float16 fails.
+
+Inputs make attention depend on position: needle keys that score high only
+when query and key are rotated at the right angles with the right pairing,
+decoys just outside the causal mask and the window, heads with logits near 200
+and flat heads (see ``pytest_longctx.inputs``). Queries are checked at the
+start, middle and end of the cache, one at a time (decode) and 16 at a time
+(chunk, causal inside). RoPE is checked at the real angles θ·pos at 2047, 2048,
+4095, 4096, 8191, 8192, 16383 … and the largest position requested, for every
+scaling variant and both pairings; the variants and the attention features
+(window, softcap, scale) do not depend on the storage type and run at the
+backend's most precise kv dtype, while the shape's own RoPE is checked at
+every dtype and positions value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from pytest_longctx import CacheSpec, RopeSpec
+from pytest_longctx.fixtures import opened
+from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
+from pytest_longctx.metrics import Verdict
+from pytest_longctx.reference import apply_rope, attention, stored_k, stored_v
+
+from ._check import attend, case, equivalence, fail, read
+
+pytestmark = pytest.mark.longctx_equivalence
+
+N_Q = (1, 16)
+START = 128  # cache length of the "start" stage
+
+
+def stage_lengths(n: int) -> List[int]:
+    return sorted({min(n, START), max(1, n // 2), n})
+
+
+@dataclass
+class Outcome:
+    """One comparison: what was compared, and the verdict."""
+
+    what: str
+    verdict: Verdict
+
+
+@dataclass
+class EquivalenceRun:
+    """A cache filled stage by stage with a needle case, the references, and attend()'s outcomes."""
+
+    spec: CacheSpec
+    case: NeedleCase
+    cache: object
+    layer: int
+    k_true: np.ndarray
+    k_plain: np.ndarray
+    v_true: np.ndarray
+    v_plain: np.ndarray
+    outcomes: List[Outcome] = field(default_factory=list)
+
+
+def _role(run: EquivalenceRun, stage: Tuple[int, int], verdict: Verdict) -> str:
+    if verdict.where is None or len(verdict.where) < 2:
+        return ""
+    i, h = verdict.where[0], verdict.where[1]
+    roles = run.case.roles[stage]
+    role = roles[i * run.spec.n_heads + h] if i * run.spec.n_heads + h < len(roles) else "?"
+    return f", worst at query {i} head {h} ({role})"
+
+
+@contextlib.contextmanager
+def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
+                    lengths: Sequence[int], targets: Sequence[int] = ()):
+    """Fill the last layer stage by stage, comparing attend() at each stage."""
+    n = spec.max_positions
+    stages = [(length, n_q) for length in lengths for n_q in N_Q if n_q <= length]
+    needles = inputs.needles(spec, n, stages, targets)
+    positions = np.arange(n)
+    k_true = apply_rope(needles.k, positions, spec)
+    k_plain = stored_k(needles.k, positions, spec)
+    v_true = needles.v.astype(np.float64)
+    v_plain = stored_v(needles.v, spec)
+    working = 4 * k_true.nbytes
+    layer = spec.n_layers - 1
+    with opened(backend, spec, working_bytes=working) as cache:
+        run = EquivalenceRun(spec, needles, cache, layer, k_true, k_plain, v_true, v_plain)
+        held = 0
+        for length in sorted(set(lengths)):
+            k, v = backend.asarray(needles.k[held:length]), backend.asarray(needles.v[held:length])
+            try:
+                cache.append(layer, k, v)
+            except Exception as exc:
+                fail(f"append of positions {held}..{length - 1}", f"{type(exc).__name__}: {exc}", "no error",
+                     case(backend, spec))
+            held = length
+            for stage in [s for s in stages if s[0] == length]:
+                q = needles.queries[stage]
+                q_positions = np.arange(length - stage[1], length)
+                got = attend(backend, cache, layer, q)
+                truth = attention(apply_rope(q, q_positions, spec), k_true[:length], v_true[:length], spec)
+                plain = attention(apply_rope(q, q_positions, spec, dtype=np.float32),
+                                  k_plain[:length].astype(np.float32), v_plain[:length].astype(np.float32),
+                                  spec, dtype=np.float32)
+                verdict = equivalence(got, truth, plain, factor, terms=length)
+                label = f"attend with {stage[1]} quer{'y' if stage[1] == 1 else 'ies'} at positions ..{length - 1}"
+                run.outcomes.append(Outcome(label + _role(run, stage, verdict), verdict))
+        yield run
+
+
+def report(outcomes: List[Outcome], spec: CacheSpec, backend, measure, check: str) -> None:
+    """Record the worst comparison and fail with one line per failing comparison."""
+    __tracebackhide__ = True
+    failures = [o for o in outcomes if not o.verdict.passed]
+    worst = max(outcomes, key=lambda o: (not o.verdict.passed, o.verdict.error / max(o.verdict.allowed, 1e-300)))
+    verdict = worst.verdict
+    measure.record(check, verdict.error, "max|err|", bound=f"<= {verdict.allowed:.3g}", passed=not failures,
+                   cell=f"{verdict.error:.2g} <= {verdict.allowed:.2g}" if verdict.passed else f"{verdict.error:.2g}",
+                   nmse=verdict.nmse, plain_error=verdict.plain_error)
+    if failures:
+        where = case(backend, spec)
+        lines = [o.verdict.message(o.what, where) for o in failures]
+        pytest.fail(f"{len(failures)} of {len(outcomes)} comparisons failed:\n" + "\n".join(lines), pytrace=False)
+
+
+def compare_read(run: EquivalenceRun, backend, factor: float, rows: np.ndarray) -> List[Outcome]:
+    """read() of the given positions against the float64-rotated K and the appended V."""
+    outcomes = []
+    for start, stop in _ranges(rows):
+        k, v = read(backend, run.cache, run.layer, start, stop)
+        span = f"positions {start}..{stop - 1}"
+        outcomes.append(Outcome(f"read K at {span}", equivalence(
+            k, run.k_true[start:stop], run.k_plain[start:stop], factor)))
+        outcomes.append(Outcome(f"read V at {span}", equivalence(
+            v, run.v_true[start:stop], run.v_plain[start:stop], factor)))
+    return outcomes
+
+
+def _ranges(rows: np.ndarray) -> List[Tuple[int, int]]:
+    """Contiguous (start, stop) runs of sorted unique positions."""
+    rows = np.unique(rows)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks) if r.size]
+
+
+@pytest.fixture(scope="module")
+def shape_run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings):
+    """The shape's own spec at each positions value, with stages at start, middle and end."""
+    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
+    inputs = Inputs(longctx_settings.seed, f"equivalence-{longctx_kv_dtype}-{longctx_positions}")
+    with equivalence_run(longctx_backend, spec, inputs, longctx_settings.error_factor,
+                         stage_lengths(spec.max_positions)) as run:
+        yield run
+
+
+def test_attention_matches_reference(longctx_backend, longctx_measure, shape_run):
+    report(shape_run.outcomes, shape_run.spec, longctx_backend, longctx_measure, "attention error")
+
+
+def test_read_matches_reference(longctx_backend, longctx_settings, longctx_measure, shape_run):
+    rows = np.arange(shape_run.spec.max_positions)
+    outcomes = compare_read(shape_run, longctx_backend, longctx_settings.error_factor, rows)
+    report(outcomes, shape_run.spec, longctx_backend, longctx_measure, "read error")
+
+
+def rope_variant(shape: CacheSpec, kind: str, style: str) -> RopeSpec:
+    """The shape's RoPE, or a realistic configuration of another scaling kind."""
+    base = shape.rope
+    if base.kind == kind:
+        return RopeSpec(**{**base.__dict__, "style": style})
+    half = shape.rotary_dim // 2 if shape.rope.kind != "none" else shape.head_dim // 2
+    common = dict(kind=kind, theta=base.theta, style=style, rotary_dim=base.rotary_dim)
+    variants = {
+        "none": dict(kind="none", style=style),
+        "default": {},
+        "linear": dict(factor=4.0),
+        "dynamic": dict(factor=4.0, original_max_positions=4096),
+        "yarn": dict(factor=4.0, original_max_positions=32768),  # Qwen's recommended YaRN
+        "longrope": dict(original_max_positions=4096, short_factor=tuple(np.linspace(1.0, 3.0, half)),
+                         long_factor=tuple(np.geomspace(1.0, 64.0, half))),
+        "llama3": dict(factor=8.0, original_max_positions=8192, low_freq_factor=1.0, high_freq_factor=4.0),
+    }
+    params = variants[kind]
+    return RopeSpec(**params) if kind == "none" else RopeSpec(**{**common, **params})
+
+
+ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+ROPE_CASES = [(kind, style) for kind in ROPE_KINDS for style in ("neox", "gptj") if (kind, style) != ("none", "gptj")]
+
+
+@pytest.mark.longctx_storage_independent
+@pytest.mark.parametrize(("kind", "style"), ROPE_CASES, ids=[f"{k}-{s}" for k, s in ROPE_CASES])
+def test_rope_matches_reference_at_long_positions(longctx_backend, longctx_kv_dtype, longctx_settings,
+                                                  longctx_inputs, longctx_measure, kind, style):
+    n = max(longctx_settings.positions)
+    spec = longctx_settings.spec_for(longctx_kv_dtype, n).replace(rope=rope_variant(longctx_settings.shape, kind, style))
+    checks = np.array([p for p in CHECK_POSITIONS if p < n] + [n - 1])
+    with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, [n],
+                         targets=tuple(int(p) for p in checks)) as run:
+        outcomes = run.outcomes + compare_read(run, longctx_backend, longctx_settings.error_factor, checks)
+        report(outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}")
+
+
+FEATURES = ("window", "softcap", "scale")
+
+
+@pytest.mark.longctx_storage_independent
+@pytest.mark.parametrize("feature", FEATURES)
+def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, longctx_settings,
+                                            longctx_inputs, longctx_measure, feature):
+    """Sliding window (edges included), softcap and a custom scale, at the largest positions."""
+    n = max(longctx_settings.positions)
+    spec = longctx_settings.spec_for(longctx_kv_dtype, n)
+    changes = {
+        "window": dict(sliding_window=max(1, min(n // 4, 4096))),
+        "softcap": dict(softcap=30.0),
+        "scale": dict(softmax_scale=0.5 / np.sqrt(spec.head_dim)),
+    }[feature]
+    spec = spec.replace(**changes)
+    with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor,
+                         stage_lengths(n)) as run:
+        report(run.outcomes, spec, longctx_backend, longctx_measure, f"attention {feature}")

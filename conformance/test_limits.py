@@ -1,0 +1,169 @@
+"""Context limits: does the backend hold exactly the context it claims, refuse one
+position more loudly, and lose nothing when it refuses?
+
+A cache of max_positions N must take N positions in every layer, raise
+ContextLimitExceeded at N+1 leaving every stored value as it was, reject a chunk
+that would cross N whole (never half-applied), and keep each layer's length
+apart. A ring buffer that overwrites position 0 when full, or a cache that
+quietly drops old positions, fails here with a message that says which.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pytest_longctx import ContextLimitExceeded
+from pytest_longctx.fixtures import opened
+from pytest_longctx.inputs import Inputs
+from pytest_longctx.reference import roundtrip
+
+from pytest_longctx.workloads import Fill, fill, native_pool
+
+from ._check import call, case, equivalence, fail, read
+
+pytestmark = pytest.mark.longctx_limits
+
+WINDOW = 64  # positions read back at the start, middle and end of the cache
+
+
+@pytest.fixture(scope="module")
+def full(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings):
+    """A cache filled to exactly max_positions in every layer, and what was appended."""
+    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
+    inputs = Inputs(longctx_settings.seed, f"limits-{longctx_kv_dtype}-{longctx_positions}")
+    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
+    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+        record = fill(cache, pool, range(spec.n_layers), spec.max_positions,
+                      min(longctx_settings.chunk, pool.k.shape[0]), keep=True)
+        yield cache, record
+
+
+def windows(n: int) -> list[tuple[int, int]]:
+    w = min(WINDOW, n)
+    mid = max(0, n // 2 - w // 2)
+    return sorted({(0, w), (mid, mid + w), (n - w, n)})
+
+
+def check_holds(backend, cache, record: Fill, layer: int, factor: float, where: str) -> None:
+    """Every sampled window reads back the V that was appended there."""
+    __tracebackhide__ = True
+    spec = cache.spec
+    for start, stop in windows(record_length(record)):
+        _, v = read(backend, cache, layer, start, stop)
+        _, expected = record.values(backend, start, stop)
+        verdict = equivalence(v, expected, roundtrip(expected, spec.kv_dtype), factor)
+        if not verdict.passed:
+            fail(f"V of layer {layer} at positions {start}..{stop - 1}", f"max|error| {verdict.error:.3g}",
+                 f"<= {verdict.allowed:.3g}: the cache dropped or overwrote positions it should hold", where)
+
+
+def record_length(record: Fill) -> int:
+    return sum(k.shape[0] for _, k, _ in record.chunks)
+
+
+def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, full):
+    cache, record = full
+    spec = cache.spec
+    where = case(longctx_backend, spec)
+    if record.error:
+        fail("filling to max_positions", record.error, f"no error below {spec.max_positions} positions", where)
+    lengths = [call(f"length({layer})", cache.length, layer) for layer in range(spec.n_layers)]
+    wrong = {layer: n for layer, n in enumerate(lengths) if n != spec.max_positions}
+    if wrong:
+        fail("length after filling", f"{wrong} (layer: length)", f"{spec.max_positions} in every layer", where)
+    for layer in sorted({0, spec.n_layers - 1}):
+        check_holds(longctx_backend, cache, record, layer, longctx_settings.error_factor, where)
+
+
+def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_settings, full):
+    cache, record = full
+    spec = cache.spec
+    where = case(longctx_backend, spec)
+    if record.error:
+        pytest.skip(f"the cache could not be filled: {record.error}")
+    layer = spec.n_layers - 1
+    before = {w: read(longctx_backend, cache, layer, *w) for w in windows(spec.max_positions)}
+    k, v = (longctx_backend.asarray(x[:1]) for x in Inputs(longctx_settings.seed, "one-more").kv(1, spec))
+    try:
+        cache.append(layer, k, v)
+    except ContextLimitExceeded:
+        pass
+    except Exception as exc:
+        fail("append at max_positions", f"{type(exc).__name__}: {exc}", "ContextLimitExceeded", where)
+    else:
+        length = call("length", cache.length, layer)
+        first_k, _ = read(longctx_backend, cache, layer, 0, 1) if length >= 1 else (None, None)
+        wrapped = first_k is not None and not np.array_equal(first_k, before[windows(spec.max_positions)[0]][0][:1])
+        detail = "; position 0 was overwritten: the cache wraps around (ring buffer)" if wrapped else ""
+        fail("append of 1 position at max_positions", f"accepted (length now {length}){detail}",
+             "a ContextLimitExceeded error", where)
+    length = call("length", cache.length, layer)
+    if length != spec.max_positions:
+        fail("length after the refused append", length, spec.max_positions, where)
+    for (start, stop), (k0, v0) in before.items():
+        k1, v1 = read(longctx_backend, cache, layer, start, stop)
+        if not (np.array_equal(k0, k1) and np.array_equal(v0, v1)):
+            fail(f"positions {start}..{stop - 1} after the refused append", "changed", "unchanged", where)
+
+
+def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_settings, longctx_kv_dtype,
+                                                     longctx_positions, longctx_inputs):
+    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
+    if spec.max_positions < 2:
+        pytest.skip("a chunk cannot cross a limit of 1 position")
+    chunk = min(longctx_settings.chunk, spec.max_positions)
+    held = spec.max_positions - chunk // 2
+    where = case(longctx_backend, spec)
+    pool = native_pool(longctx_backend, longctx_inputs, spec, min(held, 4096))
+    with opened(longctx_backend, spec) as cache:
+        record = fill(cache, pool, range(1), held, chunk)
+        if record.error:
+            fail(f"filling layer 0 to {held} positions", record.error, "no error", where)
+        tail = (max(0, held - WINDOW), held)
+        before = read(longctx_backend, cache, 0, *tail)
+        k, v = (longctx_backend.asarray(x) for x in longctx_inputs.kv(chunk, spec))
+        try:
+            cache.append(0, k, v)
+        except ContextLimitExceeded:
+            pass
+        except Exception as exc:
+            fail(f"append of {chunk} positions to {held} held", f"{type(exc).__name__}: {exc}",
+                 "ContextLimitExceeded", where)
+        else:
+            fail(f"append of {chunk} positions to {held} held", "accepted",
+                 f"rejected: it would pass max_positions={spec.max_positions}", where)
+        length = call("length", cache.length, 0)
+        if length != held:
+            fail("length after the rejected chunk", length,
+                 f"{held}: {length - held} of its {chunk} positions were applied (half-applied chunk)", where)
+        after = read(longctx_backend, cache, 0, *tail)
+        if not all(np.array_equal(a, b) for a, b in zip(before, after)):
+            fail(f"positions {tail[0]}..{tail[1] - 1} after the rejected chunk", "changed", "unchanged", where)
+        rest = spec.max_positions - held
+        k, v = longctx_inputs.kv(rest, spec)
+        call(f"append of the {rest} positions that fit", cache.append, 0,
+             longctx_backend.asarray(k), longctx_backend.asarray(v))
+        _, stored_v = read(longctx_backend, cache, 0, held, spec.max_positions)
+        expected = v.astype(np.float64)
+        verdict = equivalence(stored_v, expected, roundtrip(expected, spec.kv_dtype), longctx_settings.error_factor)
+        if not verdict.passed:
+            fail(f"V at positions {held}..{spec.max_positions - 1}", f"max|error| {verdict.error:.3g}",
+                 f"<= {verdict.allowed:.3g}: values of the rejected chunk leaked into the cache", where)
+
+
+def test_lengths_are_tracked_per_layer(longctx_backend, longctx_settings, longctx_kv_dtype,
+                                       longctx_positions, longctx_inputs):
+    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
+    where = case(longctx_backend, spec)
+    step = max(1, min(3, spec.max_positions // spec.n_layers))
+    expected = {layer: min(spec.max_positions, step * (layer + 1)) for layer in range(spec.n_layers)}
+    with opened(longctx_backend, spec) as cache:
+        for layer, n in expected.items():
+            k, v = longctx_inputs.kv(n, spec)
+            call(f"append({layer}, {n} positions)", cache.append, layer,
+                 longctx_backend.asarray(k), longctx_backend.asarray(v))
+        lengths = {layer: call(f"length({layer})", cache.length, layer) for layer in expected}
+        if lengths != expected:
+            wrong = {layer: n for layer, n in lengths.items() if n != expected[layer]}
+            fail("per-layer lengths", wrong, {layer: expected[layer] for layer in wrong}, where)

@@ -1,0 +1,156 @@
+"""Fill and retrieve throughput: how fast does the backend fill and read its cache,
+also as a fraction of the device's own memory bandwidth?
+
+One cache per case is filled prefill-style (chunks through all layers, each
+chunk timed) to max_positions − 128, then decode-style (one position through
+all layers, each timed) to max_positions; retrieve and decode attention are
+timed on the full cache. Every timed call gets fresh inputs; figures are
+medians with their spread; bandwidth is probed once per run by a copy. Floors
+come from the settings (default: the seed benchmark's ladder at 16384
+positions, 125 positions/s fill and 1250 ops/s retrieve, scaled by 16384 /
+positions; no decode-attention floor unless given). A sampled timed attention
+output is checked against the reference: a fast wrong answer is a failure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pytest_longctx.fixtures import opened
+from pytest_longctx.inputs import Inputs
+from pytest_longctx.measure import Stats, backend_bandwidth
+from pytest_longctx.reference import apply_rope, attention, stored_k, stored_v
+from pytest_longctx.workloads import native_pool, time_decode_attention, time_retrieve, timed_fill
+
+from ._check import case, equivalence, fail, host
+
+pytestmark = pytest.mark.longctx_throughput
+
+
+@pytest.fixture(scope="module")
+def run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings, _longctx_lock):
+    """The timed fill of one cache; the cache stays open for the retrieve tests."""
+    settings = longctx_settings
+    spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
+    inputs = Inputs(settings.seed, f"throughput-{longctx_kv_dtype}-{longctx_positions}")
+    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
+    chunk = min(settings.chunk, pool.k.shape[0])
+    decode = min(settings.decode_positions, spec.max_positions // 2)
+    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+        with _longctx_lock.exclusive():
+            filled = timed_fill(longctx_backend, cache, pool, chunk, decode)
+        yield cache, filled
+
+
+@pytest.fixture(scope="session")
+def bandwidth(longctx_backend, _longctx_lock):
+    """The device's copy and streaming-read bandwidth, probed once per run."""
+    with _longctx_lock.exclusive():
+        return backend_bandwidth(longctx_backend)
+
+
+def _ready(backend, run, what):
+    __tracebackhide__ = True
+    cache, filled = run
+    if filled.fill.error:
+        fail(what, filled.fill.error, "no error while filling", case(backend, cache.spec))
+    return cache, filled, case(backend, cache.spec)
+
+
+def _check_floor(what, rate, unit, floor, where):
+    __tracebackhide__ = True
+    if floor is not None and rate < floor:
+        fail(what, f"{rate:.4g} {unit}", f">= {floor:.4g} {unit}", where)
+
+
+def test_prefill_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):
+    cache, filled, where = _ready(longctx_backend, run, "prefill-style fill")
+    spec = cache.spec
+    stats = Stats.of([filled.chunk / s for s in filled.prefill_seconds])
+    gbps = stats.median * spec.position_bytes() / 1e9
+    floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
+    longctx_measure.record(
+        "prefill fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
+        cell=f"{stats.median:.4g} pos/s {gbps:.2f} GB/s ({gbps / bandwidth.copy_gbps:.0%} copy)",
+        gbps=gbps, fraction_of_copy=gbps / bandwidth.copy_gbps, spread=stats.spread, chunk=filled.chunk,
+    )
+    _check_floor(f"prefill-style fill (chunks of {filled.chunk})", stats.median, "positions/s", floor, where)
+
+
+def test_decode_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):
+    cache, filled, where = _ready(longctx_backend, run, "decode-style fill")
+    spec = cache.spec
+    stats = Stats.of([1 / s for s in filled.decode_seconds])
+    gbps = stats.median * spec.position_bytes() / 1e9
+    floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
+    longctx_measure.record(
+        "decode fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
+        cell=f"{stats.median:.4g} pos/s ({gbps / bandwidth.copy_gbps:.1%} copy)",
+        gbps=gbps, fraction_of_copy=gbps / bandwidth.copy_gbps, spread=stats.spread,
+    )
+    _check_floor("decode-style fill (one position through all layers)", stats.median, "positions/s", floor, where)
+
+
+def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth,
+                                   _longctx_lock):
+    """Random single-position reads (ops/s, the seed's retrieve) and whole-layer reads (GB/s)."""
+    cache, _, where = _ready(longctx_backend, run, "retrieve")
+    spec = cache.spec
+    rng = np.random.default_rng(longctx_settings.seed)
+    with _longctx_lock.exclusive():
+        try:
+            op_seconds, layer_seconds = time_retrieve(longctx_backend, cache, rng, longctx_settings.repeats)
+        except Exception as exc:
+            fail("read", f"{type(exc).__name__}: {exc}", "no error", where)
+    ops = Stats.of([64 / s for s in op_seconds])
+    layer_bytes = spec.kv_bytes(spec.max_positions) / spec.n_layers
+    read_gbps = Stats.of([layer_bytes / s / 1e9 for s in layer_seconds]).median
+    floor = longctx_settings.floor(longctx_settings.retrieve_floor, spec.max_positions)
+    longctx_measure.record(
+        "retrieve", ops.median, "ops/s", bound=f">= {floor:.4g}", passed=ops.median >= floor,
+        cell=f"{ops.median:.4g} ops/s; layer read {read_gbps:.2f} GB/s ({read_gbps / bandwidth.copy_gbps:.0%} copy)",
+        read_gbps=read_gbps, fraction_of_copy=read_gbps / bandwidth.copy_gbps, spread=ops.spread,
+    )
+    _check_floor("retrieve (single-position reads)", ops.median, "ops/s", floor, where)
+
+
+def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longctx_settings, longctx_measure,
+                                                          run, bandwidth, _longctx_lock):
+    """One query per layer at depth max_positions, through all layers: tokens/s and GB/s.
+
+    A sampled timed output is checked against the reference (MLPerf TEST01's
+    idea): a fast wrong answer is a failure, not a speed.
+    """
+    cache, filled, where = _ready(longctx_backend, run, "decode attention")
+    spec = cache.spec
+    inputs = Inputs(longctx_settings.seed, f"attention-{spec.kv_dtype}-{spec.max_positions}")
+    host_queries = inputs.q(spec.n_layers * (longctx_settings.repeats + 1), spec)
+    with _longctx_lock.exclusive():
+        try:
+            seconds, outputs = time_decode_attention(
+                longctx_backend, cache, longctx_backend.asarray(host_queries), longctx_settings.repeats)
+        except Exception as exc:
+            fail("attend", f"{type(exc).__name__}: {exc}", "no error", where)
+    tokens = Stats.of([1 / s for s in seconds])
+    gbps = tokens.median * spec.kv_bytes(spec.max_positions) / 1e9
+    floor = longctx_settings.floor(longctx_settings.attention_floor, spec.max_positions)
+    passed = floor is None or tokens.median >= floor
+    longctx_measure.record(
+        "decode attention", tokens.median, "tok/s", bound=f">= {floor:.4g}" if floor else "", passed=passed,
+        cell=f"{tokens.median:.4g} tok/s {gbps:.2f} GB/s ({gbps / bandwidth.read_gbps:.0%} read)",
+        gbps=gbps, fraction_of_read=gbps / bandwidth.read_gbps, spread=tokens.spread,
+    )
+    layer = int(np.random.default_rng(longctx_settings.seed).integers(spec.n_layers))
+    i, native = outputs[layer]
+    got = host(longctx_backend, native, f"timed attend output of layer {layer}", (1, spec.n_heads, spec.head_dim))
+    n = spec.max_positions
+    k, v = filled.fill.values(longctx_backend, 0, n)
+    q, last = host_queries[i:i + 1], np.array([n - 1])
+    truth = attention(apply_rope(q, last, spec), apply_rope(k, np.arange(n), spec), v, spec)
+    plain = attention(apply_rope(q, last, spec, dtype=np.float32), stored_k(k, np.arange(n), spec).astype(np.float32),
+                      stored_v(v, spec).astype(np.float32), spec, dtype=np.float32)
+    verdict = equivalence(got, truth, plain, longctx_settings.error_factor, terms=n)
+    if not verdict.passed:
+        pytest.fail(verdict.message(f"timed decode attention of layer {layer}", where), pytrace=False)
+    _check_floor("decode attention through all layers", tokens.median, "tokens/s", floor, where)

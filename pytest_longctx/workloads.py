@@ -1,0 +1,153 @@
+"""Workloads shared by the suite and the benchmark: filling a cache, device-resident inputs.
+
+A fill records what it appended (views into a pool, no copies) so that reads can
+be checked against it, and records an error instead of raising so that a test
+can say at which position a backend failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import ContextLimitExceeded
+from .inputs import Inputs, Pool
+from .measure import timed
+from .protocol import KVBackend, KVCache
+from .spec import CacheSpec
+
+
+def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, size: int) -> Pool:
+    """A pool of inputs already on the backend's device, so moving them is never timed."""
+    pool = inputs.pool(spec, size)
+    return Pool((backend.asarray(pool.k), backend.asarray(pool.v)), backend.asarray(pool.q_values))
+
+
+@dataclass
+class Fill:
+    """What a fill appended, so that reads can be checked against it."""
+
+    spec: CacheSpec
+    chunks: List[Tuple[int, Any, Any]] = field(default_factory=list)  # (start, k, v) per chunk
+    error: Optional[str] = None
+
+    def values(self, backend: KVBackend, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The pre-RoPE K and V appended at positions start .. stop-1 (float64)."""
+        ks, vs = [], []
+        for first, k, v in self.chunks:
+            last = first + k.shape[0]
+            lo, hi = max(start, first), min(stop, last)
+            if lo < hi:
+                ks.append(np.asarray(backend.to_numpy(k[lo - first:hi - first]), dtype=np.float64))
+                vs.append(np.asarray(backend.to_numpy(v[lo - first:hi - first]), dtype=np.float64))
+        return np.concatenate(ks), np.concatenate(vs)
+
+
+def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
+         timer: Optional[Callable[[Callable[[], None]], float]] = None,
+         seconds: Optional[List[float]] = None, keep: bool = False) -> Fill:
+    """Append ``positions`` positions in chunks to every layer in ``layers``.
+
+    With ``timer``, each chunk (through all layers) is timed into ``seconds``.
+    Errors are recorded, not raised, so the tests that read the fill can say
+    what happened at which position.
+    """
+    record = Fill(cache.spec)
+    start = 0
+    while start < positions:
+        n = min(chunk, positions - start)
+        k, v = pool.kv(n)
+
+        def step() -> None:
+            for layer in layers:
+                cache.append(layer, k, v)
+
+        try:
+            if timer is None:
+                step()
+            else:
+                seconds.append(timer(step))
+        except ContextLimitExceeded as exc:
+            record.error = f"append of {n} at position {start} raised ContextLimitExceeded ({exc})"
+            break
+        except Exception as exc:
+            record.error = f"append of {n} at position {start} raised {type(exc).__name__}: {exc}"
+            break
+        if keep:
+            record.chunks.append((start, k, v))
+        start += n
+    return record
+
+
+@dataclass
+class TimedFill:
+    """A cache filled prefill-style then decode-style, with each step's seconds."""
+
+    fill: Fill
+    chunk: int
+    prefill_seconds: List[float] = field(default_factory=list)
+    decode_seconds: List[float] = field(default_factory=list)
+
+
+def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decode: int) -> TimedFill:
+    """Chunks through all layers to max_positions − decode, then one position at a time."""
+    spec = cache.spec
+
+    def timer(step: Callable[[], None]) -> float:
+        return timed(step, backend.synchronize)
+
+    layers = range(spec.n_layers)
+    run = TimedFill(Fill(spec), chunk)
+    run.fill = fill(cache, pool, layers, spec.max_positions - decode, chunk,
+                    timer=timer, seconds=run.prefill_seconds, keep=True)
+    if run.fill.error is None:
+        tail = fill(cache, pool, layers, decode, 1, timer=timer, seconds=run.decode_seconds, keep=True)
+        start = spec.max_positions - decode
+        run.fill.chunks += [(start + first, k, v) for first, k, v in tail.chunks]
+        run.fill.error = tail.error
+    return run
+
+
+def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, repeats: int,
+                  batch: int = 64) -> Tuple[List[float], List[float]]:
+    """Seconds per batch of random single-position reads, and per whole-layer read copied out.
+
+    A read may return a view; copying it into a fresh buffer makes the figure
+    the cost of getting the values out, not of making a view.
+    """
+    spec = cache.spec
+    n = cache.length(0)
+    batches = [(rng.integers(spec.n_layers, size=batch), rng.integers(n, size=batch)) for _ in range(repeats)]
+    op_seconds = [
+        timed(lambda b=b: [cache.read(int(layer), int(p), int(p) + 1) for layer, p in zip(*b)], backend.synchronize)
+        for b in batches
+    ]
+    layers = rng.integers(spec.n_layers, size=repeats)
+    layer_seconds = [
+        timed(lambda layer=layer: [x.copy() for x in cache.read(int(layer), 0, n)], backend.synchronize)
+        for layer in layers
+    ]
+    return op_seconds, layer_seconds
+
+
+def time_decode_attention(backend: KVBackend, cache: KVCache, queries: Any,
+                          repeats: int) -> Tuple[List[float], Dict[int, Tuple[int, Any]]]:
+    """Seconds per token (one query through every layer), after a warm-up token.
+
+    Every call gets the next query (fresh input); returns, per layer, the index
+    of the query of its last timed call and that call's output.
+    """
+    spec = cache.spec
+    outputs: Dict[int, Tuple[int, Any]] = {}
+    calls = iter(range(queries.shape[0]))
+
+    def token() -> None:
+        for layer in range(spec.n_layers):
+            i = next(calls)
+            outputs[layer] = (i, cache.attend(layer, queries[i:i + 1]))
+
+    token()
+    seconds = [timed(token, backend.synchronize) for _ in range(repeats)]
+    return seconds, outputs
