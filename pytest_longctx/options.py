@@ -159,15 +159,3 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node: Any) -> None:
     """pytest-xdist: every worker draws its inputs from the controller's seed."""
     node.workerinput["longctx_seed"] = node.config.stash[settings_key].seed
-
-
-def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
-    settings = config.stash.get(settings_key, None)
-    if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend")):
-        return None
-    positions = ",".join(map(str, settings.positions))
-    dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
-    return [
-        f"longctx: backend {' '.join(settings.backends)} | shape {settings.shape_text} "
-        f"({settings.shape.describe()}) | positions {positions} | kv {dtypes} | seed {settings.seed}"
-    ]

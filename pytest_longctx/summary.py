@@ -7,12 +7,12 @@ controller sees every worker's under pytest-xdist; only the controller prints.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from tabulate import tabulate
 
-from .fixtures import records_of
+from .fixtures import get_state, records_of
 from .options import settings_key
 
 RERUN_KEY = "longctx_rerun"
@@ -64,6 +64,29 @@ def pytest_configure(config: pytest.Config) -> None:
     # Only the controller summarises; workers send their reports to it.
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(SummaryCollector(config), "longctx-summary")
+
+
+def _device(config: pytest.Config, text: str) -> str:
+    loaded = get_state(config).load(text)
+    if loaded.error is not None:
+        return f"{text} (unavailable: {loaded.error})"
+    info = loaded.backend.info()
+    name = f" {info.device_name}" if info.device_name else ""
+    return f"{text} on {info.device_kind}{name}"
+
+
+def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
+    """One line naming backend, device, shape, positions and seed, when the suite is in use."""
+    settings = config.stash.get(settings_key, None)
+    if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend")):
+        return None
+    positions = ",".join(map(str, settings.positions))
+    dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
+    backends = ", ".join(_device(config, text) for text in settings.backends)
+    return [
+        f"longctx: backend {backends} | shape {settings.shape_text} ({settings.shape.describe()}) | "
+        f"positions {positions} | kv {dtypes} | seed {settings.seed}"
+    ]
 
 
 def rerun_command(item: pytest.Item) -> str:
