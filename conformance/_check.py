@@ -37,28 +37,31 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         pytest.fail(f"{what} raised {type(exc).__name__}: {exc}", pytrace=False)
 
 
-def host(backend: KVBackend, native: Any, what: str, shape: Tuple[int, ...]) -> np.ndarray:
+def host(backend: KVBackend, native: Any, what: str, shape: Tuple[int, ...], where: str) -> np.ndarray:
     """A backend result on the host as float64, its shape and dtype checked."""
     __tracebackhide__ = True
     array = np.asarray(call(f"to_numpy({what})", backend.to_numpy, native))
     if array.shape != tuple(shape):
-        pytest.fail(f"{what} shape={array.shape}, but should be {tuple(shape)}", pytrace=False)
+        fail(f"{what} shape", array.shape, tuple(shape), where)
     if not np.issubdtype(array.dtype, np.floating):
-        pytest.fail(f"{what} dtype={array.dtype}, but should be a floating type", pytrace=False)
+        fail(f"{what} dtype", array.dtype, "a floating type", where)
     return array.astype(np.float64)
 
 
 def read(backend: KVBackend, cache: KVCache, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
     spec = cache.spec
     shape = (stop - start, spec.n_kv_heads, spec.head_dim)
+    where = case(backend, spec)
     k, v = call(f"read(layer {layer}, {start}, {stop})", cache.read, layer, start, stop)
-    return host(backend, k, f"read K of layer {layer}", shape), host(backend, v, f"read V of layer {layer}", shape)
+    return (host(backend, k, f"read K of layer {layer}", shape, where),
+            host(backend, v, f"read V of layer {layer}", shape, where))
 
 
 def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
     spec = cache.spec
     out = call(f"attend(layer {layer}, n_q={q.shape[0]})", cache.attend, layer, backend.asarray(q))
-    return host(backend, out, f"attend output of layer {layer}", (q.shape[0], spec.n_heads, spec.head_dim))
+    return host(backend, out, f"attend output of layer {layer}", (q.shape[0], spec.n_heads, spec.head_dim),
+                case(backend, spec))
 
 
 def equivalence(candidate: np.ndarray, reference: np.ndarray, plain: np.ndarray, factor: float,

@@ -70,6 +70,7 @@ class EquivalenceRun:
     v_true: np.ndarray
     v_plain: np.ndarray
     outcomes: List[Outcome] = field(default_factory=list)
+    error: str = ""  # the backend raised or returned a malformed result while filling
 
 
 def _role(run: EquivalenceRun, stage: Tuple[int, int], verdict: Verdict) -> str:
@@ -97,38 +98,48 @@ def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
     layer = spec.n_layers - 1
     with opened(backend, spec, working_bytes=working) as cache:
         run = EquivalenceRun(spec, needles, cache, layer, k_true, k_plain, v_true, v_plain)
-        held = 0
-        for length in sorted(set(lengths)):
-            k, v = backend.asarray(needles.k[held:length]), backend.asarray(needles.v[held:length])
-            try:
-                cache.append(layer, k, v)
-            except Exception as exc:
-                fail(f"append of positions {held}..{length - 1}", f"{type(exc).__name__}: {exc}", "no error",
-                     case(backend, spec))
-            held = length
-            for stage in [s for s in stages if s[0] == length]:
-                q = needles.queries[stage]
-                q_positions = np.arange(length - stage[1], length)
-                got = attend(backend, cache, layer, q)
-                truth = attention(apply_rope(q, q_positions, spec), k_true[:length], v_true[:length], spec)
-                plain = attention(apply_rope(q, q_positions, spec, dtype=np.float32),
-                                  k_plain[:length].astype(np.float32), v_plain[:length].astype(np.float32),
-                                  spec, dtype=np.float32)
-                verdict = equivalence(got, truth, plain, factor, terms=length)
-                label = f"attend with {stage[1]} quer{'y' if stage[1] == 1 else 'ies'} at positions ..{length - 1}"
-                run.outcomes.append(Outcome(label + _role(run, stage, verdict), verdict))
+        try:
+            _fill_and_compare(backend, run, stages, lengths, factor)
+        except pytest.fail.Exception as exc:  # reported by the tests, as failures not errors
+            run.error = str(exc)
         yield run
 
 
-def report(outcomes: List[Outcome], spec: CacheSpec, backend, measure, check: str) -> None:
+def _fill_and_compare(backend, run: EquivalenceRun, stages, lengths, factor: float) -> None:
+    spec, needles, cache, layer = run.spec, run.case, run.cache, run.layer
+    held = 0
+    for length in sorted(set(lengths)):
+        k, v = backend.asarray(needles.k[held:length]), backend.asarray(needles.v[held:length])
+        try:
+            cache.append(layer, k, v)
+        except Exception as exc:
+            fail(f"append of positions {held}..{length - 1}", f"{type(exc).__name__}: {exc}", "no error",
+                 case(backend, spec))
+        held = length
+        for stage in [s for s in stages if s[0] == length]:
+            q = needles.queries[stage]
+            q_positions = np.arange(length - stage[1], length)
+            got = attend(backend, cache, layer, q)
+            truth = attention(apply_rope(q, q_positions, spec), run.k_true[:length], run.v_true[:length], spec)
+            plain = attention(apply_rope(q, q_positions, spec, dtype=np.float32),
+                              run.k_plain[:length].astype(np.float32), run.v_plain[:length].astype(np.float32),
+                              spec, dtype=np.float32)
+            verdict = equivalence(got, truth, plain, factor, terms=length)
+            label = f"attend with {stage[1]} quer{'y' if stage[1] == 1 else 'ies'} at positions ..{length - 1}"
+            run.outcomes.append(Outcome(label + _role(run, stage, verdict), verdict))
+
+
+def report(outcomes: List[Outcome], spec: CacheSpec, backend, measure, check: str, error: str = "") -> None:
     """Record the worst comparison and fail with one line per failing comparison."""
     __tracebackhide__ = True
+    if error:
+        pytest.fail(error, pytrace=False)
     failures = [o for o in outcomes if not o.verdict.passed]
     worst = max(outcomes, key=lambda o: (not o.verdict.passed, o.verdict.error / max(o.verdict.allowed, 1e-300)))
     verdict = worst.verdict
     measure.record(check, verdict.error, "max|err|", bound=f"<= {verdict.allowed:.3g}", passed=not failures,
                    cell=f"{verdict.error:.2g} <= {verdict.allowed:.2g}" if verdict.passed else f"{verdict.error:.2g}",
-                   nmse=verdict.nmse, plain_error=verdict.plain_error)
+                   nmse=verdict.nmse, plain_error=verdict.plain_error, positions=spec.max_positions)
     if failures:
         where = case(backend, spec)
         lines = [o.verdict.message(o.what, where) for o in failures]
@@ -166,10 +177,12 @@ def shape_run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_sett
 
 
 def test_attention_matches_reference(longctx_backend, longctx_measure, shape_run):
-    report(shape_run.outcomes, shape_run.spec, longctx_backend, longctx_measure, "attention error")
+    report(shape_run.outcomes, shape_run.spec, longctx_backend, longctx_measure, "attention error", shape_run.error)
 
 
 def test_read_matches_reference(longctx_backend, longctx_settings, longctx_measure, shape_run):
+    if shape_run.error:
+        pytest.fail(shape_run.error, pytrace=False)
     rows = np.arange(shape_run.spec.max_positions)
     outcomes = compare_read(shape_run, longctx_backend, longctx_settings.error_factor, rows)
     report(outcomes, shape_run.spec, longctx_backend, longctx_measure, "read error")
@@ -211,8 +224,8 @@ def test_rope_matches_reference_at_long_positions(longctx_backend, longctx_kv_dt
     checks = np.array([p for p in CHECK_POSITIONS if p < n] + [n - 1])
     with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, [n],
                          targets=tuple(int(p) for p in checks)) as run:
-        outcomes = run.outcomes + compare_read(run, longctx_backend, longctx_settings.error_factor, checks)
-        report(outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}")
+        outcomes = [] if run.error else compare_read(run, longctx_backend, longctx_settings.error_factor, checks)
+        report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}", run.error)
 
 
 FEATURES = ("window", "softcap", "scale")
@@ -233,4 +246,4 @@ def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, l
     spec = spec.replace(**changes)
     with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor,
                          stage_lengths(n)) as run:
-        report(run.outcomes, spec, longctx_backend, longctx_measure, f"attention {feature}")
+        report(run.outcomes, spec, longctx_backend, longctx_measure, f"attention {feature}", run.error)

@@ -143,7 +143,8 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
     )
     layer = int(np.random.default_rng(longctx_settings.seed).integers(spec.n_layers))
     i, native = outputs[layer]
-    got = host(longctx_backend, native, f"timed attend output of layer {layer}", (1, spec.n_heads, spec.head_dim))
+    got = host(longctx_backend, native, f"timed attend output of layer {layer}", (1, spec.n_heads, spec.head_dim),
+               where)
     n = spec.max_positions
     k, v = filled.fill.values(longctx_backend, 0, n)
     q, last = host_queries[i:i + 1], np.array([n - 1])

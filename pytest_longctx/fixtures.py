@@ -121,8 +121,17 @@ def longctx_backend(request: pytest.FixtureRequest) -> KVBackend:
 
 @pytest.fixture
 def longctx_spec(request: pytest.FixtureRequest, longctx_settings: Settings) -> CacheSpec:
-    """The CacheSpec in force: the shape at this case's kv dtype and positions."""
-    dtype = _param(request, "longctx_kv_dtype") or (longctx_settings.kv_dtypes or ("float16",))[0]
+    """The CacheSpec in force: the shape at this case's kv dtype and positions.
+
+    Outside the matrix, the first ``--longctx-kv-dtype`` or the backend's most
+    precise claimed dtype, and the largest positions value.
+    """
+    dtype = _param(request, "longctx_kv_dtype")
+    if dtype is None and longctx_settings.kv_dtypes:
+        dtype = longctx_settings.kv_dtypes[0]
+    if dtype is None:
+        claimed = request.getfixturevalue("longctx_backend").info().kv_dtypes
+        dtype = (most_precise(tuple(claimed)) or ("float16",))[0]
     positions = _param(request, "longctx_positions") or max(longctx_settings.positions)
     return longctx_settings.spec_for(dtype, positions)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict
 
 import pytest
 
@@ -118,6 +118,9 @@ def _settings(config: pytest.Config, factories: Dict[str, Any]) -> Settings:
     for name in ("chunk", "repeats"):
         if values[name] < 1:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
+    for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor"):
+        if values[name] is not None and not values[name] >= 0:
+            raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 0")
     return Settings(
         backends=tuple(backends),
         shape_text=values["shape"],

@@ -10,6 +10,7 @@ import path ``package.module:factory``. Any of them takes options as
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -115,11 +116,15 @@ def _resolve(path: str) -> Callable[..., Any]:
 def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBackend:
     target = _resolve(factory) if isinstance(factory, str) else factory
     try:
+        inspect.signature(target).bind(**options)
+    except TypeError as exc:
+        raise SpecError(f"backend {label!r} does not take these options: {exc}") from None
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+    try:
         backend = target(**options)
     except (BackendUnavailable, SpecError):
         raise
-    except TypeError as exc:
-        raise SpecError(f"backend {label!r} does not take these options: {exc}") from None
     except Exception as exc:
         raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
     missing = [

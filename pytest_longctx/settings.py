@@ -6,6 +6,7 @@ default and the reason for it, so a profile or a command line can state it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
@@ -82,11 +83,21 @@ class Settings:
         return self.shape.replace(kv_dtype=kv_dtype, max_positions=positions)
 
     def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int]) -> str:
-        """The command-line options that reproduce one case alone."""
+        """The command-line options that reproduce one case alone, bars that differ from
+        their defaults included."""
         options = [f"--longctx-backend={shlex.quote(backend)}", f"--longctx-shape={shlex.quote(self.shape_text)}"]
-        if kv_dtype:
+        if kv_dtype in KV_DTYPES:
             options.append(f"--longctx-kv-dtype={kv_dtype}")
         all_positions = ",".join(map(str, self.positions))
         options.append(f"--longctx-positions={positions or all_positions}")
         options.append(f"--longctx-seed={self.seed}")
+        for name in _RERUN_BARS:
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                options.append(f"--longctx-{name.replace('_', '-')}={value}")
         return " ".join(options)
+
+
+_RERUN_BARS = ("chunk", "repeats", "memory_allowance", "error_factor", "fill_floor", "retrieve_floor",
+               "attention_floor")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

@@ -6,6 +6,7 @@ controller sees every worker's under pytest-xdist; only the controller prints.
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -56,7 +57,7 @@ class SummaryCollector:
         extra = sorted({p for cells in rows.values() for p in cells} - set(positions), key=str)
         columns = positions + extra
         body = [[*key, *(cells.get(p, "") for p in columns)] for key, cells in rows.items()]
-        headers = ["backend", "kv dtype", "check", *(str(p) for p in columns)]
+        headers = ["backend", "kv dtype", "check", *(str(p) if p != "" else "other" for p in columns)]
         return tabulate(body, headers=headers, tablefmt="simple")
 
 
@@ -98,7 +99,12 @@ def rerun_command(item: pytest.Item) -> str:
         params.get("longctx_kv_dtype"),
         params.get("longctx_positions"),
     )
-    return f"pytest {shlex.quote(item.nodeid)} {options}"
+    # Node ids are relative to the rootdir, which is not where the user stands when the
+    # plugin ran the installed suite: name the file from the invocation directory.
+    here = item.config.invocation_params.dir
+    path = os.path.relpath(item.path, here) if item.path.is_relative_to(here) else str(item.path)
+    name = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+    return f"pytest {shlex.quote(f'{path}::{name}')} {options}"
 
 
 @pytest.hookimpl(wrapper=True)

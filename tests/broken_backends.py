@@ -1,0 +1,329 @@
+"""Deliberately broken backends: each one defect that reached users, and the suite must catch.
+
+``CorrectBackend`` is the minimal example's float32 NumPy backend (copied, not
+imported, so that editing the example cannot weaken these tests), with its
+steps split into small methods. Every broken backend overrides one of them;
+its docstring names the real-world bug class it stands for (see
+``shared/notes/how-others-test.md``). The last group misbehaves at the API
+instead: wrong output shape, a factory that raises, a dtype it claims but
+refuses, a device that is not there.
+
+Name them on the command line as ``broken_backends:Float16Angles`` with this
+directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from pytest_longctx import (
+    BackendInfo,
+    BackendUnavailable,
+    CacheSpec,
+    ContextLimitExceeded,
+    NotSupported,
+    rope_frequencies,
+)
+
+# ----------------------------------------------------------------------------- correct
+
+
+class CorrectCache:
+    """A float32 cache holding K rotated at absolute positions (the minimal example)."""
+
+    alloc_factor = 1  # how many caches' worth of storage is allocated
+
+    def __init__(self, spec: CacheSpec) -> None:
+        if spec.kv_dtype != "float32":
+            raise NotSupported(f"only float32, not {spec.kv_dtype}")
+        self.spec, self.rope = spec, rope_frequencies(spec)
+        shape = (spec.n_layers, self.alloc_factor * spec.max_positions, spec.n_kv_heads, spec.head_dim)
+        self.k, self.v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self.lengths = [0] * spec.n_layers
+
+    # The steps broken backends override.
+
+    def angles(self, start: int, n: int) -> np.ndarray:
+        return np.arange(start, start + n)[:, None, None] * self.rope.inv_freq  # float64
+
+    def style(self) -> str:
+        return self.spec.rope.style
+
+    def kv_head_of(self) -> np.ndarray:
+        """For each query head, the KV head it reads."""
+        return np.arange(self.spec.n_heads) // self.spec.group_size
+
+    def visible(self, pos: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        window = self.spec.sliding_window
+        return (keys <= pos) & ((keys > pos - window) if window else True)
+
+    def softmax(self, scores: np.ndarray) -> np.ndarray:
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        return weights / weights.sum(-1, keepdims=True)
+
+    # The contract.
+
+    def rotate(self, x: np.ndarray, start: int) -> np.ndarray:
+        f, half = self.rope, self.rope.rotary_dim // 2
+        angles = self.angles(start, len(x))
+        cos, sin = np.cos(angles) * f.attention_factor, np.sin(angles) * f.attention_factor
+        out = np.array(x, dtype=np.float32)
+        if self.style() == "neox":
+            first, second = slice(0, half), slice(half, 2 * half)
+        else:
+            first, second = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+        a, b = x[..., first], x[..., second]
+        out[..., first], out[..., second] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    def length(self, layer: int) -> int:
+        return self.lengths[layer]
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        n, start = len(k), self.lengths[layer]
+        if start + n > self.spec.max_positions:
+            raise ContextLimitExceeded(layer, start, n, self.spec.max_positions)
+        self.k[layer, start:start + n], self.v[layer, start:start + n] = self.rotate(k, start), v
+        self.lengths[layer] = start + n
+
+    def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+        s, length, n_q = self.spec, self.lengths[layer], len(q)
+        q = self.rotate(q, length - n_q)
+        heads = self.kv_head_of()
+        k, v = self.k[layer, :length][:, heads], self.v[layer, :length][:, heads]  # (keys, n_heads, d)
+        scores = np.einsum("qhd,khd->hqk", q, k) * np.float32(s.scale)
+        if s.softcap:
+            scores = s.softcap * np.tanh(scores / s.softcap)
+        pos, keys = np.arange(length - n_q, length)[:, None], np.arange(length)[None, :]
+        scores = np.where(self.visible(pos, keys), scores, -np.inf).astype(np.float32)
+        return np.einsum("hqk,khd->qhd", self.softmax(scores), v)
+
+    def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        return self.k[layer, start:stop], self.v[layer, start:stop]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def close(self) -> None:
+        self.k = self.v = None
+
+
+class CorrectBackend:
+    """The reference-quality float32 backend every broken one departs from by one defect."""
+
+    name = "correct"
+    Cache: Any = CorrectCache
+    kv_dtypes: Tuple[str, ...] = ("float32",)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(name=self.name, device_kind="cpu", kv_dtypes=self.kv_dtypes)
+
+    def open_cache(self, spec: CacheSpec) -> Any:
+        return self.Cache(spec)
+
+    asarray = to_numpy = staticmethod(np.asarray)
+
+    def synchronize(self) -> None:
+        pass
+
+    def memory_in_use(self) -> Optional[int]:
+        return None
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+
+class Float16Angles(CorrectBackend):
+    """RoPE angles computed in float16: positions and inv_freq cast before the product.
+
+    Bug class 1 (transformers PR 29285, vLLM PR 1004, candle PR 3520): past 2048
+    float16 no longer holds every integer position, and the angle's relative
+    error of 2^-11 becomes radians at long positions.
+    """
+
+    name = "float16-angles"
+
+    class Cache(CorrectCache):
+        def angles(self, start: int, n: int) -> np.ndarray:
+            positions = np.arange(start, start + n).astype(np.float16)
+            product = positions[:, None, None] * self.rope.inv_freq.astype(np.float16)
+            return product.astype(np.float64)
+
+
+class SwappedPairing(CorrectBackend):
+    """neox (first half with second half) and gptj (even with odd) pairing swapped.
+
+    The rotate-half versus interleaved confusion of converted checkpoints: every
+    key is rotated in the wrong planes.
+    """
+
+    name = "swapped-pairing"
+
+    class Cache(CorrectCache):
+        def style(self) -> str:
+            return "gptj" if self.spec.rope.style == "neox" else "neox"
+
+
+class WrongGQAMapping(CorrectBackend):
+    """Query head h reads KV head h % n_kv_heads instead of h // group_size.
+
+    Grouped-query attention with the repeat_kv layout confused (repeat versus
+    repeat_interleave): the output stays plausible, the heads read the wrong keys.
+    """
+
+    name = "wrong-gqa"
+
+    class Cache(CorrectCache):
+        def kv_head_of(self) -> np.ndarray:
+            return np.arange(self.spec.n_heads) % self.spec.n_kv_heads
+
+
+class CausalOffByOne(CorrectBackend):
+    """Causal mask off by one: a query also sees the next position inside a chunk.
+
+    Chunked prefill differing from one-shot prefill (bug class 7, vLLM 5952):
+    only a query with a later query in the same chunk can see the future.
+    """
+
+    name = "causal-off-by-one"
+
+    class Cache(CorrectCache):
+        def visible(self, pos: np.ndarray, keys: np.ndarray) -> np.ndarray:
+            window = self.spec.sliding_window
+            return (keys <= pos + 1) & ((keys > pos - window) if window else True)
+
+
+class WindowOffByOne(CorrectBackend):
+    """Sliding window off by one: a query sees W+1 keys (``>=`` for ``>``).
+
+    Stale positions leaking into the output (bug class 8): the key just
+    outside the window still counts.
+    """
+
+    name = "window-off-by-one"
+
+    class Cache(CorrectCache):
+        def visible(self, pos: np.ndarray, keys: np.ndarray) -> np.ndarray:
+            window = self.spec.sliding_window
+            return (keys <= pos) & ((keys >= pos - window) if window else True)
+
+
+class NoMaxSubtraction(CorrectBackend):
+    """Softmax without subtracting the maximum: exp() of a logit near 200 overflows.
+
+    Bug class 3 (llama.cpp PR 17746, NaN perplexity at 64K): large logits turn
+    into Inf/Inf = NaN in float32.
+    """
+
+    name = "no-max-subtraction"
+
+    class Cache(CorrectCache):
+        def softmax(self, scores: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = np.exp(scores)
+                return weights / weights.sum(-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+class RingBuffer(CorrectBackend):
+    """A full cache wraps around and overwrites position 0 instead of raising.
+
+    Bug class 5 and 6 (context shift corruption, llama.cpp 4097; FlashAttention
+    2709): appending past capacity must fail loudly, not recycle the oldest slot.
+    """
+
+    name = "ring-buffer"
+
+    class Cache(CorrectCache):
+        def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+            n, start, size = len(k), self.lengths[layer], self.spec.max_positions
+            if start + n <= size:
+                return super().append(layer, k, v)
+            slots = np.arange(start, start + n) % size
+            self.k[layer, slots], self.v[layer, slots] = self.rotate(k, start), v
+            self.lengths[layer] = size
+
+
+class HalfAppliedChunk(CorrectBackend):
+    """A chunk crossing the limit is half applied: what fits is stored, then it raises.
+
+    Bug class 5: the error is loud but the cache is no longer as it was, so a
+    caller that retries with a smaller chunk stores positions twice.
+    """
+
+    name = "half-applied"
+
+    class Cache(CorrectCache):
+        def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+            n, start = len(k), self.lengths[layer]
+            room = self.spec.max_positions - start
+            if n > room:
+                if room > 0:
+                    super().append(layer, k[:room], v[:room])
+                raise ContextLimitExceeded(layer, start, n, self.spec.max_positions)
+            super().append(layer, k, v)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class DoubleAllocation(CorrectBackend):
+    """Allocates twice the storage it needs (a capacity doubled 'for headroom').
+
+    Over-reserved KV pools (bug class 4's large pools; vLLM's gpu_memory_utilization
+    surprises): the cache costs twice the analytic size.
+    """
+
+    name = "double-allocation"
+
+    class Cache(CorrectCache):
+        alloc_factor = 2
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+class WrongShape(CorrectBackend):
+    """attend returns (n_heads, n_q, head_dim) instead of (n_q, n_heads, head_dim).
+
+    A transposed output: the suite must say which call returned which shape,
+    not crash inside its own comparison.
+    """
+
+    name = "wrong-shape"
+
+    class Cache(CorrectCache):
+        def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+            return super().attend(layer, q).swapaxes(0, 1)
+
+
+class RaisingFactory(CorrectBackend):
+    """The factory itself raises (a driver that crashes on initialisation)."""
+
+    name = "raising-factory"
+
+    def __init__(self) -> None:
+        raise RuntimeError("driver crashed while initialising")
+
+
+class ClaimsFloat16(CorrectBackend):
+    """info() claims float16, which open_cache refuses with NotSupported.
+
+    An advertised dtype that is not implemented: reported as not supported, not failed.
+    """
+
+    name = "claims-float16"
+    kv_dtypes = ("float16",)
+
+
+class Unavailable(CorrectBackend):
+    """The factory raises BackendUnavailable (no device, driver or library here)."""
+
+    name = "unavailable"
+
+    def __init__(self) -> None:
+        raise BackendUnavailable("no such device on this machine")

@@ -1,0 +1,229 @@
+"""The suite must catch every defect in ``broken_backends`` and pass the correct backend.
+
+Each broken backend is run through the installed conformance suite (the plugin
+runs it when no path is given) in a pytester run, narrowed with ``-m``/``-k``
+to the group that certifies its requirement. The test checks that the right
+group fails, that the failure reads as one line with the key phrase of its
+diagnosis, and that the rest of the run still ran. The correct backend, one
+override away from each broken one, passes the same selections, and the whole
+suite at several seeds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Set, Tuple
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
+WINDOW_SHAPE = SHAPE + ",sliding_window=512"
+# The memory bound has a fixed 16 MiB slack: the cache must be large enough that
+# twice its size cannot hide in it (8 layers x 4096 positions x float32 = 32 MiB).
+MEMORY_SHAPE = "n_layers=8,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
+POSITIONS = "4096"  # past 2048, where float16 stops holding every integer position
+
+EQUIVALENCE = ("-m", "longctx_equivalence")
+# The shape's own cases, and RoPE with no rotation (pairing and angles cannot matter)
+# beside the default RoPE in both pairings.
+ROPE_SELECTION = (*EQUIVALENCE, "-k", "4096 or none-neox or default-neox or default-gptj")
+_FAILED = re.compile(r"^(FAILED|ERROR) (?P<module>[\w/.]+?)::(?P<test>\w+)(?:\[(?P<params>[^\]]*)\])?")
+
+
+def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: str = SHAPE) -> pytest.RunResult:
+    """Run the installed suite on ``broken_backends:<backend>``, in process."""
+    pytester.syspathinsert(TESTS_DIR)
+    return pytester.runpytest(
+        f"--longctx-backend=broken_backends:{backend}",
+        f"--longctx-shape={shape}",
+        f"--longctx-positions={POSITIONS}",
+        "-rfE",
+        *args,
+    )
+
+
+def not_passed(result: pytest.RunResult) -> Set[Tuple[str, str]]:
+    """(module file, test[param tail]) of every failed or erroring case in the short summary."""
+    cases = set()
+    for line in result.outlines:
+        match = _FAILED.match(line)
+        if match:
+            params = (match["params"] or "").split("-", 1)[-1]  # drop the backend id
+            name = f"{match['test']}[{params}]" if match["params"] else match["test"]
+            cases.add((Path(match["module"]).name, name))
+    return cases
+
+
+@dataclass(frozen=True)
+class Defect:
+    """A broken backend, the selection that certifies its requirement, and what must fail."""
+
+    backend: str
+    select: Sequence[str]
+    failing: Sequence[Tuple[str, str]]  # (module, test[params after the backend]) that must fail
+    message: Sequence[str]  # fnmatch patterns of the one-line diagnosis, in order
+    shape: str = SHAPE
+    outcomes: Dict[str, int] = field(default_factory=dict)  # at least this many of each outcome
+    absent: Sequence[str] = ()  # fnmatch patterns no line may match
+
+
+CASE = "[[]{name} float32 @ 4096 positions, *]"  # fnmatch: "[" must be escaped
+
+DEFECTS = [
+    Defect(
+        "Float16Angles", ROPE_SELECTION,
+        [("test_equivalence.py", "test_read_matches_reference[float32-4096]"),
+         ("test_equivalence.py", "test_attention_matches_reference[float32-4096]"),
+         ("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-default-neox]"),
+         ("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-default-gptj]")],
+        ["read K at positions 0..4095: max|error|=*, but should be <= 3 x plain * "
+         + CASE.format(name="float16-angles"),
+         "read K at positions 4095..4095: max|error|=*, but should be <= *"],
+        outcomes={"passed": 1, "failed": 4},
+    ),
+    Defect(
+        "SwappedPairing", ROPE_SELECTION,
+        [("test_equivalence.py", "test_read_matches_reference[float32-4096]"),
+         ("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-default-neox]"),
+         ("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-default-gptj]")],
+        ["read K at positions 0..4095: max|error|=*, but should be <= * " + CASE.format(name="swapped-pairing"),
+         "*rope=default/gptj]"],
+        outcomes={"passed": 1, "failed": 4},
+    ),
+    Defect(
+        "WrongGQAMapping", (*EQUIVALENCE, "-k", "4096"),
+        [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
+        ["attend with 1 query at positions ..127, worst at query 0 head *: max|error|=*, but should be <= * "
+         + CASE.format(name="wrong-gqa")],
+        outcomes={"passed": 1, "failed": 1},  # read() is right: the keys are stored correctly
+    ),
+    Defect(
+        "CausalOffByOne", (*EQUIVALENCE, "-k", "4096"),
+        [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
+        ["attend with 16 queries at positions ..127, worst at query * (decoy-future): max|error|=*, "
+         "but should be <= * " + CASE.format(name="causal-off-by-one")],
+        outcomes={"passed": 1, "failed": 1},
+        absent=["attend with 1 query*"],  # a single query has no next position to see
+    ),
+    Defect(
+        "WindowOffByOne", (*EQUIVALENCE, "-k", "4096"),
+        [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
+        ["attend with 1 query at positions ..4095, worst at query 0 head * (window-outside): max|error|=*, "
+         "but should be <= * [[]window-off-by-one float32 @ 4096 positions, * window=512]"],
+        shape=WINDOW_SHAPE,
+        outcomes={"passed": 1, "failed": 1},
+        absent=["attend with * at positions ..127,*"],  # 128 positions fit in the window
+    ),
+    Defect(
+        "NoMaxSubtraction", (*EQUIVALENCE, "-k", "4096 or softcap"),
+        [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
+        ["attend with 1 query at positions ..127, worst at query 0 head * (loud): has * NaN/Inf values, "
+         "but should have none " + CASE.format(name="no-max-subtraction")],
+        outcomes={"passed": 2, "failed": 1},  # read, and softcap (which caps the logits at 30)
+    ),
+    Defect(
+        "RingBuffer", ("-m", "longctx_limits"),
+        [("test_limits.py", "test_one_more_position_raises_and_changes_nothing[float32-4096]"),
+         ("test_limits.py", "test_chunk_crossing_the_limit_is_rejected_whole[float32-4096]")],
+        ["append of 1 position at max_positions=accepted (length now 4096); position 0 was overwritten: "
+         "the cache wraps around (ring buffer), but should be a ContextLimitExceeded error "
+         + CASE.format(name="ring-buffer")],
+        outcomes={"passed": 2, "failed": 2},
+    ),
+    Defect(
+        "HalfAppliedChunk", ("-m", "longctx_limits"),
+        [("test_limits.py", "test_chunk_crossing_the_limit_is_rejected_whole[float32-4096]")],
+        ["length after the rejected chunk=4096, but should be 3840: 256 of its 512 positions were applied "
+         "(half-applied chunk) " + CASE.format(name="half-applied")],
+        outcomes={"passed": 3, "failed": 1},
+    ),
+    Defect(
+        "DoubleAllocation", ("-m", "longctx_memory"),
+        [("test_memory.py", "test_memory_within_analytic_bound[float32-4096]")],
+        ["KV memory after 4096 positions=6*.* MiB, but should be <= 51.2 MiB (analytic 32.0 MiB x 1.10 + 16.0 MiB) "
+         "[[]double-allocation float32 @ 4096 positions, 8L 8h/2kv d64 *]",
+         "broken_backends:DoubleAllocation *float32 *KV memory / analytic *MiB (2.*x) FAIL"],
+        shape=MEMORY_SHAPE,
+        outcomes={"passed": 1, "failed": 1},  # a preallocated cache stays flat while it fills
+    ),
+    Defect(
+        "WrongShape", (*EQUIVALENCE, "-k", "4096 or default-neox"),
+        [("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-default-neox]"),
+         ("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
+        ["attend output of layer 1 shape=(8, 1, 64), but should be (1, 8, 64)*"],
+        outcomes={"failed": 3},  # a malformed result while the shared fixture fills is each test's failure
+    ),
+]
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=[d.backend for d in DEFECTS])
+def test_suite_catches_defect(pytester: pytest.Pytester, defect: Defect) -> None:
+    """The group certifying the requirement fails, with a one-line diagnosis, and the run completes."""
+    result = run_suite(pytester, defect.backend, *defect.select, shape=defect.shape)
+    caught = not_passed(result)
+    missing = set(defect.failing) - caught
+    assert not missing, f"{defect.backend} slipped through {sorted(missing)}:\n{result.stdout.str()}"
+    group = {module for module, _ in defect.failing}
+    assert {module for module, _ in caught} == group, f"failures outside the certifying group: {sorted(caught)}"
+    outcomes = result.parseoutcomes()
+    for key, count in defect.outcomes.items():  # the other cases of the group still ran
+        assert outcomes.get(key, 0) >= count, f"outcomes {outcomes}, expected {key} >= {count}"
+    result.stdout.fnmatch_lines(list(defect.message))
+    for pattern in defect.absent:
+        result.stdout.no_fnmatch_line(pattern)
+    # The diagnosis is the failure's first line: no traceback into the suite.
+    result.stdout.no_fnmatch_line("*conformance/_check.py:*")
+    result.stdout.no_fnmatch_line("E   *")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_correct_backend_passes_the_whole_suite(pytester: pytest.Pytester, seed: int) -> None:
+    """The backend every defect departs from passes everything, whatever the inputs."""
+    result = run_suite(pytester, "CorrectBackend", f"--longctx-seed={seed}")
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"passed"}, result.stdout.str()
+    assert outcomes["passed"] >= 20
+    result.stdout.fnmatch_lines(["*= longctx figures =*", f"shape {SHAPE} (*), seed {seed}"])
+    result.stdout.no_fnmatch_line("* FAIL")
+
+
+@pytest.mark.parametrize(
+    ("shape", "select"),
+    [(WINDOW_SHAPE, (*EQUIVALENCE, "-k", "4096")), (MEMORY_SHAPE, ("-m", "longctx_memory"))],
+    ids=["window-shape", "memory-shape"],
+)
+def test_correct_backend_passes_the_defects_shapes(pytester: pytest.Pytester, shape: str,
+                                                    select: Tuple[str, ...]) -> None:
+    """The extra shapes used to expose a defect do not fail a correct backend on their own."""
+    result = run_suite(pytester, "CorrectBackend", *select, shape=shape)
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"passed", "deselected"}, result.stdout.str()
+
+
+def test_wrong_shape_diagnosis_names_the_case(pytester: pytest.Pytester) -> None:
+    """Every failure should read '{what}={measured}, but should be {expected} [{case}]'."""
+    result = run_suite(pytester, "WrongShape", *EQUIVALENCE, "-k", "default-neox")
+    result.assert_outcomes(failed=1, deselected=result.parseoutcomes()["deselected"])
+    result.stdout.fnmatch_lines(["attend output of layer 1 shape=(8, 1, 64), but should be (1, 8, 64) "
+                                 "[[]wrong-shape float32 @ 4096 positions, *]"])
+
+
+def test_broken_backends_differ_from_the_correct_one_by_one_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each defect is one override of CorrectCache, so a failure points at one cause."""
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    bb = importlib.import_module("broken_backends")
+
+    cache_defects: List[str] = ["Float16Angles", "SwappedPairing", "WrongGQAMapping", "CausalOffByOne",
+                                "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk",
+                                "DoubleAllocation", "WrongShape"]
+    for name in cache_defects:
+        backend = getattr(bb, name)
+        assert backend.__doc__ and backend.Cache is not bb.CorrectCache, name
+        overridden = set(vars(backend.Cache)) - {"__module__", "__qualname__", "__doc__", "__firstlineno__",
+                                                 "__static_attributes__"}
+        assert len(overridden) == 1, f"{name} overrides {sorted(overridden)}"
+    assert {d.backend for d in DEFECTS} == set(cache_defects)
