@@ -1,0 +1,375 @@
+"""The built-in CPU backend: a preallocated NumPy KV cache with BLAS attention.
+
+Each layer stores K (rotated) and V as (n_kv_heads, max_positions, head_dim)
+in the storage type, so a key block of one KV head is a contiguous matrix for
+sgemm. Blocks in float16, bfloat16 or q8_0 are decoded into float32 scratch
+block by block; NumPy has no half-precision BLAS. Work is split over threads
+by position blocks (append) and KV heads (attend); NumPy and BLAS release the
+GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from pytest_longctx.errors import ContextLimitExceeded, NotSupported, SpecError
+from pytest_longctx.protocol import BackendInfo
+from pytest_longctx.spec import CacheSpec
+
+from . import _kernels as K
+
+KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+DEFAULT_BLOCK = 1024
+# Positions encoded per step of an append: bounds the float32 temporaries (a few MiB)
+# and is the unit of work handed to the threads.
+APPEND_STEP = 256
+# Values up to which one NumPy cast beats the kernels' dozen passes (per-call overhead).
+CAST_BELOW = 16384
+
+
+class _Store:
+    """One tensor (K or V) of every layer in a storage type; decodes to float32."""
+
+    nbytes: int
+
+    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+        """Store float32 x (n, n_kv, d), contiguous, at positions start .. start+n-1."""
+        raise NotImplementedError
+
+    def read(
+        self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
+    ) -> np.ndarray:
+        """float32 (h, stop-start, d) of those KV heads, times 2**-exponent; into out or a
+        view of storage. exponent is 0 or what cheap_exponent gave."""
+        raise NotImplementedError
+
+    def cheap_exponent(self, layer: int) -> int:
+        """An exponent that saves read a pass on this layer (see attend_grouped), else 0."""
+        return 0
+
+
+def _committed(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array whose pages are touched now, so the memory is really held and appends
+    do not pay page faults."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
+
+
+class _Float32Store(_Store):
+    def __init__(self, shape: Tuple[int, ...]) -> None:
+        self.data = _committed(shape, np.float32)
+        self.nbytes = self.data.nbytes
+
+    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+        self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
+
+    def read(
+        self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
+    ) -> np.ndarray:
+        return self.data[layer, heads, start:stop]
+
+
+class _Float16Store(_Store):
+    """IEEE half bits, encoded and decoded with the kernels' fast exact passes.
+
+    NumPy's own cast costs ~3 ns a value but one call, so it encodes small
+    appends (decode-style, a position at a time). The fast decode is exact for
+    finite values only, so a layer that holds inf or NaN uses the cast too.
+    """
+
+    def __init__(self, shape: Tuple[int, ...]) -> None:
+        self.data = _committed(shape, np.uint16)
+        self.nbytes = self.data.nbytes
+        self.nonfinite = [False] * shape[0]
+
+    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+        out = self.data[layer, :, start : start + x.shape[0]].transpose(1, 0, 2)
+        if x.size == 0:
+            return
+        if x.size > CAST_BELOW:
+            nonfinite = K.float16_encode(np, x, out)
+        else:
+            with np.errstate(over="ignore"):
+                out.view(np.float16)[...] = x
+            nonfinite = not np.abs(x).max() < 65520.0  # rounds to inf; NaN compares False
+        if nonfinite:
+            self.nonfinite[layer] = True
+
+    def read(
+        self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
+    ) -> np.ndarray:
+        bits = self.data[layer, heads, start:stop]
+        if self.nonfinite[layer]:
+            out[...] = bits.view(np.float16)
+            return out
+        return K.float16_decode(np, bits.view(np.int16), out, scaled=exponent == K.HALF_EXPONENT)
+
+    def cheap_exponent(self, layer: int) -> int:
+        return 0 if self.nonfinite[layer] else K.HALF_EXPONENT
+
+
+class _BFloat16Store(_Store):
+    def __init__(self, shape: Tuple[int, ...]) -> None:
+        self.data = _committed(shape, np.uint16)
+        self.nbytes = self.data.nbytes
+
+    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+        out = self.data[layer, :, start : start + x.shape[0]].transpose(1, 0, 2)
+        K.bfloat16_encode(np, x, out)
+
+    def read(
+        self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
+    ) -> np.ndarray:
+        return K.bfloat16_decode(np, self.data[layer, heads, start:stop], out)
+
+
+class _Q8Store(_Store):
+    """int8 values and a float16 scale per 32 along head_dim: 34 bytes per 32 values."""
+
+    def __init__(self, shape: Tuple[int, ...]) -> None:
+        self.q = _committed(shape, np.int8)
+        self.d = _committed(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
+        self.nbytes = self.q.nbytes + self.d.nbytes
+
+    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+        stop = start + x.shape[0]
+        q = self.q[layer, :, start:stop].transpose(1, 0, 2)
+        d = self.d[layer, :, start:stop].transpose(1, 0, 2)
+        K.q8_0_encode(np, x, q, d)
+
+    def read(
+        self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
+    ) -> np.ndarray:
+        return K.q8_0_decode(np, self.q[layer, heads, start:stop], self.d[layer, heads, start:stop], out)
+
+
+_STORES = {
+    "float32": _Float32Store,
+    "float16": _Float16Store,
+    "bfloat16": _BFloat16Store,
+    "q8_0": _Q8Store,
+}
+
+
+class NumpyCache:
+    """A KV cache of one spec, preallocated for max_positions at open."""
+
+    def __init__(self, spec: CacheSpec, block: int, pool: Optional[ThreadPoolExecutor], threads: int) -> None:
+        self.spec = spec
+        self._block = block
+        self._pool = pool
+        shape = (spec.n_layers, spec.n_kv_heads, spec.max_positions, spec.head_dim)
+        store = _STORES[spec.kv_dtype]
+        self._k: Optional[_Store] = store(shape)
+        self._v: Optional[_Store] = store(shape)
+        self._cos, self._sin = K.rope_tables(np, spec)
+        self._lengths = [0] * spec.n_layers
+        # KV heads per attention task, and one pair of scratch blocks per task.
+        parts = max(1, min(threads, spec.n_kv_heads))
+        bounds = np.linspace(0, spec.n_kv_heads, parts + 1).astype(int)
+        self._head_groups = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._scratch = [
+            (
+                np.empty((g.stop - g.start, block, spec.head_dim), np.float32),
+                np.empty((g.stop - g.start, block, spec.head_dim), np.float32),
+            )
+            for g in self._head_groups
+        ]
+
+    # --- checks ---
+
+    def _stores(self) -> Tuple[_Store, _Store]:
+        if self._k is None or self._v is None:
+            raise ValueError("the cache is closed")
+        return self._k, self._v
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.n_layers:
+            raise ValueError(f"layer={layer}, but should be in 0..{self.spec.n_layers - 1}")
+
+    def _as_input(self, name: str, x: Any, heads: int) -> np.ndarray:
+        array = np.ascontiguousarray(x, dtype=np.float32)
+        expected = ("n", heads, self.spec.head_dim)
+        if array.ndim != 3 or array.shape[1:] != expected[1:]:
+            raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
+        return array
+
+    # --- protocol ---
+
+    def length(self, layer: int) -> int:
+        self._check_layer(layer)
+        return self._lengths[layer]
+
+    def append(self, layer: int, k: Any, v: Any) -> None:
+        k_store, v_store = self._stores()
+        self._check_layer(layer)
+        spec = self.spec
+        k = self._as_input("k", k, spec.n_kv_heads)
+        v = self._as_input("v", v, spec.n_kv_heads)
+        if v.shape[0] != k.shape[0]:
+            raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
+        start, n = self._lengths[layer], k.shape[0]
+        if start + n > spec.max_positions:
+            raise ContextLimitExceeded(layer, start, n, spec.max_positions)
+
+        def step(a: int) -> None:
+            b = min(a + APPEND_STEP, n)
+            rotated = np.empty((b - a,) + k.shape[1:], dtype=np.float32)
+            pos = slice(start + a, start + b)
+            K.rotate(np, k[a:b], self._cos[pos], self._sin[pos], spec.rope.style, rotated)
+            k_store.write(layer, start + a, rotated)
+            v_store.write(layer, start + a, v[a:b])
+
+        self._run(step, range(0, n, APPEND_STEP))
+        self._lengths[layer] = start + n
+
+    def attend(self, layer: int, q: Any) -> np.ndarray:
+        k_store, v_store = self._stores()
+        self._check_layer(layer)
+        spec = self.spec
+        q = self._as_input("q", q, spec.n_heads)
+        length, n_q = self._lengths[layer], q.shape[0]
+        if not 1 <= n_q <= length:
+            raise ValueError(f"n_q={n_q}, but should be between 1 and the layer's length {length}")
+        pos = slice(length - n_q, length)
+        rotated = K.rotate(np, q, self._cos[pos], self._sin[pos], spec.rope.style, np.empty_like(q))
+        grouped = K.group_queries(np, rotated, spec.n_kv_heads, spec.scale)
+        out = np.empty_like(grouped)
+        # Decoders may hand K and V over scaled by 2**-exponent; both must agree.
+        exponent = k_store.cheap_exponent(layer)
+        if v_store.cheap_exponent(layer) != exponent:
+            exponent = 0
+
+        def task(i: int) -> None:
+            heads = self._head_groups[i]
+            k_out, v_out = self._scratch[i]
+
+            def load(start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+                n = stop - start
+                return (
+                    k_store.read(layer, heads, start, stop, k_out[:, :n], exponent),
+                    v_store.read(layer, heads, start, stop, v_out[:, :n], exponent),
+                )
+
+            out[heads] = K.attend_grouped(np, grouped[heads], length, load, spec, self._block, exponent)
+
+        self._run(task, range(len(self._head_groups)))
+        return K.ungroup_queries(np, out, n_q)
+
+    def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        k_store, v_store = self._stores()
+        self._check_layer(layer)
+        length = self._lengths[layer]
+        if not 0 <= start <= stop <= length:
+            raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+        heads = slice(0, self.spec.n_kv_heads)
+        shape = (self.spec.n_kv_heads, stop - start, self.spec.head_dim)
+        k = k_store.read(layer, heads, start, stop, np.empty(shape, np.float32))
+        v = v_store.read(layer, heads, start, stop, np.empty(shape, np.float32))
+        return np.ascontiguousarray(k.transpose(1, 0, 2)), np.ascontiguousarray(v.transpose(1, 0, 2))
+
+    def nbytes(self) -> int:
+        if self._k is None or self._v is None:
+            return 0
+        return self._k.nbytes + self._v.nbytes
+
+    def close(self) -> None:
+        self._k = self._v = None
+        self._scratch = []
+
+    def _run(self, fn: Callable[[int], None], items: range) -> None:
+        """fn over items, on the pool when there is more than one."""
+        if self._pool is None or len(items) < 2:
+            for item in items:
+                fn(item)
+            return
+        for future in [self._pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def _cpu_name_and_vendor() -> Tuple[str, str]:
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    vendors = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
+    vendor_id = fields.get("vendor_id", "")
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return name, vendors.get(vendor_id, vendor_id)
+
+
+def _blas_version() -> Optional[str]:
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return f"{blas['name']} {blas.get('version', '')}".strip()
+    except Exception:  # older NumPy or a build without the dict form
+        return None
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class NumpyBackend:
+    """The "numpy" backend. Options: block (keys per attention block), threads."""
+
+    name = "numpy"
+
+    def __init__(self, *, block: int = DEFAULT_BLOCK, threads: Optional[int] = None) -> None:
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise SpecError(f"numpy backend option block={block!r}, but should be a positive integer")
+        if threads is None:
+            threads = _available_cores()
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise SpecError(f"numpy backend option threads={threads!r}, but should be a positive integer")
+        self.block = block
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="longctx-numpy") if threads > 1 else None
+
+    def info(self) -> BackendInfo:
+        name, vendor = _cpu_name_and_vendor()
+        versions = {"numpy": np.__version__}
+        blas = _blas_version()
+        if blas:
+            versions["blas"] = blas
+        return BackendInfo(
+            name=self.name,
+            device_kind="cpu",
+            device_name=name,
+            vendor=vendor,
+            versions=versions,
+            kv_dtypes=KV_DTYPES,
+            max_positions=None,
+        )
+
+    def open_cache(self, spec: CacheSpec) -> NumpyCache:
+        if spec.kv_dtype not in KV_DTYPES:
+            raise NotSupported(f"the numpy backend stores {', '.join(KV_DTYPES)}, not {spec.kv_dtype}")
+        return NumpyCache(spec, self.block, self._pool, self.threads)
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def to_numpy(self, native: Any) -> np.ndarray:
+        return np.asarray(native)
+
+    def synchronize(self) -> None:
+        return None
+
+    def memory_in_use(self) -> Optional[int]:
+        return None
