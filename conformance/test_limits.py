@@ -15,7 +15,6 @@ import pytest
 
 from pytest_longctx import ContextLimitExceeded
 from pytest_longctx.fixtures import opened
-from pytest_longctx.inputs import Inputs
 from pytest_longctx.reference import roundtrip
 
 from pytest_longctx.workloads import Fill, fill, native_pool
@@ -25,18 +24,6 @@ from ._check import call, case, equivalence, fail, read
 pytestmark = pytest.mark.longctx_limits
 
 WINDOW = 64  # positions read back at the start, middle and end of the cache
-
-
-@pytest.fixture(scope="module")
-def full(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings):
-    """A cache filled to exactly max_positions in every layer, and what was appended."""
-    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
-    inputs = Inputs(longctx_settings.seed, f"limits-{longctx_kv_dtype}-{longctx_positions}")
-    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
-    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
-        record = fill(cache, pool, range(spec.n_layers), spec.max_positions,
-                      min(longctx_settings.chunk, pool.k.shape[0]), keep=True)
-        yield cache, record
 
 
 def windows(n: int) -> list[tuple[int, int]]:
@@ -62,8 +49,8 @@ def record_length(record: Fill) -> int:
     return sum(k.shape[0] for _, k, _ in record.chunks)
 
 
-def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, full):
-    cache, record = full
+def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, filled):
+    cache, record = filled.cache, filled.fill
     spec = cache.spec
     where = case(longctx_backend, spec)
     if record.error:
@@ -76,35 +63,40 @@ def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_
         check_holds(longctx_backend, cache, record, layer, longctx_settings.error_factor, where)
 
 
-def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_settings, full):
-    cache, record = full
-    spec = cache.spec
+def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_settings, longctx_kv_dtype,
+                                                      longctx_positions, longctx_inputs):
+    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
     where = case(longctx_backend, spec)
-    if record.error:
-        pytest.skip(f"the cache could not be filled: {record.error}")
     layer = spec.n_layers - 1
-    before = {w: read(longctx_backend, cache, layer, *w) for w in windows(spec.max_positions)}
-    k, v = (longctx_backend.asarray(x[:1]) for x in Inputs(longctx_settings.seed, "one-more").kv(1, spec))
-    try:
-        cache.append(layer, k, v)
-    except ContextLimitExceeded:
-        pass
-    except Exception as exc:
-        fail("append at max_positions", f"{type(exc).__name__}: {exc}", "ContextLimitExceeded", where)
-    else:
+    pool = native_pool(longctx_backend, longctx_inputs, spec, min(spec.max_positions, 4096))
+    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+        record = fill(cache, pool, range(layer, layer + 1), spec.max_positions,
+                      min(longctx_settings.chunk, pool.k.shape[0]))
+        if record.error:
+            fail(f"filling layer {layer} to max_positions", record.error, "no error", where)
+        before = {w: read(longctx_backend, cache, layer, *w) for w in windows(spec.max_positions)}
+        k, v = (longctx_backend.asarray(x) for x in longctx_inputs.kv(1, spec))
+        try:
+            cache.append(layer, k, v)
+        except ContextLimitExceeded:
+            pass
+        except Exception as exc:
+            fail("append at max_positions", f"{type(exc).__name__}: {exc}", "ContextLimitExceeded", where)
+        else:
+            length = call("length", cache.length, layer)
+            first = windows(spec.max_positions)[0]
+            first_k, _ = read(longctx_backend, cache, layer, 0, 1)
+            wrapped = not np.array_equal(first_k, before[first][0][:1])
+            detail = "; position 0 was overwritten: the cache wraps around (ring buffer)" if wrapped else ""
+            fail("append of 1 position at max_positions", f"accepted (length now {length}){detail}",
+                 "a ContextLimitExceeded error", where)
         length = call("length", cache.length, layer)
-        first_k, _ = read(longctx_backend, cache, layer, 0, 1) if length >= 1 else (None, None)
-        wrapped = first_k is not None and not np.array_equal(first_k, before[windows(spec.max_positions)[0]][0][:1])
-        detail = "; position 0 was overwritten: the cache wraps around (ring buffer)" if wrapped else ""
-        fail("append of 1 position at max_positions", f"accepted (length now {length}){detail}",
-             "a ContextLimitExceeded error", where)
-    length = call("length", cache.length, layer)
-    if length != spec.max_positions:
-        fail("length after the refused append", length, spec.max_positions, where)
-    for (start, stop), (k0, v0) in before.items():
-        k1, v1 = read(longctx_backend, cache, layer, start, stop)
-        if not (np.array_equal(k0, k1) and np.array_equal(v0, v1)):
-            fail(f"positions {start}..{stop - 1} after the refused append", "changed", "unchanged", where)
+        if length != spec.max_positions:
+            fail("length after the refused append", length, spec.max_positions, where)
+        for (start, stop), (k0, v0) in before.items():
+            k1, v1 = read(longctx_backend, cache, layer, start, stop)
+            if not (np.array_equal(k0, k1) and np.array_equal(v0, v1)):
+                fail(f"positions {start}..{stop - 1} after the refused append", "changed", "unchanged", where)
 
 
 def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_settings, longctx_kv_dtype,

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_longctx.fixtures import opened
 from pytest_longctx.measure import format_bytes
-
-from pytest_longctx.workloads import fill, native_pool
 
 from ._check import case, fail
 
@@ -26,24 +23,19 @@ def bound(settings, spec, positions: int) -> int:
     return int(spec.kv_bytes(positions) * (1 + settings.memory_allowance)) + settings.memory_slack
 
 
-def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx_kv_dtype,
-                                      longctx_positions, longctx_inputs, longctx_measure):
-    spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
+def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx_measure, filled):
+    spec = filled.cache.spec
     where = case(longctx_backend, spec)
-    pool = native_pool(longctx_backend, longctx_inputs, spec, min(spec.max_positions, longctx_settings.chunk))
-    with longctx_measure.memory() as probe:
-        with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
-            record = fill(cache, pool, range(spec.n_layers), spec.max_positions, pool.k.shape[0])
-            held, peak = probe.held(), probe.peak()
-    if record.error:
-        fail("filling to max_positions", record.error, "no error", where)
+    if filled.fill.error:
+        fail("filling to max_positions", filled.fill.error, "no error", where)
+    held = filled.held[spec.max_positions]
     analytic = spec.kv_bytes(spec.max_positions)
     allowed = bound(longctx_settings, spec, spec.max_positions)
     passed = held <= allowed
     longctx_measure.record(
         "KV memory / analytic", held / analytic, "x", bound=f"<= {allowed / analytic:.3f}", passed=passed,
         cell=f"{format_bytes(held)} ({held / analytic:.3f}x)", measured_bytes=held, analytic_bytes=analytic,
-        bound_bytes=allowed, peak_bytes=peak,
+        bound_bytes=allowed, peak_bytes=filled.peak,
     )
     if not passed:
         fail(f"KV memory after {spec.max_positions} positions", format_bytes(held),
@@ -51,39 +43,28 @@ def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx
              f"{1 + longctx_settings.memory_allowance:.2f} + {format_bytes(longctx_settings.memory_slack)})", where)
 
 
-def test_memory_grows_linearly_or_stays_flat(longctx_backend, longctx_settings, longctx_kv_dtype,
-                                             longctx_inputs, longctx_measure):
-    """One cache of the largest positions, measured at every positions value while it fills."""
-    checkpoints = longctx_settings.positions
-    spec = longctx_settings.spec_for(longctx_kv_dtype, max(checkpoints))
+def test_memory_grows_linearly_or_stays_flat(longctx_backend, longctx_settings, longctx_measure, filled):
+    """Memory at every positions value on the way to max_positions: flat if preallocated, else linear."""
+    spec = filled.cache.spec
     where = case(longctx_backend, spec)
-    pool = native_pool(longctx_backend, longctx_inputs, spec, min(spec.max_positions, longctx_settings.chunk))
-    slack = longctx_settings.memory_slack
-    held = {}
-    with longctx_measure.memory() as probe:
-        with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
-            at_open = probe.held()
-            filled = 0
-            for target in checkpoints:
-                record = fill(cache, pool, range(spec.n_layers), target - filled, pool.k.shape[0])
-                if record.error:
-                    fail(f"filling from {filled} to {target} positions", record.error, "no error", where)
-                filled = target
-                held[target] = probe.held()
+    if filled.fill.error:
+        fail("filling to max_positions", filled.fill.error, "no error", where)
     capacity = spec.kv_bytes(spec.max_positions)
-    preallocated = at_open >= 0.9 * capacity
+    slack = longctx_settings.memory_slack
+    preallocated = filled.at_open >= 0.9 * capacity
     problems = []
-    for target, measured in held.items():
+    for target, measured in filled.held.items():
         if preallocated:
-            allowed = at_open + longctx_settings.memory_allowance * capacity + slack
-            shape = f"flat at {format_bytes(at_open)} (preallocated)"
+            allowed = filled.at_open + longctx_settings.memory_allowance * capacity + slack
+            shape = f"flat at {format_bytes(filled.at_open)} (preallocated at open)"
         else:
             allowed = bound(longctx_settings, spec, target)
             shape = f"linear: <= {format_bytes(allowed)} for {target} positions"
-        passed = measured <= allowed
-        longctx_measure.record("KV memory growth", measured, "B", bound=shape, passed=passed, positions=target,
-                               cell=format_bytes(measured))
-        if not passed:
+        if measured > allowed:
             problems.append(f"{format_bytes(measured)} at {target} positions, but should be {shape}")
+    kind = "preallocated" if preallocated else "growing"
+    longctx_measure.record("KV memory growth", len(filled.held), "checkpoints", bound="linear or flat",
+                           passed=not problems, cell=f"{kind}, {len(filled.held)} checkpoints ok"
+                           if not problems else f"{kind}: {len(problems)} over")
     if problems:
         fail("KV memory while filling", "; ".join(problems), "linear growth or flat", where)

@@ -8,7 +8,9 @@ timed on the full cache. Every timed call gets fresh inputs; figures are
 medians with their spread; bandwidth is probed once per run by a copy. Floors
 come from the settings (default: the seed benchmark's ladder at 16384
 positions, 125 positions/s fill and 1250 ops/s retrieve, scaled by 16384 /
-positions; no decode-attention floor unless given). A sampled timed attention
+positions; no decode-attention floor unless given). Fill GB/s counts the
+float32 inputs read and the stored bytes written, as the copy probe counts
+read + write; attention GB/s counts the stored K and V read. A sampled timed attention
 output is checked against the reference: a fast wrong answer is a failure.
 """
 
@@ -21,7 +23,7 @@ from pytest_longctx.fixtures import opened
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth
 from pytest_longctx.reference import apply_rope, attention, stored_k, stored_v
-from pytest_longctx.workloads import native_pool, time_decode_attention, time_retrieve, timed_fill
+from pytest_longctx.workloads import fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill
 
 from ._check import case, equivalence, fail, host
 
@@ -68,7 +70,7 @@ def test_prefill_fill_rate_meets_floor(longctx_backend, longctx_settings, longct
     cache, filled, where = _ready(longctx_backend, run, "prefill-style fill")
     spec = cache.spec
     stats = Stats.of([filled.chunk / s for s in filled.prefill_seconds])
-    gbps = stats.median * spec.position_bytes() / 1e9
+    gbps = stats.median * fill_traffic(spec) / 1e9
     floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
     longctx_measure.record(
         "prefill fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
@@ -82,7 +84,7 @@ def test_decode_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx
     cache, filled, where = _ready(longctx_backend, run, "decode-style fill")
     spec = cache.spec
     stats = Stats.of([1 / s for s in filled.decode_seconds])
-    gbps = stats.median * spec.position_bytes() / 1e9
+    gbps = stats.median * fill_traffic(spec) / 1e9
     floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
     longctx_measure.record(
         "decode fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,

@@ -27,7 +27,7 @@ from .registry import load_backend
 from .settings import parse_kv_dtypes, parse_positions
 from .shapes import parse_shape
 from .spec import CacheSpec
-from .workloads import native_pool, time_decode_attention, time_retrieve, timed_fill
+from .workloads import fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill
 
 
 def _row(what: str, stats: Stats, unit: str, gbps: Optional[float], bandwidth: Optional[float],
@@ -56,7 +56,7 @@ def bench_case(backend, spec: CacheSpec, repeats: int, chunk: int, seed: int) ->
         k, v = filled.fill.values(backend, 0, n)
     finally:
         cache.close()
-    per_position = spec.position_bytes()
+    per_position = fill_traffic(spec)
     layer_bytes = spec.kv_bytes(n) / spec.n_layers
     read = Stats.of([layer_bytes / s for s in layer_seconds])
     tokens = Stats.of([1 / s for s in token_seconds])

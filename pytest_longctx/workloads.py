@@ -81,6 +81,15 @@ def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
     return record
 
 
+def fill_traffic(spec: CacheSpec) -> int:
+    """Bytes one position moves when filled: the float32 K and V read, the stored bytes written.
+
+    Counted like the copy probe (read + write), so the fraction of copy
+    bandwidth compares like with like.
+    """
+    return spec.position_bytes() + 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 4
+
+
 @dataclass
 class TimedFill:
     """A cache filled prefill-style then decode-style, with each step's seconds."""

@@ -208,8 +208,8 @@ def test_wrong_shape_diagnosis_names_the_case(pytester: pytest.Pytester) -> None
     """Every failure should read '{what}={measured}, but should be {expected} [{case}]'."""
     result = run_suite(pytester, "WrongShape", *EQUIVALENCE, "-k", "default-neox")
     result.assert_outcomes(failed=1, deselected=result.parseoutcomes()["deselected"])
-    result.stdout.fnmatch_lines(["attend output of layer 1 shape=(8, 1, 64), but should be (1, 8, 64) "
-                                 "[[]wrong-shape float32 @ 4096 positions, *]"])
+    result.stdout.fnmatch_lines(["attend output of layer 0 shape=(8, 1, 64), but should be (1, 8, 64) "
+                                 "[[]wrong-shape float32 @ 4096 positions, 1L *]"])
 
 
 def test_broken_backends_differ_from_the_correct_one_by_one_override(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,60 @@
+"""Fixtures shared by the suite's modules: one memory-probed fill per case.
+
+Filling a full cache is the dominant cost of a run (its pages must be touched),
+so the limits and memory groups read the same fill: a cache of max_positions N
+filled to exactly N in every layer, with memory sampled at every positions
+value on the way. Nothing mutates it afterwards. Throughput fills its own cache,
+untraced, since tracemalloc slows the calls it would time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import pytest
+
+from pytest_longctx import KVCache
+from pytest_longctx.fixtures import opened
+from pytest_longctx.inputs import Inputs
+from pytest_longctx.measure import MemoryProbe
+from pytest_longctx.workloads import Fill, fill, native_pool
+
+
+@dataclass
+class FilledCase:
+    """A cache filled to max_positions in every layer, what was appended, and its memory."""
+
+    cache: KVCache
+    fill: Fill
+    at_open: int = 0
+    held: Dict[int, int] = field(default_factory=dict)  # positions filled -> bytes held
+    peak: int = 0
+
+
+@pytest.fixture(scope="session")
+def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings):
+    settings = longctx_settings
+    spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
+    inputs = Inputs(settings.seed, f"filled-{longctx_kv_dtype}-{longctx_positions}")
+    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
+    chunk = min(settings.chunk, pool.k.shape[0])
+    checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
+    with MemoryProbe(longctx_backend) as probe:
+        with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+            case = FilledCase(cache, Fill(spec), at_open=probe.held())
+            for target in checkpoints:
+                step = fill(cache, pool, range(spec.n_layers), target - len_of(case.fill), chunk, keep=True)
+                offset = len_of(case.fill)
+                case.fill.chunks += [(offset + start, k, v) for start, k, v in step.chunks]
+                if step.error:
+                    case.fill.error = f"{step.error} (with {offset} positions already held)"
+                    break
+                case.held[target] = probe.held()
+            case.peak = probe.peak()
+            yield case
+
+
+def len_of(record: Fill) -> int:
+    """Positions a fill appended so far."""
+    return sum(k.shape[0] for _, k, _ in record.chunks)
