@@ -66,32 +66,30 @@ def _check_floor(what, rate, unit, floor, where):
         fail(what, f"{rate:.4g} {unit}", f">= {floor:.4g} {unit}", where)
 
 
+def _judge_fill(what, check, positions_per_step, seconds, settings, measure, spec, bandwidth, where):
+    """Positions/s of timed fill steps against the fill floor, also as a fraction of copy bandwidth."""
+    __tracebackhide__ = True
+    stats = Stats.of([positions_per_step / s for s in seconds])
+    gbps = stats.median * fill_traffic(spec) / 1e9
+    floor = settings.floor(settings.fill_floor, spec.max_positions)
+    measure.record(
+        check, stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
+        cell=f"{stats.median:.4g} pos/s {gbps:.2f} GB/s ({gbps / bandwidth.copy_gbps:.0%} copy)",
+        gbps=gbps, fraction_of_copy=gbps / bandwidth.copy_gbps, spread=stats.spread,
+    )
+    _check_floor(what, stats.median, "positions/s", floor, where)
+
+
 def test_prefill_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):
     cache, filled, where = _ready(longctx_backend, run, "prefill-style fill")
-    spec = cache.spec
-    stats = Stats.of([filled.chunk / s for s in filled.prefill_seconds])
-    gbps = stats.median * fill_traffic(spec) / 1e9
-    floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
-    longctx_measure.record(
-        "prefill fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
-        cell=f"{stats.median:.4g} pos/s {gbps:.2f} GB/s ({gbps / bandwidth.copy_gbps:.0%} copy)",
-        gbps=gbps, fraction_of_copy=gbps / bandwidth.copy_gbps, spread=stats.spread, chunk=filled.chunk,
-    )
-    _check_floor(f"prefill-style fill (chunks of {filled.chunk})", stats.median, "positions/s", floor, where)
+    _judge_fill(f"prefill-style fill (chunks of {filled.chunk})", "prefill fill", filled.chunk,
+                filled.prefill_seconds, longctx_settings, longctx_measure, cache.spec, bandwidth, where)
 
 
 def test_decode_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):
     cache, filled, where = _ready(longctx_backend, run, "decode-style fill")
-    spec = cache.spec
-    stats = Stats.of([1 / s for s in filled.decode_seconds])
-    gbps = stats.median * fill_traffic(spec) / 1e9
-    floor = longctx_settings.floor(longctx_settings.fill_floor, spec.max_positions)
-    longctx_measure.record(
-        "decode fill", stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
-        cell=f"{stats.median:.4g} pos/s ({gbps / bandwidth.copy_gbps:.1%} copy)",
-        gbps=gbps, fraction_of_copy=gbps / bandwidth.copy_gbps, spread=stats.spread,
-    )
-    _check_floor("decode-style fill (one position through all layers)", stats.median, "positions/s", floor, where)
+    _judge_fill("decode-style fill (one position through all layers)", "decode fill", 1,
+                filled.decode_seconds, longctx_settings, longctx_measure, cache.spec, bandwidth, where)
 
 
 def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth,
