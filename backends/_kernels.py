@@ -18,6 +18,8 @@ from pytest_longctx.spec import CacheSpec
 
 Array = Any
 LoadBlock = Callable[[int, int], Tuple[Array, Array]]
+# scores(q, k) -> q @ k.T per head, and accumulate(p, v, acc): acc += p @ v per head.
+Products = Tuple[Callable[[Array, Array], Array], Callable[[Array, Array, Array], Any]]
 
 # Query rows (queries x heads of one group) scored against a key block at a time.
 ROWS = 512
@@ -51,9 +53,11 @@ def rotate(xp: Any, x: Array, cos: Array, sin: Array, style: str, out: Array) ->
     """out = x (n, heads, d) rotated with the table rows cos, sin (n, rotary_dim/2); float32.
 
     x must be contiguous in its last axis and out must not alias it; elements
-    past rotary_dim pass through. gptj pairs are adjacent, so they rotate as
-    one complex64 multiply. neox is out = x*[c, c] + swap_halves(x)*[-s, s]:
-    three full-width passes instead of six half-width ones.
+    past rotary_dim pass through. Each product is rounded, then the sum (no
+    fused multiply-add, which NumPy's complex multiply may use), so that the
+    native kernels give the same bits. gptj pairs are adjacent: out = x*[c, c]
+    + swap_pairs(x)*[-s, s]. neox is the same with the halves swapped: three
+    full-width passes instead of six half-width ones.
     """
     n, heads, _ = x.shape
     half = cos.shape[-1]
@@ -64,9 +68,12 @@ def rotate(xp: Any, x: Array, cos: Array, sin: Array, style: str, out: Array) ->
         return out
     x_rot, out_rot = x[..., :rotary_dim], out[..., :rotary_dim]
     if style == "gptj":
-        table = xp.empty((n, half, 2), dtype=xp.float32)
-        table[..., 0], table[..., 1] = cos, sin
-        xp.multiply(x_rot.view(xp.complex64), table.view(xp.complex64)[:, None, :, 0], out=out_rot.view(xp.complex64))
+        table = xp.empty((n, 1, half, 2), dtype=xp.float32)
+        table[..., 0], table[..., 1] = cos[:, None], cos[:, None]
+        xp.multiply(x_rot, table.reshape(n, 1, rotary_dim), out=out_rot)
+        table[..., 0], table[..., 1] = -sin[:, None], sin[:, None]
+        swapped = x_rot.reshape(n, heads, half, 2)[..., ::-1]
+        out_rot += (swapped * table).reshape(n, heads, rotary_dim)
         return out
     xp.multiply(x_rot, xp.concatenate([cos, cos], axis=-1)[:, None, :], out=out_rot)
     signed_sin = xp.concatenate([-sin, sin], axis=-1).reshape(n, 1, 2, half)
@@ -210,6 +217,7 @@ def attend_grouped(
     block: int,
     exponent: int = 0,
     rows: int = ROWS,
+    products: Optional[Products] = None,
 ) -> Array:
     """Causal attention of grouped, scaled, rotated queries over the keys ``load`` gives.
 
@@ -221,6 +229,9 @@ def attend_grouped(
     order, and only those some query can see; each is scored against the query
     tiles that see it, with a running max and sum per row (the log-sum-exp
     merge across blocks). Returns (h, n_q * group, d) float32.
+
+    ``products`` replaces the two matrix products, for blocks that ``load``
+    gives in another form (the native kernels take K and V as stored).
     """
     n_kv, n_rows, d = grouped_q.shape
     group = spec.group_size
@@ -231,6 +242,12 @@ def attend_grouped(
     per_tile = max(1, rows // group)
     tiles = [(a, min(a + per_tile, n_q)) for a in range(0, n_q, per_tile)]
     factor = xp.float32(2.0**exponent)
+    if products is None:
+        products = (
+            lambda q, k: _products(xp, q, k, transpose=True),
+            lambda p, v, acc: xp.add(acc, _products(xp, p, v, transpose=False), out=acc),
+        )
+    scores_of, accumulate = products
 
     run_max = xp.full((n_kv, n_rows), -np.inf, dtype=xp.float32)
     run_sum = xp.zeros((n_kv, n_rows), dtype=xp.float32)
@@ -243,7 +260,7 @@ def attend_grouped(
             if start > pos_b or (window and stop - 1 < pos_a - window + 1):
                 continue
             rows_ = slice(a * group, b * group)
-            scores = _products(xp, grouped_q[:, rows_], k, transpose=True)
+            scores = scores_of(grouped_q[:, rows_], k)
             if exponent:
                 scores *= factor
             if spec.softcap is not None:
@@ -251,7 +268,7 @@ def attend_grouped(
             if stop - 1 > pos_a or (window and start < pos_b - window + 1):
                 scores += _mask(xp, first + a, b - a, group, start, stop, window)
             state = (run_max[:, rows_], run_sum[:, rows_], acc[:, rows_])
-            _merge(xp, scores, v, factor if exponent else None, *state)
+            _merge(xp, scores, v, factor if exponent else None, *state, accumulate)
     acc /= run_sum[..., None]
     return acc
 
@@ -298,6 +315,7 @@ def _merge(
     run_max: Array,
     run_sum: Array,
     acc: Array,
+    accumulate: Callable[[Array, Array, Array], Any],
 ) -> None:
     """Fold one block's scores (h, r, n) and V (h, n, d) into the running softmax state, in place.
 
@@ -314,5 +332,5 @@ def _merge(
     if v_factor is not None:
         scores *= v_factor
     acc *= rescale[..., None]
-    acc += _products(xp, scores, v, transpose=False)
+    accumulate(scores, v, acc)
     run_max[...] = new_max

@@ -10,6 +10,7 @@ import pytest
 
 from pytest_longctx import reference as ref
 from pytest_longctx.backends import _kernels as K
+from pytest_longctx.backends import _native as N
 from pytest_longctx.backends.numpy_backend import KV_DTYPES, NumpyBackend
 from pytest_longctx.errors import ContextLimitExceeded, NotSupported, SpecError
 from pytest_longctx.protocol import KVBackend, KVCache
@@ -38,6 +39,17 @@ ROPES: Dict[str, RopeSpec] = {
         low_freq_factor=1.0, high_freq_factor=4.0,
     ),
 }
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: with the native kernels (where they build) and with the NumPy ones."""
+    if request.param == "native" and not N.available():
+        pytest.skip(f"native kernels unavailable: {N.reason()}")
+    if request.param == "numpy":
+        monkeypatch.setattr(N, "_lib", None)
+        monkeypatch.setattr(N, "_reason", "off for this test")
+    return request.param
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -77,13 +89,14 @@ def _assert_close(got: np.ndarray, want: np.ndarray, atol: float, what: str) -> 
 # ---------------------------------------------------------------- backend
 
 
-def test_backend_satisfies_protocol_and_describes_cpu() -> None:
+def test_backend_satisfies_protocol_and_describes_cpu(kernels: str) -> None:
     backend = NumpyBackend()
     assert isinstance(backend, KVBackend) and backend.name == "numpy"
     info = backend.info()
     assert info.name == "numpy" and info.device_kind == "cpu" and info.device_name
     assert info.kv_dtypes == ("float32", "float16", "bfloat16", "q8_0")
     assert info.versions["numpy"] == np.__version__ and info.max_positions is None
+    assert info.versions["kernels"] == ("native" if kernels == "native" else "numpy (off for this test)")
     assert isinstance(backend.open_cache(SMALL), KVCache)
     x = np.arange(3.0)
     assert backend.to_numpy(backend.asarray(x)) is x
@@ -94,7 +107,8 @@ def test_options() -> None:
     assert NumpyBackend(block=16, threads=1).block == 16
     with pytest.raises(TypeError):
         NumpyBackend(bogus=1)  # type: ignore[call-arg]
-    for bad in ({"block": 0}, {"block": 1.5}, {"threads": 0}):
+    assert NumpyBackend().block is None and NumpyBackend(native=False).native is False
+    for bad in ({"block": 0}, {"block": 1.5}, {"threads": 0}, {"native": "yes"}):
         with pytest.raises(SpecError):
             NumpyBackend(**bad)
     assert load_backend("numpy[block=32]").block == 32  # type: ignore[attr-defined]

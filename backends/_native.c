@@ -1,0 +1,444 @@
+/* The numpy backend's optional fast path: KV storage codecs and fused RoPE.
+ *
+ * Plain C99, no Python headers; _native.py compiles it on first use and calls
+ * it through ctypes (which releases the GIL). Formats: 0 float32, 1 IEEE
+ * half bits, 2 bfloat16 bits. Every kernel walks (planes, rows, cols) with
+ * the strides of the planes and rows given in elements and cols contiguous,
+ * so the backend writes its (n_kv, positions, d) layout straight from an
+ * (n, n_kv, d) chunk. With AVX2, F16C and FMA (-march=native on a CPU that
+ * has them) eight values go at a time; elsewhere the scalar code below does
+ * the same, bit for bit:
+ *   float16 encode: round to nearest even, overflow to inf, NaN as NumPy's
+ *                   astype (sign and the payload's top bits kept, never inf);
+ *   bfloat16 encode: round to nearest even, every NaN to 0x7FC0;
+ *   decodes: exact.
+ * RoPE is the same float32 arithmetic as _kernels.rotate, each product
+ * rounded (build with -ffp-contract=off), so both give the same bits.
+ * The products of decode attention (few query rows against a block of keys
+ * or values) read the storage directly and convert it in registers.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define LC_SIMD 1
+#else
+#define LC_SIMD 0
+#endif
+
+enum { LC_F32 = 0, LC_F16 = 1, LC_BF16 = 2 };
+
+int lc_simd(void) { return LC_SIMD; }
+
+/* --- scalar codecs ------------------------------------------------------------ */
+
+static uint32_t bits_of(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static float float_of(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+static uint16_t f16_from_float(float x)
+{
+    uint32_t f = bits_of(x), sign = (f >> 16) & 0x8000u, a = f & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) {                      /* NaN: keep the payload's top bits */
+        uint32_t h = 0x7C00u | ((a & 0x7FFFFFu) >> 13);
+        return (uint16_t)(sign | (h == 0x7C00u ? 0x7C01u : h));
+    }
+    if (a >= 0x477FF000u)                       /* >= 65520 (and inf) rounds to inf */
+        return (uint16_t)(sign | 0x7C00u);
+    if (a >= 0x38800000u)                       /* normal half: drop 13 bits, RNE */
+        return (uint16_t)(sign | ((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+    /* subnormal half or zero: value / 2**-24 = m / 2**shift, rounded to even */
+    uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+    uint32_t shift = e ? 126u - e : 125u;
+    if (shift > 24u)
+        return (uint16_t)sign;
+    uint32_t q = m >> shift, rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    q += rest > half || (rest == half && (q & 1u));
+    return (uint16_t)(sign | q);
+}
+
+static float f16_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu)
+        return float_of(sign | 0x7F800000u | (m << 13));
+    if (e)
+        return float_of(sign | ((e + 112u) << 23) | (m << 13));
+    float x = (float)m * 5.9604644775390625e-8f;   /* m * 2**-24, exact */
+    return sign ? -x : x;
+}
+
+static uint16_t bf16_from_float(float x)
+{
+    uint32_t f = bits_of(x);
+    if ((f & 0x7FFFFFFFu) > 0x7F800000u)
+        return 0x7FC0u;
+    return (uint16_t)((f + 0x7FFFu + ((f >> 16) & 1u)) >> 16);
+}
+
+static float bf16_to_float(uint16_t b) { return float_of((uint32_t)b << 16); }
+
+/* --- one contiguous run of n values --------------------------------------------- */
+
+#if LC_SIMD
+#define LC_INLINE static inline __attribute__((always_inline))
+
+LC_INLINE __m128i bf16_8(__m256 x)                 /* 8 bfloat16 of x, as bf16_from_float */
+{
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* 8 values stored as fmt. Only for results of arithmetic: their NaNs are quiet,
+ * which F16C converts as NumPy does. */
+LC_INLINE void store8(int fmt, char *out, __m256 x)
+{
+    if (fmt == LC_F16)
+        _mm_storeu_si128((__m128i *)out, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    else if (fmt == LC_BF16)
+        _mm_storeu_si128((__m128i *)out, bf16_8(x));
+    else
+        _mm256_storeu_ps((float *)out, x);
+}
+#endif
+
+static void encode_run(int fmt, const float *src, void *dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    uint16_t *out = (uint16_t *)dst;
+    if (fmt == LC_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+#if LC_SIMD
+    if (fmt == LC_F16) {
+        for (; i + 16 <= n; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(src + i), x1 = _mm256_loadu_ps(src + i + 8);
+            __m256 nan = _mm256_or_ps(_mm256_cmp_ps(x0, x0, _CMP_UNORD_Q), _mm256_cmp_ps(x1, x1, _CMP_UNORD_Q));
+            if (_mm256_movemask_ps(nan)) {              /* F16C quiets NaNs: NumPy's bits instead */
+                for (int k = 0; k < 16; k++) out[i + k] = f16_from_float(src[i + k]);
+                continue;
+            }
+            __m128i lo = _mm256_cvtps_ph(x0, _MM_FROUND_TO_NEAREST_INT), hi = _mm256_cvtps_ph(x1, _MM_FROUND_TO_NEAREST_INT);
+            _mm256_storeu_si256((__m256i *)(out + i), _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+        }
+    } else {
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + i), bf16_8(_mm256_loadu_ps(src + i)));
+    }
+#endif
+    if (fmt == LC_F16)
+        for (; i < n; i++) out[i] = f16_from_float(src[i]);
+    else
+        for (; i < n; i++) out[i] = bf16_from_float(src[i]);
+}
+
+static void decode_run(int fmt, const void *src, float *dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    const uint16_t *in = (const uint16_t *)src;
+    if (fmt == LC_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+#if LC_SIMD
+    if (fmt == LC_F16)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+    else
+        for (; i + 8 <= n; i += 8) {
+            __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(in + i)));
+            _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(u, 16));
+        }
+#endif
+    if (fmt == LC_F16)
+        for (; i < n; i++) dst[i] = f16_to_float(in[i]);
+    else
+        for (; i < n; i++) dst[i] = bf16_to_float(in[i]);
+}
+
+static size_t item_size(int fmt) { return fmt == LC_F32 ? 4 : 2; }
+
+/* --- strided (planes, rows, cols) ------------------------------------------------ */
+
+void lc_encode(int fmt, const float *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
+               void *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs,
+               ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    char *out = (char *)dst;
+    size_t size = item_size(fmt);
+    if (src_rs == cols && dst_rs == cols) {         /* each plane is one run */
+        cols *= rows;
+        rows = 1;
+    }
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t r = 0; r < rows; r++)
+            encode_run(fmt, src + p * src_ps + r * src_rs, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols);
+}
+
+void lc_decode(int fmt, const void *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
+               float *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs,
+               ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    const char *in = (const char *)src;
+    size_t size = item_size(fmt);
+    if (src_rs == cols && dst_rs == cols) {
+        cols *= rows;
+        rows = 1;
+    }
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t r = 0; r < rows; r++)
+            decode_run(fmt, in + (size_t)(p * src_ps + r * src_rs) * size, dst + p * dst_ps + r * dst_rs, cols);
+}
+
+/* RoPE of x (planes, rows, cols) with table row r for row r, then encoded into dst.
+ * neox rotates x[j] with x[j + half], gptj x[2j] with x[2j + 1]; columns from
+ * 2 * half on pass through. Returns -1 when the row buffer cannot be had. */
+#if LC_SIMD
+/* One row, half % 8 == 0: rotated in registers, each product rounded as in the scalar code. */
+LC_INLINE void rope_row_simd(int fmt, const float *a, const float *c, const float *s, ptrdiff_t half, int gptj,
+                             char *out, ptrdiff_t cols)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    if (!gptj)
+        for (ptrdiff_t j = 0; j < half; j += 8) {
+            __m256 x0 = _mm256_loadu_ps(a + j), x1 = _mm256_loadu_ps(a + j + half);
+            __m256 cj = _mm256_loadu_ps(c + j), sj = _mm256_loadu_ps(s + j);
+            store8(fmt, out + j * size, _mm256_sub_ps(_mm256_mul_ps(x0, cj), _mm256_mul_ps(x1, sj)));
+            store8(fmt, out + (j + half) * size, _mm256_add_ps(_mm256_mul_ps(x1, cj), _mm256_mul_ps(x0, sj)));
+        }
+    else {
+        const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        for (ptrdiff_t j = 0; j < 2 * half; j += 8) {   /* 4 pairs: even - odd*s, odd + even*s */
+            __m256 x = _mm256_loadu_ps(a + j), swapped = _mm256_permute_ps(x, 0xB1);
+            __m256 cc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(c + j / 2)), pairs);
+            __m256 ss = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j / 2)), pairs);
+            store8(fmt, out + j * size, _mm256_addsub_ps(_mm256_mul_ps(x, cc), _mm256_mul_ps(swapped, ss)));
+        }
+    }
+    encode_run(fmt, a + 2 * half, out + 2 * half * size, cols - 2 * half);
+}
+
+static void rope_simd(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
+                      const float *cos, const float *sin, ptrdiff_t table_rs, ptrdiff_t half, int gptj,
+                      char *out, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t p = 0; p < planes; p++) {
+            const float *a = x + p * x_ps + r * x_rs, *c = cos + r * table_rs, *s = sin + r * table_rs;
+            char *o = out + (p * dst_ps + r * dst_rs) * size;
+            if (fmt == LC_F16)
+                rope_row_simd(LC_F16, a, c, s, half, gptj, o, cols);
+            else if (fmt == LC_BF16)
+                rope_row_simd(LC_BF16, a, c, s, half, gptj, o, cols);
+            else
+                rope_row_simd(LC_F32, a, c, s, half, gptj, o, cols);
+        }
+}
+#endif
+
+int lc_rope_encode(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
+                   const float *cos, const float *sin, ptrdiff_t table_rs, ptrdiff_t half, int gptj,
+                   void *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs,
+                   ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    char *out = (char *)dst;
+    size_t size = item_size(fmt);
+#if LC_SIMD
+    if (half % 8 == 0) {
+        rope_simd(fmt, x, x_ps, x_rs, cos, sin, table_rs, half, gptj, out, dst_ps, dst_rs, planes, rows, cols);
+        return 0;
+    }
+#endif
+    float *t = (float *)malloc((size_t)cols * sizeof(float));
+    if (t == NULL)
+        return -1;
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t p = 0; p < planes; p++) {
+            const float *a = x + p * x_ps + r * x_rs, *c = cos + r * table_rs, *s = sin + r * table_rs;
+            if (gptj)
+                for (ptrdiff_t j = 0; j < half; j++) {
+                    t[2 * j] = a[2 * j] * c[j] - a[2 * j + 1] * s[j];
+                    t[2 * j + 1] = a[2 * j + 1] * c[j] + a[2 * j] * s[j];
+                }
+            else
+                for (ptrdiff_t j = 0; j < half; j++) {
+                    t[j] = a[j] * c[j] - a[j + half] * s[j];
+                    t[j + half] = a[j + half] * c[j] + a[j] * s[j];
+                }
+            memcpy(t + 2 * half, a + 2 * half, (size_t)(cols - 2 * half) * sizeof(float));
+            encode_run(fmt, t, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols);
+        }
+    free(t);
+    return 0;
+}
+
+/* --- products of attention against stored blocks ------------------------------------ */
+
+/* Decode attention multiplies a few float32 rows (queries, or softmax weights)
+ * with a block of stored keys (values) of each KV head. The AVX2 kernels read
+ * each stored row once per pair of rows and convert it in registers; the
+ * generic code goes through a float32 row buffer. */
+
+#if LC_SIMD
+#define ACC_ROWS 32   /* stored rows per pass of accumulate: 8-16 KiB, kept in L1 */
+
+LC_INLINE __m256 load8(int fmt, const char *p)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (fmt == LC_F16)
+        return _mm256_cvtph_ps(h);
+    if (fmt == LC_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+LC_INLINE __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d)   /* [sum a, sum b, sum c, sum d] */
+{
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* Scores of query rows q0, q1 against the 4 stored rows at k (rows k_rs bytes apart). */
+LC_INLINE void dot_4x2(int fmt, const float *q0, const float *q1, const char *k, ptrdiff_t k_rs,
+                       ptrdiff_t cols, float *out0, float *out1)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    __m256 s[4][2];
+    for (int r = 0; r < 4; r++)
+        s[r][0] = s[r][1] = _mm256_setzero_ps();
+    for (ptrdiff_t c = 0; c < cols; c += 8) {
+        __m256 x0 = _mm256_loadu_ps(q0 + c), x1 = _mm256_loadu_ps(q1 + c);
+        for (int r = 0; r < 4; r++) {
+            __m256 y = load8(fmt, k + r * k_rs + c * size);
+            s[r][0] = _mm256_fmadd_ps(x0, y, s[r][0]);
+            s[r][1] = _mm256_fmadd_ps(x1, y, s[r][1]);
+        }
+    }
+    _mm_storeu_ps(out0, sum4(s[0][0], s[1][0], s[2][0], s[3][0]));
+    _mm_storeu_ps(out1, sum4(s[0][1], s[1][1], s[2][1], s[3][1]));
+}
+
+LC_INLINE float dot_1(int fmt, const float *q, const char *k, ptrdiff_t cols)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    __m256 s = _mm256_setzero_ps();
+    for (ptrdiff_t c = 0; c < cols; c += 8)
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(fmt, k + c * size), s);
+    return _mm_cvtss_f32(sum4(s, s, s, s));
+}
+
+/* out0, out1 [0, 8 * nv) += w0[j], w1[j] times stored row j at k, for j < n. */
+LC_INLINE void accumulate_2(int fmt, int nv, const float *w0, const float *w1, const char *k, ptrdiff_t k_rs,
+                            ptrdiff_t n, float *out0, float *out1)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    __m256 a0[4], a1[4];
+    for (int v = 0; v < nv; v++) {
+        a0[v] = _mm256_loadu_ps(out0 + 8 * v);
+        a1[v] = _mm256_loadu_ps(out1 + 8 * v);
+    }
+    for (ptrdiff_t j = 0; j < n; j++) {
+        __m256 x0 = _mm256_broadcast_ss(w0 + j), x1 = _mm256_broadcast_ss(w1 + j);
+        for (int v = 0; v < nv; v++) {
+            __m256 y = load8(fmt, k + j * k_rs + 8 * v * size);
+            a0[v] = _mm256_fmadd_ps(x0, y, a0[v]);
+            a1[v] = _mm256_fmadd_ps(x1, y, a1[v]);
+        }
+    }
+    for (int v = 0; v < nv; v++) {   /* out1 == out0 for a lone last row: both hold the same sum */
+        _mm256_storeu_ps(out0 + 8 * v, a0[v]);
+        _mm256_storeu_ps(out1 + 8 * v, a1[v]);
+    }
+}
+
+/* The two products for one format; rows are taken in pairs, a lone last row twice. */
+LC_INLINE void products_simd(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                             const char *b, ptrdiff_t b_ps, ptrdiff_t b_rs,
+                             float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                             ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt), k_rs = b_rs * size;
+    for (ptrdiff_t p = 0; p < planes; p++) {
+        const float *ap = a + p * a_ps;
+        const char *bp = b + p * b_ps * size;
+        float *op = out + p * out_ps;
+        if (!accumulate) {
+            ptrdiff_t j = 0;
+            for (; j + 4 <= n; j += 4)
+                for (ptrdiff_t i = 0; i < m; i += 2) {
+                    ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
+                    dot_4x2(fmt, ap + i * a_rs, ap + i1 * a_rs, bp + j * k_rs, k_rs, cols,
+                            op + i * out_rs + j, op + i1 * out_rs + j);
+                }
+            for (; j < n; j++)
+                for (ptrdiff_t i = 0; i < m; i++)
+                    op[i * out_rs + j] = dot_1(fmt, ap + i * a_rs, bp + j * k_rs, cols);
+            continue;
+        }
+        for (ptrdiff_t j = 0; j < n; j += ACC_ROWS) {
+            ptrdiff_t rows = n - j < ACC_ROWS ? n - j : ACC_ROWS;
+            for (ptrdiff_t i = 0; i < m; i += 2) {
+                ptrdiff_t i1 = i + 1 < m ? i + 1 : i, c = 0;
+                const float *w0 = ap + i * a_rs + j, *w1 = ap + i1 * a_rs + j;
+                float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
+                const char *k = bp + j * k_rs;
+                for (; c + 32 <= cols; c += 32)
+                    accumulate_2(fmt, 4, w0, w1, k + c * size, k_rs, rows, o0 + c, o1 + c);
+                for (; c < cols; c += 8)
+                    accumulate_2(fmt, 1, w0, w1, k + c * size, k_rs, rows, o0 + c, o1 + c);
+            }
+        }
+    }
+}
+#endif
+
+/* out[p, i, j] = sum_c a[p, i, c] * b[p, j, c] (accumulate = 0: scores of queries a
+ * (planes, m, cols) against stored keys b (planes, n, cols)), or
+ * out[p, i, c] += sum_j a[p, i, j] * b[p, j, c] (accumulate = 1: softmax weights a
+ * (planes, m, n) times stored values b (planes, n, cols)). */
+int lc_products(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                const void *b, ptrdiff_t b_ps, ptrdiff_t b_rs,
+                float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+#if LC_SIMD
+    if (cols % 8 == 0) {
+        const char *bytes = (const char *)b;
+        if (fmt == LC_F16)
+            products_simd(accumulate, LC_F16, a, a_ps, a_rs, bytes, b_ps, b_rs, out, out_ps, out_rs, planes, m, n, cols);
+        else if (fmt == LC_BF16)
+            products_simd(accumulate, LC_BF16, a, a_ps, a_rs, bytes, b_ps, b_rs, out, out_ps, out_rs, planes, m, n, cols);
+        else
+            products_simd(accumulate, LC_F32, a, a_ps, a_rs, bytes, b_ps, b_rs, out, out_ps, out_rs, planes, m, n, cols);
+        return 0;
+    }
+#endif
+    size_t size = item_size(fmt);
+    float *t = (float *)malloc((size_t)cols * sizeof(float));
+    if (t == NULL)
+        return -1;
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t j = 0; j < n; j++) {
+            decode_run(fmt, (const char *)b + (size_t)(p * b_ps + j * b_rs) * size, t, cols);
+            for (ptrdiff_t i = 0; i < m; i++) {
+                const float *x = a + p * a_ps + i * a_rs;
+                float *o = out + p * out_ps + i * out_rs, sum = 0.0f;
+                if (accumulate)
+                    for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
+                else {
+                    for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
+                    o[j] = sum;
+                }
+            }
+        }
+    free(t);
+    return 0;
+}
