@@ -6,6 +6,12 @@ sgemm. Blocks in float16, bfloat16 or q8_0 are decoded into float32 scratch
 block by block; NumPy has no half-precision BLAS. Work is split over threads
 by position blocks (append) and KV heads (attend); NumPy and BLAS release the
 GIL.
+
+When the native kernels (_native.c, built on first use) are available, they
+encode and decode float16 and bfloat16 and rotate K as they store it, straight
+into the storage layout (otherwise the NumPy kernels of _kernels do, giving the
+same stored bytes), and attention with few query rows (decode) reads K and V
+as stored through their products instead of decoding blocks for BLAS.
 """
 
 from __future__ import annotations
@@ -22,24 +28,54 @@ from pytest_longctx.protocol import BackendInfo
 from pytest_longctx.spec import CacheSpec
 
 from . import _kernels as K
+from . import _native as N
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+# Keys per attention block, unless the block option says: decoded into float32 scratch for
+# BLAS, or read as stored by the native products (no scratch; fewer steps in Python).
 DEFAULT_BLOCK = 1024
+NATIVE_BLOCK = 4096
 # Positions encoded per step of an append: bounds the float32 temporaries (a few MiB)
 # and is the unit of work handed to the threads.
 APPEND_STEP = 256
+# The native kernels rotate and encode with no temporaries, and handing a task to a thread
+# costs ~50 us; their appends go in one step per thread of at least this many positions.
+NATIVE_APPEND_STEP = 1024
 # Values up to which one NumPy cast beats the kernels' dozen passes (per-call overhead).
 CAST_BELOW = 16384
+# Values up to which one NumPy call decodes faster than a native call is set up (~8 us).
+NATIVE_DECODE_ABOVE = 4096
+# Query rows (of one KV head) up to which attention reads K and V as stored, through the
+# native products, rather than decoding blocks for BLAS's matrix products.
+NATIVE_ROWS = 32
+
+
+Rope = Tuple[np.ndarray, np.ndarray, str]  # cos and sin rows of the positions, style
 
 
 class _Store:
     """One tensor (K or V) of every layer in a storage type; decodes to float32."""
 
     nbytes: int
+    native: Optional[str] = None  # the kind the native kernels store, when they do
 
-    def write(self, layer: int, start: int, x: np.ndarray) -> None:
-        """Store float32 x (n, n_kv, d), contiguous, at positions start .. start+n-1."""
+    def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
+        """Store float32 x (n, n_kv, d), contiguous, at positions start .. start+n-1,
+        rotated first by rope (K.rotate's cos, sin and style) when given."""
+        if rope is not None:
+            if self.native:
+                N.rope_encode(self.native, x, rope[0], rope[1], rope[2], self._slots(layer, start, x.shape[0]))
+                return
+            x = K.rotate(np, x, rope[0], rope[1], rope[2], np.empty_like(x))
+        self.put(layer, start, x)
+
+    def put(self, layer: int, start: int, x: np.ndarray) -> None:
+        """write, x already rotated."""
         raise NotImplementedError
+
+    def _slots(self, layer: int, start: int, n: int) -> np.ndarray:
+        """The storage of positions start .. start+n-1 as (n, n_kv, d), for the native kernels."""
+        return self.data[layer, :, start : start + n].transpose(1, 0, 2)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
@@ -52,21 +88,27 @@ class _Store:
         """An exponent that saves read a pass on this layer (see attend_grouped), else 0."""
         return 0
 
+    def stored(self, layer: int, heads: slice, start: int, stop: int) -> np.ndarray:
+        """The storage of those KV heads and positions, (h, stop-start, d), for the native products."""
+        return self.data[layer, heads, start:stop]
 
-def _committed(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An array whose pages are touched now, so the memory is really held and appends
-    do not pay page faults."""
-    array = np.empty(shape, dtype=dtype)
-    array.fill(0)
-    return array
+
+def _storage(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Allocated whole at open (tracemalloc counts it), its pages touched on first write.
+
+    Touching every page at open would make a cache whose layers are not all used
+    pay for all of them; a position is never read before it is written.
+    """
+    return np.empty(shape, dtype=dtype)
 
 
 class _Float32Store(_Store):
-    def __init__(self, shape: Tuple[int, ...]) -> None:
-        self.data = _committed(shape, np.float32)
+    def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
+        self.data = _storage(shape, np.float32)
         self.nbytes = self.data.nbytes
+        self.native = "float32" if native else None  # rope fused into the copy; attention products
 
-    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+    def put(self, layer: int, start: int, x: np.ndarray) -> None:
         self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
 
     def read(
@@ -76,21 +118,26 @@ class _Float32Store(_Store):
 
 
 class _Float16Store(_Store):
-    """IEEE half bits, encoded and decoded with the kernels' fast exact passes.
+    """IEEE half bits: native F16C conversions, else the kernels' fast exact passes.
 
-    NumPy's own cast costs ~3 ns a value but one call, so it encodes small
-    appends (decode-style, a position at a time). The fast decode is exact for
-    finite values only, so a layer that holds inf or NaN uses the cast too.
+    Without the native kernels: NumPy's own cast costs ~3 ns a value but one
+    call, so it encodes small appends (decode-style, a position at a time). The
+    fast decode is exact for finite values only, so a layer that holds inf or
+    NaN uses the cast too.
     """
 
-    def __init__(self, shape: Tuple[int, ...]) -> None:
-        self.data = _committed(shape, np.uint16)
+    def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
+        self.data = _storage(shape, np.uint16)
         self.nbytes = self.data.nbytes
         self.nonfinite = [False] * shape[0]
+        self.native = "float16" if native else None
 
-    def write(self, layer: int, start: int, x: np.ndarray) -> None:
-        out = self.data[layer, :, start : start + x.shape[0]].transpose(1, 0, 2)
+    def put(self, layer: int, start: int, x: np.ndarray) -> None:
+        out = self._slots(layer, start, x.shape[0])
         if x.size == 0:
+            return
+        if self.native:
+            N.encode("float16", x, out)
             return
         if x.size > CAST_BELOW:
             nonfinite = K.float16_encode(np, x, out)
@@ -105,39 +152,47 @@ class _Float16Store(_Store):
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
     ) -> np.ndarray:
         bits = self.data[layer, heads, start:stop]
-        if self.nonfinite[layer]:
+        if self.native and bits.size > NATIVE_DECODE_ABOVE:
+            return N.decode("float16", bits, out)
+        if self.native or self.nonfinite[layer]:  # the cast is exact for every value
             out[...] = bits.view(np.float16)
             return out
         return K.float16_decode(np, bits.view(np.int16), out, scaled=exponent == K.HALF_EXPONENT)
 
     def cheap_exponent(self, layer: int) -> int:
-        return 0 if self.nonfinite[layer] else K.HALF_EXPONENT
+        return 0 if self.native or self.nonfinite[layer] else K.HALF_EXPONENT
 
 
 class _BFloat16Store(_Store):
-    def __init__(self, shape: Tuple[int, ...]) -> None:
-        self.data = _committed(shape, np.uint16)
+    def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
+        self.data = _storage(shape, np.uint16)
         self.nbytes = self.data.nbytes
+        self.native = "bfloat16" if native else None
 
-    def write(self, layer: int, start: int, x: np.ndarray) -> None:
-        out = self.data[layer, :, start : start + x.shape[0]].transpose(1, 0, 2)
-        K.bfloat16_encode(np, x, out)
+    def put(self, layer: int, start: int, x: np.ndarray) -> None:
+        if self.native:
+            N.encode("bfloat16", x, self._slots(layer, start, x.shape[0]))
+        else:
+            K.bfloat16_encode(np, x, self._slots(layer, start, x.shape[0]))
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
     ) -> np.ndarray:
-        return K.bfloat16_decode(np, self.data[layer, heads, start:stop], out)
+        bits = self.data[layer, heads, start:stop]
+        if self.native and bits.size > NATIVE_DECODE_ABOVE:
+            return N.decode("bfloat16", bits, out)
+        return K.bfloat16_decode(np, bits, out)
 
 
 class _Q8Store(_Store):
     """int8 values and a float16 scale per 32 along head_dim: 34 bytes per 32 values."""
 
-    def __init__(self, shape: Tuple[int, ...]) -> None:
-        self.q = _committed(shape, np.int8)
-        self.d = _committed(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
+    def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
+        self.q = _storage(shape, np.int8)
+        self.d = _storage(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
         self.nbytes = self.q.nbytes + self.d.nbytes
 
-    def write(self, layer: int, start: int, x: np.ndarray) -> None:
+    def put(self, layer: int, start: int, x: np.ndarray) -> None:
         stop = start + x.shape[0]
         q = self.q[layer, :, start:stop].transpose(1, 0, 2)
         d = self.d[layer, :, start:stop].transpose(1, 0, 2)
@@ -160,14 +215,17 @@ _STORES = {
 class NumpyCache:
     """A KV cache of one spec, preallocated for max_positions at open."""
 
-    def __init__(self, spec: CacheSpec, block: int, pool: Optional[ThreadPoolExecutor], threads: int) -> None:
+    def __init__(self, spec: CacheSpec, block: Optional[int], pool: Optional[ThreadPoolExecutor], threads: int,
+                 native: bool) -> None:
         self.spec = spec
-        self._block = block
+        self._block = block or DEFAULT_BLOCK
+        self._native_block = block or NATIVE_BLOCK
         self._pool = pool
+        self._threads = threads
         shape = (spec.n_layers, spec.n_kv_heads, spec.max_positions, spec.head_dim)
         store = _STORES[spec.kv_dtype]
-        self._k: Optional[_Store] = store(shape)
-        self._v: Optional[_Store] = store(shape)
+        self._k: Optional[_Store] = store(shape, native)
+        self._v: Optional[_Store] = store(shape, native)
         self._cos, self._sin = K.rope_tables(np, spec)
         self._lengths = [0] * spec.n_layers
         # KV heads per attention task, and one pair of scratch blocks per task.
@@ -176,8 +234,8 @@ class NumpyCache:
         self._head_groups = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self._scratch = [
             (
-                np.empty((g.stop - g.start, block, spec.head_dim), np.float32),
-                np.empty((g.stop - g.start, block, spec.head_dim), np.float32),
+                np.empty((g.stop - g.start, self._block, spec.head_dim), np.float32),
+                np.empty((g.stop - g.start, self._block, spec.head_dim), np.float32),
             )
             for g in self._head_groups
         ]
@@ -218,15 +276,15 @@ class NumpyCache:
         if start + n > spec.max_positions:
             raise ContextLimitExceeded(layer, start, n, spec.max_positions)
 
+        size = max(NATIVE_APPEND_STEP, -(-n // self._threads)) if k_store.native else APPEND_STEP
+
         def step(a: int) -> None:
-            b = min(a + APPEND_STEP, n)
-            rotated = np.empty((b - a,) + k.shape[1:], dtype=np.float32)
+            b = min(a + size, n)
             pos = slice(start + a, start + b)
-            K.rotate(np, k[a:b], self._cos[pos], self._sin[pos], spec.rope.style, rotated)
-            k_store.write(layer, start + a, rotated)
+            k_store.write(layer, start + a, k[a:b], rope=(self._cos[pos], self._sin[pos], spec.rope.style))
             v_store.write(layer, start + a, v[a:b])
 
-        self._run(step, range(0, n, APPEND_STEP))
+        self._run(step, range(0, n, size))
         self._lengths[layer] = start + n
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
@@ -246,18 +304,30 @@ class NumpyCache:
         if v_store.cheap_exponent(layer) != exponent:
             exponent = 0
 
+        # Few query rows: the native products read K and V as stored, once (exponent is 0).
+        native = k_store.native if grouped.shape[1] <= NATIVE_ROWS else None
+        products: Optional[K.Products] = None
+        if native:
+            products = (
+                lambda q, k: N.dot(native, q, k, np.empty(q.shape[:2] + k.shape[1:2], np.float32)),
+                lambda p, v, acc: N.accumulate(native, p, v, acc),
+            )
+
         def task(i: int) -> None:
             heads = self._head_groups[i]
             k_out, v_out = self._scratch[i]
 
             def load(start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+                if native:
+                    return k_store.stored(layer, heads, start, stop), v_store.stored(layer, heads, start, stop)
                 n = stop - start
                 return (
                     k_store.read(layer, heads, start, stop, k_out[:, :n], exponent),
                     v_store.read(layer, heads, start, stop, v_out[:, :n], exponent),
                 )
 
-            out[heads] = K.attend_grouped(np, grouped[heads], length, load, spec, self._block, exponent)
+            block = self._native_block if native else self._block
+            out[heads] = K.attend_grouped(np, grouped[heads], length, load, spec, block, exponent, products=products)
 
         self._run(task, range(len(self._head_groups)))
         return K.ungroup_queries(np, out, n_q)
@@ -268,11 +338,16 @@ class NumpyCache:
         length = self._lengths[layer]
         if not 0 <= start <= stop <= length:
             raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
-        heads = slice(0, self.spec.n_kv_heads)
-        shape = (self.spec.n_kv_heads, stop - start, self.spec.head_dim)
-        k = k_store.read(layer, heads, start, stop, np.empty(shape, np.float32))
-        v = v_store.read(layer, heads, start, stop, np.empty(shape, np.float32))
-        return np.ascontiguousarray(k.transpose(1, 0, 2)), np.ascontiguousarray(v.transpose(1, 0, 2))
+        return self._read_out(k_store, layer, start, stop), self._read_out(v_store, layer, start, stop)
+
+    def _read_out(self, store: _Store, layer: int, start: int, stop: int) -> np.ndarray:
+        """A fresh (stop-start, n_kv, d) float32 array, decoded into in one pass."""
+        out = np.empty((stop - start, self.spec.n_kv_heads, self.spec.head_dim), np.float32)
+        view = out.transpose(1, 0, 2)
+        got = store.read(layer, slice(0, self.spec.n_kv_heads), start, stop, view)
+        if got is not view:  # a view of the storage
+            view[...] = got
+        return out
 
     def nbytes(self) -> int:
         if self._k is None or self._v is None:
@@ -326,24 +401,29 @@ def _available_cores() -> int:
 
 
 class NumpyBackend:
-    """The "numpy" backend. Options: block (keys per attention block), threads."""
+    """The "numpy" backend. Options: block (keys per attention block; by default
+    DEFAULT_BLOCK, or NATIVE_BLOCK for the native products), threads, native (false:
+    the NumPy kernels even where the native ones are available)."""
 
     name = "numpy"
 
-    def __init__(self, *, block: int = DEFAULT_BLOCK, threads: Optional[int] = None) -> None:
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True) -> None:
+        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
             raise SpecError(f"numpy backend option block={block!r}, but should be a positive integer")
         if threads is None:
             threads = _available_cores()
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise SpecError(f"numpy backend option threads={threads!r}, but should be a positive integer")
+        if not isinstance(native, bool):
+            raise SpecError(f"numpy backend option native={native!r}, but should be true or false")
         self.block = block
         self.threads = threads
+        self.native = native
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="longctx-numpy") if threads > 1 else None
 
     def info(self) -> BackendInfo:
         name, vendor = _cpu_name_and_vendor()
-        versions = {"numpy": np.__version__}
+        versions = {"numpy": np.__version__, "kernels": self._kernels()}
         blas = _blas_version()
         if blas:
             versions["blas"] = blas
@@ -360,7 +440,11 @@ class NumpyBackend:
     def open_cache(self, spec: CacheSpec) -> NumpyCache:
         if spec.kv_dtype not in KV_DTYPES:
             raise NotSupported(f"the numpy backend stores {', '.join(KV_DTYPES)}, not {spec.kv_dtype}")
-        return NumpyCache(spec, self.block, self._pool, self.threads)
+        return NumpyCache(spec, self.block, self._pool, self.threads, self.native and N.available())
+
+    def _kernels(self) -> str:
+        """"native" or "numpy (<reason>)": what encodes and decodes the storage."""
+        return N.describe() if self.native else "numpy (native=False)"
 
     def asarray(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
