@@ -9,13 +9,15 @@ untraced, since tracemalloc slows the calls it would time.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Dict
 
 import pytest
 
 from pytest_longctx import KVCache
-from pytest_longctx.fixtures import opened
+from pytest_longctx.fixtures import open_cache
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import MemoryProbe
 from pytest_longctx.workloads import Fill, fill, native_pool
@@ -40,19 +42,24 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
     chunk = min(settings.chunk, pool.k.shape[0])
     checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
+    # The probe ends before the yield: tracemalloc must not stay on for the tests that time calls.
     with MemoryProbe(longctx_backend) as probe:
-        with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
-            case = FilledCase(cache, Fill(spec), at_open=probe.held())
-            for target in checkpoints:
-                step = fill(cache, pool, range(spec.n_layers), target - len_of(case.fill), chunk, keep=True)
-                offset = len_of(case.fill)
-                case.fill.chunks += [(offset + start, k, v) for start, k, v in step.chunks]
-                if step.error:
-                    case.fill.error = f"{step.error} (with {offset} positions already held)"
-                    break
-                case.held[target] = probe.held()
-            case.peak = probe.peak()
-            yield case
+        cache = open_cache(longctx_backend, spec, working_bytes=pool.k.nbytes * 3)
+        case = FilledCase(cache, Fill(spec), at_open=probe.held())
+        for target in checkpoints:
+            offset = len_of(case.fill)
+            step = fill(cache, pool, range(spec.n_layers), target - offset, chunk, keep=True)
+            case.fill.chunks += [(offset + start, k, v) for start, k, v in step.chunks]
+            if step.error:
+                case.fill.error = f"{step.error} (with {offset} positions already held)"
+                break
+            case.held[target] = probe.held()
+        case.peak = probe.peak()
+    try:
+        yield case
+    finally:
+        with contextlib.suppress(Exception):
+            cache.close()
 
 
 def len_of(record: Fill) -> int:

@@ -6,9 +6,11 @@ chunk timed) to max_positions − 128, then decode-style (one position through
 all layers, each timed) to max_positions; retrieve and decode attention are
 timed on the full cache. Every timed call gets fresh inputs; figures are
 medians with their spread; bandwidth is probed once per run by a copy. Floors
-come from the settings (default: the seed benchmark's ladder at 16384
-positions, 125 positions/s fill and 1250 ops/s retrieve, scaled by 16384 /
-positions; no decode-attention floor unless given). Fill GB/s counts the
+come from the settings (default: the seed benchmark's at 16384 positions, 125
+positions/s fill and 1250 ops/s retrieve, scaled by positions / 16384 so that
+the whole cache keeps the seed's time budget and an append whose cost grows
+with depth fails; a decode-attention floor, when given, scales as 16384 /
+positions since a token reads the whole cache). Fill GB/s counts the
 float32 inputs read and the stored bytes written, as the copy probe counts
 read + write; attention GB/s counts the stored K and V read. A sampled timed attention
 output is checked against the reference: a fast wrong answer is a failure.
@@ -71,7 +73,7 @@ def _judge_fill(what, check, positions_per_step, seconds, settings, measure, spe
     __tracebackhide__ = True
     stats = Stats.of([positions_per_step / s for s in seconds])
     gbps = stats.median * fill_traffic(spec) / 1e9
-    floor = settings.floor(settings.fill_floor, spec.max_positions)
+    floor = settings.whole_cache_floor(settings.fill_floor, spec.max_positions)
     measure.record(
         check, stats.median, "pos/s", bound=f">= {floor:.4g}", passed=stats.median >= floor,
         cell=f"{stats.median:.4g} pos/s {gbps:.2f} GB/s ({gbps / bandwidth.copy_gbps:.0%} copy)",
@@ -106,7 +108,7 @@ def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_me
     ops = Stats.of([64 / s for s in op_seconds])
     layer_bytes = spec.kv_bytes(spec.max_positions) / spec.n_layers
     read_gbps = Stats.of([layer_bytes / s / 1e9 for s in layer_seconds]).median
-    floor = longctx_settings.floor(longctx_settings.retrieve_floor, spec.max_positions)
+    floor = longctx_settings.whole_cache_floor(longctx_settings.retrieve_floor, spec.max_positions)
     longctx_measure.record(
         "retrieve", ops.median, "ops/s", bound=f">= {floor:.4g}", passed=ops.median >= floor,
         cell=f"{ops.median:.4g} ops/s; layer read {read_gbps:.2f} GB/s ({read_gbps / bandwidth.copy_gbps:.0%} copy)",
@@ -134,7 +136,7 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
             fail("attend", f"{type(exc).__name__}: {exc}", "no error", where)
     tokens = Stats.of([1 / s for s in seconds])
     gbps = tokens.median * spec.kv_bytes(spec.max_positions) / 1e9
-    floor = longctx_settings.floor(longctx_settings.attention_floor, spec.max_positions)
+    floor = longctx_settings.per_token_floor(longctx_settings.attention_floor, spec.max_positions)
     passed = floor is None or tokens.median >= floor
     longctx_measure.record(
         "decode attention", tokens.median, "tok/s", bound=f">= {floor:.4g}" if floor else "", passed=passed,

@@ -58,11 +58,11 @@ OPTIONS = (
             0.10, float, metavar="FRACTION"),
     _Option("error-factor", "equivalence: backend error <= factor x plain float32 error + floor (default 3)",
             3.0, float, metavar="K"),
-    _Option("fill-floor", "minimum fill rate in positions/s at 16384 positions, scaled by positions (default 125)",
+    _Option("fill-floor", "minimum fill rate in positions/s at 16384 positions, scaled by positions/16384 (default 125)",
             125.0, float, metavar="RATE"),
-    _Option("retrieve-floor", "minimum retrieve rate in ops/s at 16384 positions, scaled by positions (default 1250)",
+    _Option("retrieve-floor", "minimum retrieve rate in ops/s at 16384 positions, scaled by positions/16384 (default 1250)",
             1250.0, float, metavar="RATE"),
-    _Option("attention-floor", "minimum decode attention rate in tokens/s (one query through all layers) at 16384 positions, scaled by positions (default none)",
+    _Option("attention-floor", "minimum decode attention rate in tokens/s (one query through all layers) at 16384 positions, scaled by 16384/positions (default none)",
             None, float, metavar="RATE"),
 )
 
