@@ -146,14 +146,17 @@ def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_set
 
 def test_lengths_are_tracked_per_layer(longctx_backend, longctx_settings, longctx_kv_dtype,
                                        longctx_positions, longctx_inputs):
+    """Different amounts appended to the first, second, middle and last layer; every other
+    layer must still report 0 (a length shared across layers fails)."""
     spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
     where = case(longctx_backend, spec)
-    step = max(1, min(3, spec.max_positions // spec.n_layers))
-    expected = {layer: min(spec.max_positions, step * (layer + 1)) for layer in range(spec.n_layers)}
+    touched = sorted({0, 1 % spec.n_layers, spec.n_layers // 2, spec.n_layers - 1})
+    expected = {layer: 0 for layer in range(spec.n_layers)}
+    expected.update({layer: min(spec.max_positions, 3 * (i + 1)) for i, layer in enumerate(touched)})
     with opened(longctx_backend, spec) as cache:
-        for layer, n in expected.items():
-            k, v = longctx_inputs.kv(n, spec)
-            call(f"append({layer}, {n} positions)", cache.append, layer,
+        for layer in touched:
+            k, v = longctx_inputs.kv(expected[layer], spec)
+            call(f"append({layer}, {expected[layer]} positions)", cache.append, layer,
                  longctx_backend.asarray(k), longctx_backend.asarray(v))
         lengths = {layer: call(f"length({layer})", cache.length, layer) for layer in expected}
         if lengths != expected:

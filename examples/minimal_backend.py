@@ -1,4 +1,4 @@
-"""A complete third-party backend in about 40 lines: float32 KV cache on NumPy.
+"""A complete third-party backend in about 60 lines: a float32 KV cache on NumPy.
 
 Run the suite on it:  pytest --longctx-backend=examples.minimal_backend:MinimalBackend
 """
