@@ -33,20 +33,26 @@ HALF_EXPONENT = 112
 # --- RoPE ---------------------------------------------------------------------------
 
 
-def rope_tables(xp: Any, spec: CacheSpec) -> Tuple[Array, Array]:
-    """cos and sin (max_positions, rotary_dim/2) in float32, the attention factor folded in.
+def rope_rows(xp: Any, spec: CacheSpec, start: int, stop: int) -> Tuple[Array, Array]:
+    """cos and sin of positions start .. stop-1, (n, rotary_dim/2) in float32, the attention
+    factor folded in.
 
     Angles are integer positions times inv_freq in float64 and are rounded to
-    float32 only after cos/sin, so the table is as exact as float32 can hold at
-    any depth. A rope of kind "none" gives tables with no columns.
+    float32 only after cos/sin, so the rows are as exact as float32 can hold at
+    any depth. A rope of kind "none" gives rows with no columns.
     """
     freqs = rope_frequencies(spec)
-    positions = xp.arange(spec.max_positions, dtype=xp.float64)
+    positions = xp.arange(start, stop, dtype=xp.float64)
     angles = positions[:, None] * xp.asarray(freqs.inv_freq, dtype=xp.float64)[None, :]
     factor = float(freqs.attention_factor)
     cos = (xp.cos(angles) * factor).astype(xp.float32)
     sin = (xp.sin(angles) * factor).astype(xp.float32)
     return cos, sin
+
+
+def rope_tables(xp: Any, spec: CacheSpec) -> Tuple[Array, Array]:
+    """Rows for every position 0 .. max_positions-1 (memory grows with max_positions)."""
+    return rope_rows(xp, spec, 0, spec.max_positions)
 
 
 def rotate(xp: Any, x: Array, cos: Array, sin: Array, style: str, out: Array) -> Array:
