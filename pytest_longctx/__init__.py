@@ -1,7 +1,9 @@
 """pytest-longctx: certify a long-context inference backend with measured figures.
 
 The public contract a backend implements is exported here; the pytest plugin
-itself lives in ``pytest_longctx.plugin``.
+itself lives in ``pytest_longctx.plugin``. The package raises its own errors
+and uses no bare asserts, so it opts out of assertion rewriting:
+PYTEST_DONT_REWRITE.
 """
 
 from .errors import (
