@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -239,18 +240,35 @@ class Measure:
         self._node.user_properties.append((RECORD_KEY, record))
 
 
+def timing_lock(config: pytest.Config) -> ExclusiveLock:
+    """One lock file for the run, shared by pytest-xdist workers (same test-run id)."""
+    state = get_state(config)
+    if state.lock is None:
+        run = getattr(config, "workerinput", {}).get("testrunuid", str(os.getpid()))
+        state.lock = ExclusiveLock(os.path.join(tempfile.gettempdir(), f"pytest-longctx-{run}.lock"))
+    return state.lock
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Any:
+    """Every case of the matrix, fixtures included, holds the timing lock shared; a timed
+    section takes it exclusive, so no other worker's case runs while it measures."""
+    if "longctx_backend" not in getattr(item, "fixturenames", ()):
+        return (yield)
+    with timing_lock(item.config).shared():
+        return (yield)
+
+
 @pytest.fixture(scope="session")
-def _longctx_lock(tmp_path_factory: pytest.TempPathFactory) -> ExclusiveLock:
-    # Workers' base temps share a parent: one lock file for the whole run.
-    return ExclusiveLock(os.path.join(tmp_path_factory.getbasetemp().parent, "longctx-timing.lock"))
+def _longctx_lock(pytestconfig: pytest.Config) -> ExclusiveLock:
+    return timing_lock(pytestconfig)
 
 
 @pytest.fixture
 def longctx_measure(request: pytest.FixtureRequest, longctx_backend: KVBackend,
-                    _longctx_lock: ExclusiveLock) -> Iterator[Measure]:
+                    _longctx_lock: ExclusiveLock) -> Measure:
     """Timers and memory probes that know the device, and ``record()`` for figures."""
-    with _longctx_lock.shared():
-        yield Measure(request.node, longctx_backend, _longctx_lock)
+    return Measure(request.node, longctx_backend, _longctx_lock)
 
 
 def records_of(report: pytest.TestReport) -> List[Dict[str, Any]]:
