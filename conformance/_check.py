@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from pytest_longctx import CacheSpec, KVBackend, KVCache
-from pytest_longctx.measure import format_bytes
 from pytest_longctx.metrics import Verdict, judge
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -76,7 +75,3 @@ def equivalence(candidate: np.ndarray, reference: np.ndarray, plain: np.ndarray,
     scale = max(1.0, float(np.max(np.abs(reference))) if reference.size else 1.0)
     floor = EPS32 * (8 + np.sqrt(terms)) * scale
     return judge(candidate, reference, plain, factor=factor, floor=floor)
-
-
-def bytes_line(spec: CacheSpec, positions: int) -> str:
-    return f"{format_bytes(spec.kv_bytes(positions))} analytic for {positions} positions"

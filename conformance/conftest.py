@@ -47,7 +47,7 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
         cache = open_cache(longctx_backend, spec, working_bytes=pool.k.nbytes * 3)
         case = FilledCase(cache, Fill(spec), at_open=probe.held())
         for target in checkpoints:
-            offset = len_of(case.fill)
+            offset = case.fill.positions
             step = fill(cache, pool, range(spec.n_layers), target - offset, chunk, keep=True)
             case.fill.chunks += [(offset + start, k, v) for start, k, v in step.chunks]
             if step.error:
@@ -60,8 +60,3 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     finally:
         with contextlib.suppress(Exception):
             cache.close()
-
-
-def len_of(record: Fill) -> int:
-    """Positions a fill appended so far."""
-    return sum(k.shape[0] for _, k, _ in record.chunks)

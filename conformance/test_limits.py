@@ -36,17 +36,13 @@ def check_holds(backend, cache, record: Fill, layer: int, factor: float, where: 
     """Every sampled window reads back the V that was appended there."""
     __tracebackhide__ = True
     spec = cache.spec
-    for start, stop in windows(record_length(record)):
+    for start, stop in windows(record.positions):
         _, v = read(backend, cache, layer, start, stop)
         _, expected = record.values(backend, start, stop)
         verdict = equivalence(v, expected, roundtrip(expected, spec.kv_dtype), factor)
         if not verdict.passed:
             fail(f"V of layer {layer} at positions {start}..{stop - 1}", f"max|error| {verdict.error:.3g}",
                  f"<= {verdict.allowed:.3g}: the cache dropped or overwrote positions it should hold", where)
-
-
-def record_length(record: Fill) -> int:
-    return sum(k.shape[0] for _, k, _ in record.chunks)
 
 
 def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, filled):

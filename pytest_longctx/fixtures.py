@@ -19,7 +19,7 @@ import pytest
 
 from .errors import BackendUnavailable, LongctxError, NotSupported
 from .inputs import Inputs
-from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, format_bytes, preflight
+from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, preflight
 from .options import factories_key, settings_key
 from .protocol import KVBackend, KVCache
 from .registry import load_backend
@@ -273,7 +273,3 @@ def longctx_measure(request: pytest.FixtureRequest, longctx_backend: KVBackend,
 
 def records_of(report: pytest.TestReport) -> List[Dict[str, Any]]:
     return [value for key, value in report.user_properties if key == RECORD_KEY]
-
-
-def describe_size(spec: CacheSpec, positions: int) -> str:
-    return f"{format_bytes(spec.kv_bytes(positions))} for {positions} positions"

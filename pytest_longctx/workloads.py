@@ -33,6 +33,11 @@ class Fill:
     chunks: List[Tuple[int, Any, Any]] = field(default_factory=list)  # (start, k, v) per chunk
     error: Optional[str] = None
 
+    @property
+    def positions(self) -> int:
+        """Positions appended so far."""
+        return sum(k.shape[0] for _, k, _ in self.chunks)
+
     def values(self, backend: KVBackend, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         """The pre-RoPE K and V appended at positions start .. stop-1 (float64)."""
         ks, vs = [], []
