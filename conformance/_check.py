@@ -14,6 +14,7 @@ import pytest
 
 from pytest_longctx import CacheSpec, KVBackend, KVCache
 from pytest_longctx.metrics import Verdict, judge
+from pytest_longctx.reference import apply_rope, attention
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -61,6 +62,18 @@ def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.
     out = call(f"attend(layer {layer}, n_q={q.shape[0]})", cache.attend, layer, backend.asarray(q))
     return host(backend, out, f"attend output of layer {layer}", (q.shape[0], spec.n_heads, spec.head_dim),
                 case(backend, spec))
+
+
+def judge_attention(got: np.ndarray, q: np.ndarray, spec: CacheSpec, k_true: np.ndarray, v_true: np.ndarray,
+                    k_plain: np.ndarray, v_plain: np.ndarray, factor: float) -> Verdict:
+    """attend() output for queries at the last positions of keys 0..L-1, against the float64
+    truth and the plain float32 yardstick (K rotated in float64 / stored as the cache stores it)."""
+    length = k_true.shape[0]
+    positions = np.arange(length - q.shape[0], length)
+    truth = attention(apply_rope(q, positions, spec), k_true, v_true, spec)
+    plain = attention(apply_rope(q, positions, spec, dtype=np.float32), k_plain.astype(np.float32),
+                      v_plain.astype(np.float32), spec, dtype=np.float32)
+    return equivalence(got, truth, plain, factor, terms=length)
 
 
 def equivalence(candidate: np.ndarray, reference: np.ndarray, plain: np.ndarray, factor: float,

@@ -35,9 +35,9 @@ from pytest_longctx import CacheSpec, RopeSpec
 from pytest_longctx.fixtures import opened
 from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
 from pytest_longctx.metrics import Verdict
-from pytest_longctx.reference import apply_rope, attention, stored_k, stored_v
+from pytest_longctx.reference import apply_rope, stored_k, stored_v
 
-from ._check import attend, case, equivalence, fail, read
+from ._check import attend, case, equivalence, fail, judge_attention, read
 
 pytestmark = pytest.mark.longctx_equivalence
 
@@ -118,13 +118,9 @@ def _fill_and_compare(backend, run: EquivalenceRun, stages, lengths, factor: flo
         held = length
         for stage in [s for s in stages if s[0] == length]:
             q = needles.queries[stage]
-            q_positions = np.arange(length - stage[1], length)
             got = attend(backend, cache, layer, q)
-            truth = attention(apply_rope(q, q_positions, spec), run.k_true[:length], run.v_true[:length], spec)
-            plain = attention(apply_rope(q, q_positions, spec, dtype=np.float32),
-                              run.k_plain[:length].astype(np.float32), run.v_plain[:length].astype(np.float32),
-                              spec, dtype=np.float32)
-            verdict = equivalence(got, truth, plain, factor, terms=length)
+            verdict = judge_attention(got, q, spec, run.k_true[:length], run.v_true[:length],
+                                      run.k_plain[:length], run.v_plain[:length], factor)
             label = f"attend with {stage[1]} quer{'y' if stage[1] == 1 else 'ies'} at positions ..{length - 1}"
             run.outcomes.append(Outcome(label + _role(run, stage, verdict), verdict))
 

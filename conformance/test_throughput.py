@@ -24,10 +24,10 @@ import pytest
 from pytest_longctx.fixtures import opened
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth
-from pytest_longctx.reference import apply_rope, attention, stored_k, stored_v
+from pytest_longctx.reference import apply_rope, stored_k, stored_v
 from pytest_longctx.workloads import fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill
 
-from ._check import case, equivalence, fail, host
+from ._check import case, fail, host, judge_attention
 
 pytestmark = pytest.mark.longctx_throughput
 
@@ -149,11 +149,9 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
                where)
     n = spec.max_positions
     k, v = filled.fill.values(longctx_backend, 0, n)
-    q, last = host_queries[i:i + 1], np.array([n - 1])
-    truth = attention(apply_rope(q, last, spec), apply_rope(k, np.arange(n), spec), v, spec)
-    plain = attention(apply_rope(q, last, spec, dtype=np.float32), stored_k(k, np.arange(n), spec).astype(np.float32),
-                      stored_v(v, spec).astype(np.float32), spec, dtype=np.float32)
-    verdict = equivalence(got, truth, plain, longctx_settings.error_factor, terms=n)
+    positions = np.arange(n)
+    verdict = judge_attention(got, host_queries[i:i + 1], spec, apply_rope(k, positions, spec), v,
+                              stored_k(k, positions, spec), stored_v(v, spec), longctx_settings.error_factor)
     if not verdict.passed:
         pytest.fail(verdict.message(f"timed decode attention of layer {layer}", where), pytrace=False)
     _check_floor("decode attention through all layers", tokens.median, "tokens/s", floor, where)
