@@ -50,11 +50,6 @@ def rope_rows(xp: Any, spec: CacheSpec, start: int, stop: int) -> Tuple[Array, A
     return cos, sin
 
 
-def rope_tables(xp: Any, spec: CacheSpec) -> Tuple[Array, Array]:
-    """Rows for every position 0 .. max_positions-1 (memory grows with max_positions)."""
-    return rope_rows(xp, spec, 0, spec.max_positions)
-
-
 def rotate(xp: Any, x: Array, cos: Array, sin: Array, style: str, out: Array) -> Array:
     """out = x (n, heads, d) rotated with the table rows cos, sin (n, rotary_dim/2); float32.
 
@@ -111,6 +106,7 @@ def float16_encode(xp: Any, x: Array, out: Array) -> bool:
     xp.multiply(y, xp.float32(2.0**-112), out=y)
     magnitude = xp.empty(x.shape, dtype=xp.uint16)
     xp.right_shift(y.view(xp.uint32), xp.uint32(13), out=magnitude, casting="unsafe")
+    xp.bitwise_and(magnitude, xp.uint16(0x7FFF), out=magnitude)  # a NaN's shifted bits reach the sign
     sign = xp.empty(x.shape, dtype=xp.uint16)
     xp.right_shift(x.view(xp.uint32), xp.uint32(16), out=sign, casting="unsafe")
     xp.bitwise_and(sign, xp.uint16(0x8000), out=sign)

@@ -39,7 +39,7 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     settings = longctx_settings
     spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
     inputs = Inputs(settings.seed, f"filled-{longctx_kv_dtype}-{longctx_positions}")
-    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
+    pool = native_pool(longctx_backend, inputs, spec, spec.max_positions)
     chunk = min(settings.chunk, pool.k.shape[0])
     checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
     # The probe ends before the yield: tracemalloc must not stay on for the tests that time calls.
@@ -47,11 +47,8 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
         cache = open_cache(longctx_backend, spec, working_bytes=pool.k.nbytes * 3)
         case = FilledCase(cache, Fill(spec), at_open=probe.held())
         for target in checkpoints:
-            offset = case.fill.positions
-            step = fill(cache, pool, range(spec.n_layers), target - offset, chunk, keep=True)
-            case.fill.chunks += [(offset + start, k, v) for start, k, v in step.chunks]
-            if step.error:
-                case.fill.error = f"{step.error} (with {offset} positions already held)"
+            fill(cache, pool, range(spec.n_layers), target - case.fill.length, chunk, keep=True, into=case.fill)
+            if case.fill.error:
                 break
             case.held[target] = probe.held()
         case.peak = probe.peak()

@@ -41,7 +41,6 @@ class Inputs:
     """Seeded generators; every call draws fresh values."""
 
     def __init__(self, seed: int, key: str = "") -> None:
-        self.seed = seed
         self.rng = np.random.default_rng(seed_for(seed, key))
 
     def normal(self, *shape: int) -> np.ndarray:
@@ -62,8 +61,8 @@ class Inputs:
 
 
 class Pool:
-    """Pre-drawn K/V/Q handed out as distinct slices, so timed calls never repeat an input
-    and drawing them costs nothing inside the timed region."""
+    """Pre-drawn K/V/Q handed out as consecutive slices, so successive calls get fresh
+    inputs (until the pool wraps) and drawing them costs nothing inside the timed region."""
 
     def __init__(self, kv: Tuple[np.ndarray, np.ndarray], q: np.ndarray) -> None:
         self.k, self.v = kv
@@ -75,7 +74,7 @@ class Pool:
         if n > size:
             raise ValueError(f"pool of {size} positions cannot give {n}")
         offset = self._next % (size - n + 1)
-        self._next += 1
+        self._next += n
         return offset
 
     def kv(self, n: int) -> Tuple[np.ndarray, np.ndarray]:

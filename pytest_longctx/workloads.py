@@ -19,32 +19,39 @@ from .protocol import KVBackend, KVCache
 from .spec import CacheSpec
 
 
-def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, size: int) -> Pool:
-    """A pool of inputs already on the backend's device, so moving them is never timed."""
-    pool = inputs.pool(spec, size)
+# Pools are larger than a CPU's last-level cache, so that inputs come from memory as a
+# real model's K/V for each layer would, not from a chunk that stays cached.
+POOL_BYTES = 64 << 20
+
+
+def pool_positions(spec: CacheSpec, positions: int) -> int:
+    """Positions of K/V to draw for a pool: up to POOL_BYTES, at most ``positions``."""
+    per_position = 2 * spec.n_kv_heads * spec.head_dim * 4
+    return max(1, min(positions, max(1024, POOL_BYTES // per_position)))
+
+
+def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, positions: int) -> Pool:
+    """A pool for filling ``positions`` positions, already on the backend's device so that
+    moving inputs is never timed."""
+    pool = inputs.pool(spec, pool_positions(spec, positions))
     return Pool((backend.asarray(pool.k), backend.asarray(pool.v)), backend.asarray(pool.q_values))
 
 
 @dataclass
 class Fill:
-    """What a fill appended, so that reads can be checked against it."""
+    """What a fill appended to each layer, so that reads can be checked against it."""
 
     spec: CacheSpec
-    chunks: List[Tuple[int, Any, Any]] = field(default_factory=list)  # (start, k, v) per chunk
+    length: int = 0  # positions appended to every filled layer
+    chunks: List[Tuple[int, int, Any, Any]] = field(default_factory=list)  # (start, layer, k, v)
     error: Optional[str] = None
 
-    @property
-    def positions(self) -> int:
-        """Positions appended so far."""
-        return sum(k.shape[0] for _, k, _ in self.chunks)
-
-    def values(self, backend: KVBackend, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The pre-RoPE K and V appended at positions start .. stop-1 (float64)."""
+    def values(self, backend: KVBackend, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The pre-RoPE K and V appended to ``layer`` at positions start .. stop-1 (float64)."""
         ks, vs = [], []
-        for first, k, v in self.chunks:
-            last = first + k.shape[0]
-            lo, hi = max(start, first), min(stop, last)
-            if lo < hi:
+        for first, chunk_layer, k, v in self.chunks:
+            lo, hi = max(start, first), min(stop, first + k.shape[0])
+            if chunk_layer == layer and lo < hi:
                 ks.append(np.asarray(backend.to_numpy(k[lo - first:hi - first]), dtype=np.float64))
                 vs.append(np.asarray(backend.to_numpy(v[lo - first:hi - first]), dtype=np.float64))
         return np.concatenate(ks), np.concatenate(vs)
@@ -52,21 +59,22 @@ class Fill:
 
 def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
          timer: Optional[Callable[[Callable[[], None]], float]] = None,
-         seconds: Optional[List[float]] = None, keep: bool = False) -> Fill:
-    """Append ``positions`` positions in chunks to every layer in ``layers``.
+         seconds: Optional[List[float]] = None, keep: bool = False, into: Optional[Fill] = None) -> Fill:
+    """Append ``positions`` more positions in chunks to every layer in ``layers``.
 
-    With ``timer``, each chunk (through all layers) is timed into ``seconds``.
-    Errors are recorded, not raised, so the tests that read the fill can say
-    what happened at which position.
+    Each layer gets its own inputs from the pool. With ``timer``, each chunk
+    (through all layers) is timed into ``seconds``. ``into`` continues an
+    earlier fill of the same cache. Errors are recorded, not raised, so the
+    tests that read the fill can say what happened at which position.
     """
-    record = Fill(cache.spec)
-    start = 0
-    while start < positions:
-        n = min(chunk, positions - start)
-        k, v = pool.kv(n)
+    record = into if into is not None else Fill(cache.spec)
+    end = record.length + positions
+    while record.length < end:
+        start, n = record.length, min(chunk, end - record.length)
+        inputs = [(layer, *pool.kv(n)) for layer in layers]
 
         def step() -> None:
-            for layer in layers:
+            for layer, k, v in inputs:
                 cache.append(layer, k, v)
 
         try:
@@ -81,8 +89,8 @@ def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
             record.error = f"append of {n} at position {start} raised {type(exc).__name__}: {exc}"
             break
         if keep:
-            record.chunks.append((start, k, v))
-        start += n
+            record.chunks += [(start, layer, k, v) for layer, k, v in inputs]
+        record.length = start + n
     return record
 
 
@@ -113,20 +121,19 @@ def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decod
         return timed(step, backend.synchronize)
 
     layers = range(spec.n_layers)
-    run = TimedFill(Fill(spec), chunk)
-    run.fill = fill(cache, pool, layers, spec.max_positions - decode, chunk,
-                    timer=timer, seconds=run.prefill_seconds, keep=True)
-    if run.fill.error is None:
-        tail = fill(cache, pool, layers, decode, 1, timer=timer, seconds=run.decode_seconds, keep=True)
-        start = spec.max_positions - decode
-        run.fill.chunks += [(start + first, k, v) for first, k, v in tail.chunks]
-        run.fill.error = tail.error
+    prefill_seconds: List[float] = []
+    record = fill(cache, pool, layers, spec.max_positions - decode, chunk,
+                  timer=timer, seconds=prefill_seconds, keep=True)
+    run = TimedFill(record, chunk, prefill_seconds)
+    if record.error is None:
+        fill(cache, pool, layers, decode, 1, timer=timer, seconds=run.decode_seconds, keep=True, into=record)
     return run
 
 
 def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, repeats: int,
                   batch: int = 64) -> Tuple[List[float], List[float]]:
-    """Seconds per batch of random single-position reads, and per whole-layer read copied out.
+    """Seconds per random single-position read (one figure per batch), and per whole-layer read
+    copied out.
 
     A read may return a view; copying it into a fresh buffer makes the figure
     the cost of getting the values out, not of making a view.
@@ -136,6 +143,7 @@ def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, 
     batches = [(rng.integers(spec.n_layers, size=batch), rng.integers(n, size=batch)) for _ in range(repeats)]
     op_seconds = [
         timed(lambda b=b: [cache.read(int(layer), int(p), int(p) + 1) for layer, p in zip(*b)], backend.synchronize)
+        / batch
         for b in batches
     ]
     layers = rng.integers(spec.n_layers, size=repeats)

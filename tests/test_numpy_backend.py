@@ -366,9 +366,19 @@ def test_attention_visits_only_the_keys_some_query_can_see() -> None:
 
 def test_rope_tables_fold_the_attention_factor_in() -> None:
     spec = SMALL.replace(max_positions=4096, rope=ROPES["yarn"])
-    cos, sin = K.rope_tables(np, spec)
+    cos, sin = K.rope_rows(np, spec, 0, spec.max_positions)
     assert cos.dtype == np.float32 and cos.shape == (4096, 32)
     factor = rope_frequencies(spec).attention_factor
     angles = ref.rope_angles(np.arange(4096), rope_frequencies(spec).inv_freq)
     np.testing.assert_array_equal(cos, (np.cos(angles) * factor).astype(np.float32))
     np.testing.assert_array_equal(sin, (np.sin(angles) * factor).astype(np.float32))
+
+
+def test_fallback_float16_encode_keeps_the_sign_of_nan() -> None:
+    """The NumPy kernels store a positive NaN as NumPy's cast does (0x7E00), not as -NaN."""
+    x = np.array([np.nan, -np.nan, 1.0, -1.0], np.float32)
+    out = np.empty(x.shape, np.uint16)
+    K.float16_encode(np, x.copy(), out)
+    want = x.astype(np.float16).view(np.uint16)
+    assert out[0] >> 15 == want[0] >> 15 == 0 and out[1] >> 15 == want[1] >> 15 == 1
+    np.testing.assert_array_equal(out[2:], want[2:])
