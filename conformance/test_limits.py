@@ -64,7 +64,7 @@ def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_s
     spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
     where = case(longctx_backend, spec)
     layer = spec.n_layers - 1
-    pool = native_pool(longctx_backend, longctx_inputs, spec, spec.max_positions)
+    pool = native_pool(longctx_backend, longctx_inputs, spec, min(spec.max_positions, 4096))
     with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
         record = fill(cache, pool, range(layer, layer + 1), spec.max_positions,
                       min(longctx_settings.chunk, pool.k.shape[0]))
@@ -103,7 +103,7 @@ def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_set
     chunk = min(longctx_settings.chunk, spec.max_positions)
     held = spec.max_positions - chunk // 2
     where = case(longctx_backend, spec)
-    pool = native_pool(longctx_backend, longctx_inputs, spec, held)
+    pool = native_pool(longctx_backend, longctx_inputs, spec, min(held, 4096))
     with opened(longctx_backend, spec) as cache:
         record = fill(cache, pool, range(1), held, chunk)
         if record.error:

@@ -25,7 +25,9 @@ from pytest_longctx.fixtures import opened
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth
 from pytest_longctx.reference import apply_rope, stored_k, stored_v
-from pytest_longctx.workloads import fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill
+from pytest_longctx.workloads import (
+    fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill, timed_pool_positions,
+)
 
 from ._check import case, fail, host, judge_attention
 
@@ -38,7 +40,7 @@ def run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings, 
     settings = longctx_settings
     spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
     inputs = Inputs(settings.seed, f"throughput-{longctx_kv_dtype}-{longctx_positions}")
-    pool = native_pool(longctx_backend, inputs, spec, spec.max_positions)
+    pool = native_pool(longctx_backend, inputs, spec, timed_pool_positions(spec, spec.max_positions))
     chunk = min(settings.chunk, pool.k.shape[0])
     decode = min(settings.decode_positions, spec.max_positions // 2)
     with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:

@@ -27,7 +27,7 @@ from .registry import load_backend
 from .settings import parse_kv_dtypes, parse_positions
 from .shapes import parse_shape
 from .spec import CacheSpec
-from .workloads import fill_traffic, native_pool, time_decode_attention, time_retrieve, timed_fill
+from .workloads import fill_traffic, native_pool, timed_pool_positions, time_decode_attention, time_retrieve, timed_fill
 
 
 def _row(what: str, stats: Stats, unit: str, gbps: Optional[float], bandwidth: Optional[float],
@@ -39,7 +39,7 @@ def _row(what: str, stats: Stats, unit: str, gbps: Optional[float], bandwidth: O
 def bench_case(backend, spec: CacheSpec, repeats: int, chunk: int, seed: int) -> List[List[str]]:
     """Fill a cache of ``spec`` to max_positions and time every workload on it."""
     inputs = Inputs(seed, f"bench-{spec.kv_dtype}-{spec.max_positions}")
-    pool = native_pool(backend, inputs, spec, spec.max_positions)
+    pool = native_pool(backend, inputs, spec, timed_pool_positions(spec, spec.max_positions))
     bandwidth = backend_bandwidth(backend)
     decode = min(128, spec.max_positions // 2)
     cache = backend.open_cache(spec)

@@ -24,16 +24,16 @@ from .spec import CacheSpec
 POOL_BYTES = 64 << 20
 
 
-def pool_positions(spec: CacheSpec, positions: int) -> int:
-    """Positions of K/V to draw for a pool: up to POOL_BYTES, at most ``positions``."""
+def timed_pool_positions(spec: CacheSpec, positions: int) -> int:
+    """Positions of K/V for the pool of a timed fill: up to POOL_BYTES, at most ``positions``."""
     per_position = 2 * spec.n_kv_heads * spec.head_dim * 4
     return max(1, min(positions, max(1024, POOL_BYTES // per_position)))
 
 
-def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, positions: int) -> Pool:
-    """A pool for filling ``positions`` positions, already on the backend's device so that
-    moving inputs is never timed."""
-    pool = inputs.pool(spec, pool_positions(spec, positions))
+def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, size: int) -> Pool:
+    """A pool of ``size`` positions already on the backend's device, so that moving inputs
+    is never timed. Fills whose content only has to be distinct can use a small one."""
+    pool = inputs.pool(spec, size)
     return Pool((backend.asarray(pool.k), backend.asarray(pool.v)), backend.asarray(pool.q_values))
 
 
