@@ -21,7 +21,7 @@ from tabulate import tabulate
 from . import __version__
 from .errors import LongctxError, NotSupported
 from .inputs import Inputs
-from .measure import Stats, backend_bandwidth, format_bytes, preflight
+from .measure import Stats, backend_bandwidth, cache_preflight, format_bytes
 from .reference import apply_rope, attention
 from .registry import load_backend
 from .settings import parse_kv_dtypes, parse_positions
@@ -112,7 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for n in positions:
             spec = shape.replace(kv_dtype=dtype, max_positions=n)
             title = f"\n{dtype} @ {n} positions: KV {format_bytes(spec.kv_bytes(n))}"
-            reason = preflight(spec.kv_bytes(n) + spec.kv_bytes(n) // spec.n_layers * 4)
+            # Beside the cache: the float64 K and V of one layer, rotated, for the reference.
+            working = 4 * 2 * n * spec.n_kv_heads * spec.head_dim * 8
+            reason = cache_preflight(backend, spec, working)
             if reason:
                 print(f"{title}: skipped, {reason}")
                 continue

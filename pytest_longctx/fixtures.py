@@ -19,7 +19,7 @@ import pytest
 
 from .errors import BackendUnavailable, LongctxError, NotSupported
 from .inputs import Inputs
-from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, preflight
+from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
 from .protocol import KVBackend, KVCache
 from .registry import load_backend
@@ -149,11 +149,7 @@ def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> K
     ``working_bytes`` is what the test itself will allocate beside the cache
     (inputs, reference working set), counted in the host check.
     """
-    host_backend = backend.memory_in_use() is None
-    needed = spec.kv_bytes(spec.max_positions)
-    reason = preflight(needed + working_bytes if host_backend else working_bytes)
-    if reason is None and not host_backend:
-        reason = preflight(needed, backend)
+    reason = cache_preflight(backend, spec, working_bytes)
     if reason is not None:
         pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
     try:

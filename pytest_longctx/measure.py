@@ -349,6 +349,15 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def cache_preflight(backend: Any, spec: Any, working_bytes: int = 0) -> Optional[str]:
+    """Whether a cache of ``spec`` (at max_positions) fits where it will live, beside
+    ``working_bytes`` on the host; None if it fits, else the one-line reason."""
+    needed = spec.kv_bytes(spec.max_positions)
+    if backend.memory_in_use() is None:
+        return preflight(needed + working_bytes)
+    return preflight(working_bytes) or preflight(needed, backend)
+
+
 def preflight(
     needed: int,
     backend: Any = None,

@@ -155,14 +155,15 @@ def _load_alias(kind: str, options: Mapping[str, Any]) -> KVBackend:
     raise BackendUnavailable(f"no {kind} backend is available ({detail})")
 
 
-def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None) -> BackendRef:
+def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None,
+                       factories: Optional[Mapping[str, Factory]] = None) -> BackendRef:
     """Parse and check that the name is known, without constructing anything."""
     from .backends import ALIASES
 
     ref = parse_backend(text)
     if ref.is_import_path or ref.name in ALIASES:
         return ref
-    factories = registered_factories(extra)
+    factories = registered_factories(extra) if factories is None else factories
     if ref.name not in factories:
         known = ", ".join(sorted(set(factories) | set(ALIASES)))
         raise SpecError(
@@ -179,9 +180,10 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> KV
     """
     from .backends import ALIASES
 
-    ref = check_backend_name(text, extra)
+    factories = registered_factories(extra)
+    ref = check_backend_name(text, factories=factories)
     if ref.is_import_path:
         return _construct(ref.text, ref.name, ref.options)
     if ref.name in ALIASES:
         return _load_alias(ALIASES[ref.name], ref.options)
-    return _construct(ref.text, registered_factories(extra)[ref.name], ref.options)
+    return _construct(ref.text, factories[ref.name], ref.options)
