@@ -9,6 +9,7 @@ backend can keep its scratch buffers.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
@@ -48,6 +49,60 @@ def rope_rows(xp: Any, spec: CacheSpec, start: int, stop: int) -> Tuple[Array, A
     cos = (xp.cos(angles) * factor).astype(xp.float32)
     sin = (xp.sin(angles) * factor).astype(xp.float32)
     return cos, sin
+
+
+class RopeTable:
+    """cos/sin rows computed per block of positions on first use, the last few kept.
+
+    Tables for every position would hold memory that grows with max_positions
+    beside the cache (33 MB at 131072 positions for rotary_dim 64); appends go
+    position by position through all layers, so a block is computed once.
+    """
+
+    BLOCK = 2048
+    KEEP = 4
+
+    def __init__(self, xp: Any, spec: CacheSpec) -> None:
+        self._xp = xp
+        self._spec = spec
+        self._blocks: "OrderedDict[int, Tuple[Array, Array]]" = OrderedDict()
+
+    def _block(self, index: int) -> Tuple[Array, Array]:
+        if index in self._blocks:
+            self._blocks.move_to_end(index)
+        else:
+            start = index * self.BLOCK
+            stop = min(start + self.BLOCK, self._spec.max_positions)
+            self._blocks[index] = rope_rows(self._xp, self._spec, start, stop)
+            if len(self._blocks) > self.KEEP:
+                self._blocks.popitem(last=False)
+        return self._blocks[index]
+
+    def locate(self, start: int, stop: int) -> Tuple[Array, Array, int]:
+        """Tables holding the rows of positions start .. stop-1 from row ``offset`` on: a kept
+        block when the range lies in one (no slicing, which costs a device backend a call)."""
+        first = start // self.BLOCK
+        if first == max(start, stop - 1) // self.BLOCK:
+            cos, sin = self._block(first)
+            return cos, sin, start - first * self.BLOCK
+        cos, sin = self.rows(start, stop)
+        return cos, sin, 0
+
+    def rows(self, start: int, stop: int) -> Tuple[Array, Array]:
+        """cos and sin of positions start .. stop-1, as rope_rows gives them."""
+        xp = self._xp
+        first, last = start // self.BLOCK, max(start, stop - 1) // self.BLOCK
+        if first == last:
+            cos, sin = self._block(first)
+            offset = first * self.BLOCK
+            return cos[start - offset:stop - offset], sin[start - offset:stop - offset]
+        if last - first >= self.KEEP:  # a long append: compute it directly, keep nothing
+            return rope_rows(xp, self._spec, start, stop)
+        parts = [self._block(i) for i in range(first, last + 1)]
+        offset = first * self.BLOCK
+        cos = xp.concatenate([c for c, _ in parts])[start - offset:stop - offset]
+        sin = xp.concatenate([s for _, s in parts])[start - offset:stop - offset]
+        return cos, sin
 
 
 def rotate(xp: Any, x: Array, cos: Array, sin: Array, style: str, out: Array) -> Array:

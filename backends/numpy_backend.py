@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import platform
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -213,47 +212,6 @@ _STORES = {
 }
 
 
-class _RopeBlocks:
-    """cos/sin rows computed per block of positions on first use, the last few kept.
-
-    Tables for every position would hold memory that grows with max_positions
-    beside the cache (33 MB at 131072 positions for rotary_dim 64); appends go
-    position by position through all layers, so a block is computed once.
-    """
-
-    BLOCK = 2048
-    KEEP = 4
-
-    def __init__(self, spec: CacheSpec) -> None:
-        self._spec = spec
-        self._blocks: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
-
-    def _block(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        if index in self._blocks:
-            self._blocks.move_to_end(index)
-        else:
-            start = index * self.BLOCK
-            stop = min(start + self.BLOCK, self._spec.max_positions)
-            self._blocks[index] = K.rope_rows(np, self._spec, start, stop)
-            if len(self._blocks) > self.KEEP:
-                self._blocks.popitem(last=False)
-        return self._blocks[index]
-
-    def rows(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
-        first, last = start // self.BLOCK, max(start, stop - 1) // self.BLOCK
-        if first == last:
-            cos, sin = self._block(first)
-            offset = first * self.BLOCK
-            return cos[start - offset:stop - offset], sin[start - offset:stop - offset]
-        if last - first >= self.KEEP:  # a long append: compute it directly, keep nothing
-            return K.rope_rows(np, self._spec, start, stop)
-        parts = [self._block(i) for i in range(first, last + 1)]
-        offset = first * self.BLOCK
-        cos = np.concatenate([c for c, _ in parts])[start - offset:stop - offset]
-        sin = np.concatenate([s for _, s in parts])[start - offset:stop - offset]
-        return cos, sin
-
-
 class NumpyCache:
     """A KV cache of one spec, preallocated for max_positions at open."""
 
@@ -268,7 +226,7 @@ class NumpyCache:
         store = _STORES[spec.kv_dtype]
         self._k: Optional[_Store] = store(shape, native)
         self._v: Optional[_Store] = store(shape, native)
-        self._rope = _RopeBlocks(spec)
+        self._rope = K.RopeTable(np, spec)
         self._lengths = [0] * spec.n_layers
         # KV heads per attention task, and one pair of scratch blocks per task.
         parts = max(1, min(threads, spec.n_kv_heads))
