@@ -17,6 +17,7 @@ class Builtin(NamedTuple):
 
 BUILTINS = {
     "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
+    "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.
