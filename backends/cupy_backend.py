@@ -25,10 +25,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError
+from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError
 from pytest_longctx.protocol import BackendInfo
 from pytest_longctx.spec import CacheSpec
 
+from . import _checks as C
 from . import _kernels as K
 
 KV_DTYPES = ("float32", "float16", "q8_0")
@@ -172,38 +173,29 @@ class CupyCache:
             raise ValueError("the cache is closed")
         return self._k, self._v
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.spec.n_layers:
-            raise ValueError(f"layer={layer}, but should be in 0..{self.spec.n_layers - 1}")
-
     def _as_input(self, name: str, x: Any, heads: int) -> Any:
         cp = self._cp
         if type(x) is cp.ndarray and x.dtype == cp.float32 and x.flags.c_contiguous:
             array = x  # the usual case, kept cheap: a decode step is a few microseconds of work
         else:
             array = cp.ascontiguousarray(cp.asarray(x, dtype=cp.float32))
-        expected = ("n", heads, self.spec.head_dim)
-        if array.ndim != 3 or array.shape[1:] != expected[1:]:
-            raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
+        C.rows(self.spec, name, array, heads)
         return array
 
     # --- protocol ---
 
     def length(self, layer: int) -> int:
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         return self._lengths[layer]
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._storage()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec, cp = self.spec, self._cp
         k = self._as_input("k", k, spec.n_kv_heads)
         v = self._as_input("v", v, spec.n_kv_heads)
-        if v.shape[0] != k.shape[0]:
-            raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
         start, n = self._lengths[layer], k.shape[0]
-        if start + n > spec.max_positions:
-            raise ContextLimitExceeded(layer, start, n, spec.max_positions)
+        C.append(spec, layer, start, k, v)
         if n == 0:
             return
         cos, sin, rope_row = self._rope.locate(start, start + n)
@@ -220,12 +212,11 @@ class CupyCache:
 
     def attend(self, layer: int, q: Any) -> Any:
         self._storage()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec = self.spec
         q = self._as_input("q", q, spec.n_heads)
         length, n_q = self._lengths[layer], q.shape[0]
-        if not 1 <= n_q <= length:
-            raise ValueError(f"n_q={n_q}, but should be between 1 and the layer's length {length}")
+        C.queries(n_q, length)
         rows = n_q * spec.group_size
         use_kernel = self._attention == "kernel" or (self._attention == "auto" and rows <= MAX_KERNEL_ROWS)
         if use_kernel:
@@ -310,10 +301,9 @@ class CupyCache:
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[Any, Any]:
         self._storage()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         length = self._lengths[layer]
-        if not 0 <= start <= stop <= length:
-            raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+        C.read_range(start, stop, length)
         k, v = self._decode(layer, slice(0, self.spec.n_kv_heads), start, stop)
         cp = self._cp
         return (cp.ascontiguousarray(k.transpose(1, 0, 2)), cp.ascontiguousarray(v.transpose(1, 0, 2)))

@@ -23,10 +23,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from pytest_longctx.errors import ContextLimitExceeded, NotSupported, SpecError
+from pytest_longctx.errors import NotSupported, SpecError
 from pytest_longctx.protocol import BackendInfo
 from pytest_longctx.spec import CacheSpec
 
+from . import _checks as C
 from . import _kernels as K
 from . import _native as N
 
@@ -247,34 +248,25 @@ class NumpyCache:
             raise ValueError("the cache is closed")
         return self._k, self._v
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.spec.n_layers:
-            raise ValueError(f"layer={layer}, but should be in 0..{self.spec.n_layers - 1}")
-
     def _as_input(self, name: str, x: Any, heads: int) -> np.ndarray:
         array = np.ascontiguousarray(x, dtype=np.float32)
-        expected = ("n", heads, self.spec.head_dim)
-        if array.ndim != 3 or array.shape[1:] != expected[1:]:
-            raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
+        C.rows(self.spec, name, array, heads)
         return array
 
     # --- protocol ---
 
     def length(self, layer: int) -> int:
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         return self._lengths[layer]
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._stores()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec = self.spec
         k = self._as_input("k", k, spec.n_kv_heads)
         v = self._as_input("v", v, spec.n_kv_heads)
-        if v.shape[0] != k.shape[0]:
-            raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
         start, n = self._lengths[layer], k.shape[0]
-        if start + n > spec.max_positions:
-            raise ContextLimitExceeded(layer, start, n, spec.max_positions)
+        C.append(spec, layer, start, k, v)
 
         size = max(NATIVE_APPEND_STEP, -(-n // self._threads)) if k_store.native else APPEND_STEP
         cos, sin = self._rope.rows(start, start + n)
@@ -289,12 +281,11 @@ class NumpyCache:
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
         k_store, v_store = self._stores()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec = self.spec
         q = self._as_input("q", q, spec.n_heads)
         length, n_q = self._lengths[layer], q.shape[0]
-        if not 1 <= n_q <= length:
-            raise ValueError(f"n_q={n_q}, but should be between 1 and the layer's length {length}")
+        C.queries(n_q, length)
         cos, sin = self._rope.rows(length - n_q, length)
         rotated = K.rotate(np, q, cos, sin, spec.rope.style, np.empty_like(q))
         grouped = K.group_queries(np, rotated, spec.n_kv_heads, spec.scale)
@@ -334,10 +325,9 @@ class NumpyCache:
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         k_store, v_store = self._stores()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         length = self._lengths[layer]
-        if not 0 <= start <= stop <= length:
-            raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+        C.read_range(start, stop, length)
         return self._read_out(k_store, layer, start, stop), self._read_out(v_store, layer, start, stop)
 
     def _read_out(self, store: _Store, layer: int, start: int, stop: int) -> np.ndarray:

@@ -1,0 +1,41 @@
+"""The argument checks every built-in cache makes, with the suite's one-line messages.
+
+They run before anything is written, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_longctx.errors import ContextLimitExceeded
+from pytest_longctx.spec import CacheSpec
+
+
+def layer(spec: CacheSpec, index: int) -> None:
+    if not 0 <= index < spec.n_layers:
+        raise ValueError(f"layer={index}, but should be in 0..{spec.n_layers - 1}")
+
+
+def rows(spec: CacheSpec, name: str, array: Any, heads: int) -> None:
+    """``array`` must be (n, heads, head_dim)."""
+    expected = ("n", heads, spec.head_dim)
+    if array.ndim != 3 or tuple(array.shape[1:]) != expected[1:]:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, but should be {expected}")
+
+
+def append(spec: CacheSpec, index: int, length: int, k: Any, v: Any) -> None:
+    """k and v of one append to a layer holding ``length`` positions."""
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
+    if length + k.shape[0] > spec.max_positions:
+        raise ContextLimitExceeded(index, length, k.shape[0], spec.max_positions)
+
+
+def queries(n_q: int, length: int) -> None:
+    if not 1 <= n_q <= length:
+        raise ValueError(f"n_q={n_q}, but should be between 1 and the layer's length {length}")
+
+
+def read_range(start: int, stop: int, length: int) -> None:
+    if not 0 <= start <= stop <= length:
+        raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
