@@ -5,7 +5,7 @@
 
 The matrix is backend × device × check × positions: one column per backend on
 a device of a host. Certificates of another schema version, or two that hold
-the same case (same node id on the same host and device), are refused with a
+the same case (same node id and shape on the same host and device), are refused with a
 one-line error and exit status 2: a matrix must not silently mix formats or
 count a case twice.
 """
@@ -37,20 +37,21 @@ def merge(paths: Sequence[str]) -> Dict[str, Any]:
     for path in paths:
         doc = load(path)
         host = doc["environment"].get("host", "")
+        shape = doc["settings"]["shape"]["text"]
         source = os.path.basename(path)
         columns = []
         for case in doc["cases"]:
             label = column(case, host)
-            key = (case.get("host") or host, case.get("device"), case["nodeid"])
+            key = (case.get("host") or host, case.get("device"), shape, case["nodeid"])
             if key in seen:
-                raise CertificateError(f"case {case['nodeid']} on {label} is in {seen[key]} and {path}, "
+                raise CertificateError(f"case {case['nodeid']} on {label} (shape {shape}) is in {seen[key]} and {path}, "
                                        "but should be in one certificate only")
             seen[key] = path
             if label not in columns:
                 columns.append(label)
             cases.append({"column": label, "source": source, "nodeid": case["nodeid"], "outcome": case["outcome"],
                           "verdict": case["verdict"], "question": case["question"]})
-            figures += [dict(f, column=label, source=source) for f in case["figures"]]
+            figures += [dict(f, column=label, source=source, shape=shape) for f in case["figures"]]
         certificates.append({
             "source": source, "path": os.path.abspath(path), "host": host, "devices": columns,
             "verdict": doc["verdict"], "reasons": doc["reasons"],

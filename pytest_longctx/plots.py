@@ -53,6 +53,7 @@ def _svg(fig: Any, ax: Any, ticks: List[int]) -> str:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one entry per label: floors repeat per series
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.set_size_inches(7.6, max(3.4, 0.14 * len(unique) + 0.9))  # the legend, beside the axes, must fit
     out = io.StringIO()
     fig.savefig(out, format="svg")
     text = out.getvalue()

@@ -132,7 +132,7 @@ def matrix_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
     head = Section("Certificates", [], [(["file", "host", "backend on device", "verdict", "profile", "shape",
                                           "started"], rows)])
     figures = doc["figures"]
-    table = figure_table(figures, ("column", "kv_dtype"))
+    table = figure_table(figures, ("column", "shape", "kv_dtype"))
     return title, [head, Section("Backend × device × check × positions", [], [table], plots=bool(figures))]
 
 
@@ -214,7 +214,7 @@ def _html_page(title: str, sections: List[Section], figures: List[Dict[str, Any]
 def html(doc: Dict[str, Any]) -> str:
     if doc.get("schema", "").endswith("matrix"):
         title, sections = matrix_sections(doc)
-        figures = [dict(f, label=f"{f['column']} {f['kv_dtype']}") for f in doc["figures"]]
+        figures = [dict(f, label=f"{f['column']} {f['shape']} {f['kv_dtype']}") for f in doc["figures"]]
         return _html_page(title, sections, figures)
     title, sections = certificate_sections(doc)
     figures = [f for c in doc["cases"] for f in c["figures"]]

@@ -199,7 +199,9 @@ class CertificateCollector:
         if message:
             case.message = message if not case.message.startswith("expected failure") else \
                 f"{case.message}\n{message}"
-        case.figures.extend(records_of(report))
+        records = records_of(report)  # the item's figures so far: each phase's report holds the earlier ones
+        if len(records) >= len(case.figures):
+            case.figures = records
         case.rerun = next((v for k, v in report.user_properties if k == RERUN_KEY), case.rerun)
 
     def pytest_keyboard_interrupt(self) -> None:

@@ -275,7 +275,8 @@ def test_merge_makes_one_matrix_from_two_hosts(made: Path, tmp_path: Path) -> No
     assert len(columns) == 2 and any(c.endswith("@ other-host") for c in columns)
     assert len(matrix["cases"]) == 2 * len(document["cases"])
     text = (tmp_path / "matrix.md").read_text()
-    assert "## Backend × device × check × positions" in text and "@ other-host | float16 | prefill fill" in text
+    assert "## Backend × device × check × positions" in text
+    assert f"@ other-host | {SHAPE} | float16 | prefill fill" in text
     assert "<table>" in (tmp_path / "matrix.html").read_text()
 
 
@@ -284,7 +285,8 @@ def test_merge_refuses_the_same_case_twice(made: Path, tmp_path: Path, capsys: p
     assert merge.main(["merge", path, path, "-o", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.match(
-        r"longctx-report: error: case \S+ on cpu on cpu .* is in .* and .*, but should be in one certificate only", err)
+        r"longctx-report: error: case \S+ on cpu on cpu .* \(shape .*\) is in .* and .*, but should be in one "
+        r"certificate only", err)
     assert not (tmp_path / "m.json").exists()
 
 
@@ -299,3 +301,20 @@ def test_merge_refuses_another_schema_version(made: Path, tmp_path: Path) -> Non
                            "-o", str(tmp_path / "m.md")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == f"longctx-report: error: {tmp_path / 'v2.json'}: schema_version=2, but should be 1"
+
+
+def test_record_hook_sees_each_figure_once(pytester: pytest.Pytester) -> None:
+    """Every phase's report carries the item's properties so far; a figure must still count once."""
+    pytester.makeconftest("""
+        seen = []
+
+        def pytest_longctx_record(config, nodeid, record):
+            seen.append((nodeid, record["check"]))
+
+        def pytest_terminal_summary(terminalreporter):
+            terminalreporter.write_line(f"RECORDS {len(seen)} UNIQUE {len(set(seen))}")
+    """)
+    result = pytester.runpytest(*small(), "-m", "longctx_memory", "--longctx-report=c.json")
+    result.stdout.fnmatch_lines(["RECORDS 2 UNIQUE 2"])
+    document = json.loads((pytester.path / "c.json").read_text())
+    assert sum(len(c["figures"]) for c in document["cases"]) == 2
