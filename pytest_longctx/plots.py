@@ -52,8 +52,11 @@ def _svg(fig: Any, ax: Any, ticks: List[int]) -> str:
         ax.minorticks_off()
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one entry per label: floors repeat per series
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.set_size_inches(7.6, max(3.4, 0.14 * len(unique) + 0.9))  # the legend, beside the axes, must fit
+    if len(unique) <= 16 and max(map(len, unique)) <= 48:
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:  # a merged matrix: many long labels go below the axes, and the figure grows to hold them
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2))
+        fig.set_size_inches(7.6, 3.6 + 0.15 * len(unique))
     out = io.StringIO()
     fig.savefig(out, format="svg")
     text = out.getvalue()

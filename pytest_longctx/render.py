@@ -112,16 +112,26 @@ def _coverage(doc: Dict[str, Any]) -> Section:
     return Section("Coverage: what was and was not exercised", lines, tables)
 
 
+def _figures(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every figure with its case's host and device; labelled by them when a run spans several."""
+    figures = [dict(f, host=c["host"], device=c["device"]) for c in doc["cases"] for f in c["figures"]]
+    if len({(f["device"], f["host"]) for f in figures}) > 1:
+        figures = [dict(f, label=f"{f['backend']} on {f['device']} @ {f['host']} {f['kv_dtype']}") for f in figures]
+    return figures
+
+
 def certificate_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
     title = f"pytest-longctx certificate: {doc['verdict']}"
     head = Section("Verdict", [f"**{doc['verdict']}**: " + "; ".join(doc["reasons"]) + ".",
                                f"Started {doc['started']}, {doc['duration_s']:.1f} s; "
                                f"{', '.join(f'{v} {k}' for k, v in doc['counts'].items())}."
                                + (" The run was interrupted." if doc.get("interrupted") else "")])
-    figures = [f for c in doc["cases"] for f in c["figures"]]
+    figures = _figures(doc)
+    places = {(f["device"], f["host"]) for f in figures}
+    keys = ("backend", "device", "host", "kv_dtype") if len(places) > 1 else ("backend", "kv_dtype")
     shape = doc["settings"]["shape"]
     measured = Section("Measured figures", [f"shape {shape['text']} ({shape['described']}), seed {doc['settings']['seed']}"],
-                       [figure_table(figures)] if figures else [], plots=bool(figures))
+                       [figure_table(figures, keys)] if figures else [], plots=bool(figures))
     return title, [head, _claim(doc), measured, _cases(doc), _coverage(doc), _environment(doc)]
 
 
@@ -214,8 +224,9 @@ def _html_page(title: str, sections: List[Section], figures: List[Dict[str, Any]
 def html(doc: Dict[str, Any]) -> str:
     if doc.get("schema", "").endswith("matrix"):
         title, sections = matrix_sections(doc)
-        figures = [dict(f, label=f"{f['column']} {f['shape']} {f['kv_dtype']}") for f in doc["figures"]]
+        shapes = len({f["shape"] for f in doc["figures"]}) > 1
+        figures = [dict(f, label=f"{f['column']}{' ' + f['shape'] if shapes else ''} {f['kv_dtype']}")
+                   for f in doc["figures"]]
         return _html_page(title, sections, figures)
     title, sections = certificate_sections(doc)
-    figures = [f for c in doc["cases"] for f in c["figures"]]
-    return _html_page(title, sections, figures, doc["verdict"])
+    return _html_page(title, sections, _figures(doc), doc["verdict"])

@@ -318,3 +318,16 @@ def test_record_hook_sees_each_figure_once(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["RECORDS 2 UNIQUE 2"])
     document = json.loads((pytester.path / "c.json").read_text())
     assert sum(len(c["figures"]) for c in document["cases"]) == 2
+
+
+def test_xdist_dist_each_keeps_every_workers_run_of_a_case(pytester: pytest.Pytester,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dist=each`` (one worker per host, every case on each): one entry per case and worker."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    result = pytester.runpytest_subprocess(*small(), "-n", "2", "--dist=each", "-k", "test_memory_within",
+                                           "--longctx-report=c.json", timeout=120)
+    assert result.parseoutcomes()["passed"] == 2, result.stdout.str()
+    document = json.loads((pytester.path / "c.json").read_text())
+    validate(document)
+    assert sorted(c["worker"] for c in document["cases"]) == ["gw0", "gw1"]
+    assert len({c["nodeid"] for c in document["cases"]}) == 1 and document["verdict"] == "certified"
