@@ -56,7 +56,7 @@ def _svg(fig: Any, ax: Any, ticks: List[int]) -> str:
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:  # a merged matrix: many long labels go below the axes, and the figure grows to hold them
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2))
-        fig.set_size_inches(7.6, 3.6 + 0.15 * len(unique))
+        fig.set_size_inches(7.6, 3.8 + 0.18 * len(unique))
     out = io.StringIO()
     fig.savefig(out, format="svg")
     text = out.getvalue()
