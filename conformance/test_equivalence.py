@@ -135,7 +135,8 @@ def report(outcomes: List[Outcome], spec: CacheSpec, backend, measure, check: st
     verdict = worst.verdict
     measure.record(check, verdict.error, "max|err|", bound=f"<= {verdict.allowed:.3g}", passed=not failures,
                    cell=f"{verdict.error:.2g} <= {verdict.allowed:.2g}" if verdict.passed else f"{verdict.error:.2g}",
-                   nmse=verdict.nmse, plain_error=verdict.plain_error, positions=spec.max_positions)
+                   nmse=verdict.nmse, plain_error=verdict.plain_error, positions=spec.max_positions,
+                   threshold=verdict.allowed)
     if failures:
         where = case(backend, spec)
         lines = [o.verdict.message(o.what, where) for o in failures]

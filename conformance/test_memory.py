@@ -35,7 +35,7 @@ def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx
     longctx_measure.record(
         "KV memory / analytic", held / analytic, "x", bound=f"<= {allowed / analytic:.3f}", passed=passed,
         cell=f"{format_bytes(held)} ({held / analytic:.3f}x)", measured_bytes=held, analytic_bytes=analytic,
-        bound_bytes=allowed, peak_bytes=filled.peak,
+        bound_bytes=allowed, peak_bytes=filled.peak, threshold=allowed / analytic,
     )
     if not passed:
         fail(f"KV memory after {spec.max_positions} positions", format_bytes(held),

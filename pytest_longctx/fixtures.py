@@ -10,6 +10,7 @@ case together and module- or session-scoped fixtures can build on them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -219,7 +220,11 @@ class Measure:
 
     def record(self, check: str, value: float, unit: str, *, bound: str = "", passed: bool = True,
                cell: str = "", **extra: Any) -> None:
-        """Attach a figure to the test report (plain data: it crosses pytest-xdist)."""
+        """Attach a figure to the test report.
+
+        It rides in ``user_properties`` as JSON text: plain data that crosses
+        pytest-xdist, and readable where ``--junitxml`` writes it as a property.
+        """
         params = getattr(getattr(self._node, "callspec", None), "params", {})
         record = {
             "backend": params.get("longctx_backend", self.backend.name),
@@ -233,7 +238,7 @@ class Measure:
             "cell": cell or f"{value:.4g} {unit}",
             **extra,
         }
-        self._node.user_properties.append((RECORD_KEY, record))
+        self._node.user_properties.append((RECORD_KEY, json.dumps(record, default=_plain)))
 
 
 def timing_lock(config: pytest.Config) -> ExclusiveLock:
@@ -267,5 +272,15 @@ def longctx_measure(request: pytest.FixtureRequest, longctx_backend: KVBackend,
     return Measure(request.node, longctx_backend, _longctx_lock)
 
 
+def _plain(value: Any) -> Any:
+    """NumPy scalars and other numbers as JSON numbers; anything else as text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    return str(value)
+
+
 def records_of(report: pytest.TestReport) -> List[Dict[str, Any]]:
-    return [value for key, value in report.user_properties if key == RECORD_KEY]
+    """The figures a report carries (JSON text; a dict from older recorders is taken as is)."""
+    return [json.loads(value) if isinstance(value, str) else value
+            for key, value in report.user_properties if key == RECORD_KEY]

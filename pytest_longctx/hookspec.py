@@ -29,3 +29,13 @@ def pytest_longctx_record(config: Any, nodeid: str, record: Dict[str, Any]) -> N
     bound, passed and a formatted cell. Called in test order as reports
     arrive, before the terminal summary.
     """
+
+
+def pytest_longctx_certificate(config: Any, certificate: Dict[str, Any]) -> None:
+    """The certificate is complete and about to be written (on the controller, once).
+
+    ``certificate`` is the JSON document of the published schema; a plugin may
+    add fields (keep them under a key of its own name: the schema allows extra
+    top-level keys) or read it. Called in ``pytest_sessionfinish``, after
+    Ctrl-C too, before the JSON, Markdown and HTML files are written.
+    """

@@ -1,8 +1,10 @@
 """Command-line options, their ini mirrors, markers, the run's settings and header.
 
-Every option ``--longctx-NAME`` has an ini key ``longctx_NAME``; the command
-line wins. The settings are built once in ``pytest_configure`` and kept in the
-config's stash; a malformed value stops the run with a one-line usage error.
+Every option ``--longctx-NAME`` has an ini key ``longctx_NAME``. A profile
+(``--longctx-profile``) states a claim's values too; precedence is command line
+> profile > ini > default. The settings are built once in ``pytest_configure``
+and kept in the config's stash; a malformed value stops the run with a
+one-line usage error.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import pytest
 
 from . import hookspec
 from .errors import SpecError
+from .profile import Profile, load_profile, resolve_profile
 from .registry import check_backend_name
 from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_positions
 from .shapes import DEFAULT_SHAPE, parse_shape
 
 settings_key = pytest.StashKey[Settings]()
+profile_key = pytest.StashKey[Optional[Profile]]()
 factories_key = pytest.StashKey[Dict[str, Any]]()
 
 MARKERS = {
@@ -64,6 +68,12 @@ OPTIONS = (
             1250.0, float, metavar="RATE"),
     _Option("attention-floor", "minimum decode attention rate in tokens/s (one query through all layers) at 16384 positions, scaled by 16384/positions (default none)",
             None, float, metavar="RATE"),
+    _Option("prefill-fraction-floor", "minimum prefill-style fill traffic as a fraction of the probed copy "
+            "bandwidth, e.g. 0.3 (default none)", None, float, metavar="FRACTION"),
+    _Option("read-fraction-floor", "minimum whole-layer read as a fraction of the probed copy bandwidth "
+            "(default none)", None, float, metavar="FRACTION"),
+    _Option("attention-fraction-floor", "minimum decode attention traffic as a fraction of the probed "
+            "streaming-read bandwidth (default none)", None, float, metavar="FRACTION"),
 )
 
 
@@ -79,15 +89,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "package.module:factory; repeat for a matrix",
     )
     parser.addini("longctx_backend", "backends to certify, as --longctx-backend", type="args", default=[])
+    group.addoption("--longctx-profile", dest="longctx_profile", default=None, metavar="FILE",
+                    help="a TOML profile stating the claim: backend, shape, positions, kv dtypes, bars and "
+                    "expected failures (a path or a shipped profile's name); the command line wins over it")
+    parser.addini("longctx_profile", "profile, as --longctx-profile", type="string", default=None)
     for opt in OPTIONS:
         dest = "longctx_" + opt.name.replace("-", "_")
         group.addoption(f"--longctx-{opt.name}", dest=dest, default=None, metavar=opt.metavar, help=opt.help)
         parser.addini(dest, opt.help, type=opt.ini_type, default=None)
 
 
-def _value(config: pytest.Config, opt: _Option) -> Any:
+def _value(config: pytest.Config, opt: _Option, profile: Optional[Profile]) -> Any:
     dest = "longctx_" + opt.name.replace("-", "_")
     raw = config.getoption(dest)
+    if raw is None and profile is not None:
+        raw = profile.options.get(opt.name)
     if raw is None:
         raw = config.getini(dest)
     if raw is None or raw == "":
@@ -98,9 +114,23 @@ def _value(config: pytest.Config, opt: _Option) -> Any:
         raise pytest.UsageError(f"--longctx-{opt.name}={raw!r}: {exc}") from None
 
 
-def _settings(config: pytest.Config, factories: Dict[str, Any]) -> Settings:
-    values = {opt.name: _value(config, opt) for opt in OPTIONS}
-    backends = config.getoption("longctx_backend") or config.getini("longctx_backend") or ["cpu"]
+def _profile(config: pytest.Config) -> Optional[Profile]:
+    sent = getattr(config, "workerinput", {}).get("longctx_profile")
+    text = config.getoption("longctx_profile") or config.getini("longctx_profile")
+    if not text:
+        return None
+    try:
+        if sent is not None:  # a worker, maybe on another host: the controller's profile
+            return load_profile(sent["path"], sent["text"])
+        return load_profile(os.path.abspath(resolve_profile(text)))
+    except SpecError as exc:
+        raise pytest.UsageError(f"longctx: {exc}") from None
+
+
+def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optional[Profile]) -> Settings:
+    values = {opt.name: _value(config, opt, profile) for opt in OPTIONS}
+    backends = (config.getoption("longctx_backend") or (profile.backends if profile else ())
+                or config.getini("longctx_backend") or ["cpu"])
     try:
         for text in backends:
             check_backend_name(text, factories)
@@ -118,7 +148,8 @@ def _settings(config: pytest.Config, factories: Dict[str, Any]) -> Settings:
     for name in ("chunk", "repeats"):
         if values[name] < 1:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
-    for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor"):
+    for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
+                 "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor"):
         if values[name] is not None and not values[name] >= 0:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 0")
     return Settings(
@@ -135,6 +166,9 @@ def _settings(config: pytest.Config, factories: Dict[str, Any]) -> Settings:
         fill_floor=values["fill-floor"],
         retrieve_floor=values["retrieve-floor"],
         attention_floor=values["attention-floor"],
+        prefill_fraction_floor=values["prefill-fraction-floor"],
+        read_fraction_floor=values["read-fraction-floor"],
+        attention_fraction_floor=values["attention-fraction-floor"],
     )
 
 
@@ -152,13 +186,18 @@ def pytest_configure(config: pytest.Config) -> None:
     for mapping in config.hook.pytest_longctx_backends():
         factories.update(mapping or {})
     config.stash[factories_key] = factories
-    config.stash[settings_key] = _settings(config, factories)
-    # `pytest --longctx-backend=X` with no path runs the installed conformance suite.
-    if config.getoption("longctx_backend") and config.args_source == pytest.Config.ArgsSource.INVOCATION_DIR:
+    profile = config.stash[profile_key] = _profile(config)
+    config.stash[settings_key] = _settings(config, factories, profile)
+    # `pytest --longctx-backend=X` (or a profile) with no path runs the installed conformance suite.
+    chosen = config.getoption("longctx_backend") or config.getoption("longctx_profile")
+    if chosen and config.args_source == pytest.Config.ArgsSource.INVOCATION_DIR:
         config.args[:] = [_conformance_dir()]
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """pytest-xdist: every worker draws its inputs from the controller's seed."""
+    """pytest-xdist: every worker draws its inputs from the controller's seed and reads its profile."""
     node.workerinput["longctx_seed"] = node.config.stash[settings_key].seed
+    profile = node.config.stash.get(profile_key, None)
+    if profile is not None:
+        node.workerinput["longctx_profile"] = {"path": profile.path, "text": profile.text}

@@ -1,11 +1,14 @@
 """The pytest11 entry point: the plugin modules, listed as pytest lists its own.
 
 Each module is a plugin for one concern: options and settings, the fixtures
-and matrix parametrization, the terminal summary.
+and matrix parametrization, the terminal summary, the profile's expected
+failures, the certificate (JSON, Markdown, HTML).
 """
 
 pytest_plugins = (
     "pytest_longctx.options",
     "pytest_longctx.fixtures",
     "pytest_longctx.summary",
+    "pytest_longctx.expected",
+    "pytest_longctx.report",
 )

@@ -77,6 +77,12 @@ class Settings:
     fill_floor: float = 125.0
     retrieve_floor: float = 1250.0
     attention_floor: Optional[float] = None
+    # Floors as a fraction of the bandwidth probed once per run (the roofline): prefill
+    # fill traffic and whole-layer reads against copy, decode attention against streaming
+    # read. None: reported, not judged.
+    prefill_fraction_floor: Optional[float] = None
+    read_fraction_floor: Optional[float] = None
+    attention_fraction_floor: Optional[float] = None
 
     def whole_cache_floor(self, base: Optional[float], positions: int) -> Optional[float]:
         """A per-position rate floor (fill, retrieve) at ``positions``: same time for the whole cache."""
@@ -106,5 +112,5 @@ class Settings:
 
 
 _RERUN_BARS = ("chunk", "repeats", "memory_allowance", "error_factor", "fill_floor", "retrieve_floor",
-               "attention_floor")
+               "attention_floor", "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

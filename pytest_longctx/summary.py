@@ -14,7 +14,7 @@ import pytest
 from tabulate import tabulate
 
 from .fixtures import get_state, records_of
-from .options import settings_key
+from .options import profile_key, settings_key
 
 RERUN_KEY = "longctx_rerun"
 
@@ -26,9 +26,14 @@ class SummaryCollector:
         self.config = config
         self.records: List[Dict[str, Any]] = []
         self.reruns: List[str] = []
+        self._seen: Dict[str, int] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for record in records_of(report):
+        # Each phase's report carries the item's properties so far (setup ⊆ call ⊆ teardown):
+        # take only the records this report adds, so each figure is seen once.
+        records = records_of(report)
+        new, self._seen[report.nodeid] = records[self._seen.get(report.nodeid, 0):], len(records)
+        for record in new:
             self.records.append(record)
             self.config.hook.pytest_longctx_record(config=self.config, nodeid=report.nodeid, record=record)
         if report.failed:
@@ -79,14 +84,15 @@ def _device(config: pytest.Config, text: str) -> str:
 def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
     """One line naming backend, device, shape, positions and seed, when the suite is in use."""
     settings = config.stash.get(settings_key, None)
-    if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend")):
+    profile = config.stash.get(profile_key, None)
+    if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend") or profile):
         return None
     positions = ",".join(map(str, settings.positions))
     dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
     backends = ", ".join(_device(config, text) for text in settings.backends)
     return [
         f"longctx: backend {backends} | shape {settings.shape_text} ({settings.shape.describe()}) | "
-        f"positions {positions} | kv {dtypes} | seed {settings.seed}"
+        f"positions {positions} | kv {dtypes} | seed {settings.seed}" + (f" | profile {profile.name}" if profile else "")
     ]
 
 

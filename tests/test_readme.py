@@ -21,6 +21,23 @@ def test_readme_shows_the_example_backend_verbatim() -> None:
     assert example in blocks
 
 
+def test_readme_shows_a_shipped_profile_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    profile = (ROOT / "pytest_longctx" / "profiles" / "7b-sim-16k-ladder.toml").read_text()
+    assert profile in blocks
+
+
+def test_readme_lists_every_option() -> None:
+    """The options table stays true: every --longctx option the plugin adds has a row."""
+    from pytest_longctx.options import OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    names = ["backend", "profile", "report", "report-md", "report-html"] + [o.name for o in OPTIONS]
+    missing = [n for n in names if f"| `--longctx-{n} " not in readme]
+    assert not missing, missing
+
+
 def test_readme_gives_the_two_setup_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]"\npytest\n' in readme

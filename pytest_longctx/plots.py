@@ -1,0 +1,172 @@
+"""Plots of a certificate's figures as inline SVG, where people would rather look than read.
+
+Optional: needs matplotlib (the ``report`` extra); ``available()`` says
+whether plots can be drawn, and every function returns SVG text. The
+Figure API is used without pyplot, so no global backend is switched.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Dict, List, Optional, Tuple
+
+Series = Dict[str, List[Tuple[int, Dict[str, Any]]]]
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def series(figures: List[Dict[str, Any]], check: str) -> Series:
+    """Figures of one check by series label (``label``, else backend and kv dtype), sorted by positions."""
+    out: Series = {}
+    for record in figures:
+        if record.get("check") != check or not isinstance(record.get("positions"), int):
+            continue
+        label = record.get("label") or f"{record.get('backend')} {record.get('kv_dtype')}".strip()
+        out.setdefault(label, []).append((record["positions"], record))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in sorted(out.items())}
+
+
+def _figure(title: str, ylabel: str) -> Tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.6, 3.4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("positions")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _svg(fig: Any, ax: Any, ticks: List[int]) -> str:
+    if ticks:
+        ax.set_xticks(sorted(set(ticks)))
+        ax.set_xticklabels([str(t) for t in sorted(set(ticks))])
+        ax.minorticks_off()
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one entry per label: floors repeat per series
+    if len(unique) <= 16 and max(map(len, unique)) <= 48:
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:  # a merged matrix: many long labels go below the axes, and the figure grows to hold them
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2))
+        fig.set_size_inches(7.6, 3.8 + 0.18 * len(unique))
+    out = io.StringIO()
+    fig.savefig(out, format="svg")
+    text = out.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _color(ax: Any, i: int) -> str:
+    return f"C{i % 10}"
+
+
+def memory_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
+    """Measured KV memory against positions, with the analytic size and the allowed bound."""
+    data = series(figures, "KV memory / analytic")
+    if not data:
+        return None
+    fig, ax = _figure("KV memory vs positions", "GiB")
+    ax.set_yscale("log", base=2)
+    ticks = []
+    for i, (label, points) in enumerate(data.items()):
+        xs = [p for p, _ in points]
+        ticks += xs
+        gib = 1 << 30
+        ax.plot(xs, [r.get("measured_bytes", 0) / gib for _, r in points], "o-", color=_color(ax, i),
+                label=f"{label} measured")
+        ax.plot(xs, [r.get("analytic_bytes", 0) / gib for _, r in points], "--", color=_color(ax, i),
+                label=f"{label} analytic kv_bytes(N)")
+        ax.plot(xs, [r.get("bound_bytes", 0) / gib for _, r in points], ":", color=_color(ax, i),
+                label=f"{label} allowed bound")
+    return _svg(fig, ax, ticks)
+
+
+def fill_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
+    """Prefill and decode fill positions/s, with the copy-bandwidth roofline and the floor."""
+    prefill, decode = series(figures, "prefill fill"), series(figures, "decode fill")
+    if not prefill and not decode:
+        return None
+    fig, ax = _figure("fill throughput vs positions", "positions/s")
+    ax.set_yscale("log")
+    ticks = []
+    for i, label in enumerate(sorted(set(prefill) | set(decode))):
+        for name, data, style in (("prefill", prefill, "o-"), ("decode", decode, "s-")):
+            points = data.get(label, [])
+            if not points:
+                continue
+            xs = [p for p, _ in points]
+            ticks += xs
+            ax.plot(xs, [r["value"] for _, r in points], style, color=_color(ax, i), label=f"{label} {name} fill")
+        points = prefill.get(label) or decode.get(label) or []
+        roof = [(p, r["copy_gbps"] * 1e9 / r["bytes_per_position"]) for p, r in points
+                if r.get("copy_gbps") and r.get("bytes_per_position")]
+        if roof:
+            ax.plot([p for p, _ in roof], [v for _, v in roof], "--", color=_color(ax, i),
+                    label=f"{label} copy-bandwidth roofline")
+        floors = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
+        if floors:
+            ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label="fill floor")
+    return _svg(fig, ax, ticks)
+
+
+def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
+    """Decode attention tokens/s (one query through all layers) with the read-bandwidth roofline."""
+    data = series(figures, "decode attention")
+    if not data:
+        return None
+    fig, ax = _figure("decode attention vs positions", "tokens/s")
+    ax.set_yscale("log")
+    ticks = []
+    for i, (label, points) in enumerate(data.items()):
+        xs = [p for p, _ in points]
+        ticks += xs
+        ax.plot(xs, [r["value"] for _, r in points], "o-", color=_color(ax, i), label=f"{label} measured")
+        roof = [(p, r["read_gbps"] * 1e9 / r["kv_bytes"]) for p, r in points if r.get("read_gbps") and r.get("kv_bytes")]
+        if roof:
+            ax.plot([p for p, _ in roof], [v for _, v in roof], "--", color=_color(ax, i),
+                    label=f"{label} read-bandwidth roofline")
+        floors = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
+        if floors:
+            ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label="attention floor")
+    return _svg(fig, ax, ticks)
+
+
+def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
+    """Attention error against the float64 reference, with the error each case allowed."""
+    data = series(figures, "attention error")
+    if not data:
+        return None
+    fig, ax = _figure("attention error vs positions", "max |error|")
+    ax.set_yscale("log")
+    ticks = []
+    for i, (label, points) in enumerate(data.items()):
+        xs = [p for p, _ in points]
+        ticks += xs
+        ax.plot(xs, [max(r["value"], 1e-30) for _, r in points], "o-", color=_color(ax, i), label=f"{label} error")
+        allowed = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
+        if allowed:
+            ax.plot([p for p, _ in allowed], [v for _, v in allowed], "--", color=_color(ax, i),
+                    label=f"{label} allowed")
+    return _svg(fig, ax, ticks)
+
+
+PLOTS = (("memory", memory_plot), ("fill", fill_plot), ("attention", attention_plot), ("error", error_plot))
+
+
+def all_plots(figures: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """(name, svg) for every plot the figures allow; empty without matplotlib."""
+    if not available():
+        return []
+    out = []
+    for name, plot in PLOTS:
+        svg = plot(figures)
+        if svg:
+            out.append((name, svg))
+    return out
