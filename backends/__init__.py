@@ -17,6 +17,7 @@ class Builtin(NamedTuple):
 
 BUILTINS = {
     "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
+    "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.

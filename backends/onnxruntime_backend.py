@@ -1,0 +1,404 @@
+"""The "onnxruntime" backend: a KV cache run by ONNX Runtime's GroupQueryAttention.
+
+The cache is what ONNX Runtime's own generate loop keeps: per layer a K and a V
+buffer of (1, n_kv_heads, max_positions, head_dim) in the execution provider's
+memory, bound with IOBinding as both past_key/past_value and present_key/
+present_value of a one-node GroupQueryAttention model (domain com.microsoft),
+so the op writes new positions in place and nothing else is copied. RoPE is
+the op's own (do_rotary with cos/sin caches built here from the contract's
+frequencies, the attention factor folded in; rotary_interleaved for gptj),
+the sliding window is local_window_size, softcap and scale are attributes.
+
+The op always appends K/V together with a query, and the contract separates
+the two, which costs:
+
+- append runs the op with a zero query and discards the output, so every
+  append also computes attention of the new positions over the whole cache
+  (the CPU kernel computes it whether or not anyone reads it); and
+- attend runs the op with the past length set to length - n_q and, as new
+  K/V, the pre-RoPE K/V of the last n_q positions, which the op rotates and
+  writes again with the same values. So each layer keeps the pre-RoPE K/V of
+  its last ``TAIL`` positions on the host (``TAIL`` positions x 2 x n_kv_heads x
+  head_dim values), and attend takes at most ``TAIL`` queries.
+
+onnxruntime and onnx are imported when the backend is constructed, so that
+listing the built-ins imports nothing heavy; without them the backend is
+unavailable, with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError
+from pytest_longctx.protocol import BackendInfo
+from pytest_longctx.rope import rope_frequencies
+from pytest_longctx.spec import CacheSpec
+
+OPTIONS = ("ep", "threads", "device_id")
+KV_DTYPES = ("float32", "float16")
+DEFAULT_EP = "CPUExecutionProvider"
+# Pre-RoPE positions kept per layer for attend (the suite asks for up to 16 queries).
+TAIL = 16
+# Positions per op call of an append: the CPU kernel holds n x length attention scores
+# per head while it runs, so a long append goes in steps.
+APPEND_STEP = 256
+
+# Device kind and OrtValue device of each execution provider this backend knows.
+# Providers whose inputs and outputs live in host memory use "cpu" buffers.
+_PROVIDERS: Dict[str, Tuple[str, str]] = {
+    "CPUExecutionProvider": ("cpu", "cpu"),
+    "DnnlExecutionProvider": ("cpu", "cpu"),
+    "XnnpackExecutionProvider": ("cpu", "cpu"),
+    "CUDAExecutionProvider": ("gpu", "cuda"),
+    "TensorrtExecutionProvider": ("gpu", "cuda"),
+    "NvTensorRTRTXExecutionProvider": ("gpu", "cuda"),
+    "ROCMExecutionProvider": ("gpu", "cuda"),
+    "MIGraphXExecutionProvider": ("gpu", "cuda"),
+    "DmlExecutionProvider": ("gpu", "dml"),
+    "WebGpuExecutionProvider": ("gpu", "webgpu"),
+    "CoreMLExecutionProvider": ("npu", "cpu"),
+    "QNNExecutionProvider": ("npu", "cpu"),
+    "VitisAIExecutionProvider": ("npu", "cpu"),
+    "OpenVINOExecutionProvider": ("npu", "cpu"),
+    "RknpuExecutionProvider": ("npu", "cpu"),
+    "NnapiExecutionProvider": ("npu", "cpu"),
+}
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _import_ort() -> Tuple[Any, Any]:
+    """onnxruntime and onnx, or BackendUnavailable naming what is missing."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"onnxruntime is not installed ({exc}); pip install 'pytest-longctx[onnxruntime]'"
+        ) from None
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendUnavailable(f"onnx is not installed ({exc}); pip install 'pytest-longctx[onnxruntime]'") from None
+    return onnxruntime, onnx
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    """What one GroupQueryAttention session is built for: one per distinct config."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rotary_dim: int  # 0: no rotary inputs
+    interleaved: bool
+    window: int  # local_window_size, -1 for none
+    softcap: float
+    scale: float
+    kv_dtype: str
+
+    @classmethod
+    def of(cls, spec: CacheSpec) -> "OpConfig":
+        return cls(spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.rotary_dim, spec.rope.style == "gptj",
+                   spec.sliding_window or -1, float(spec.softcap or 0.0), float(spec.scale), spec.kv_dtype)
+
+
+def build_model(onnx: Any, config: OpConfig) -> bytes:
+    """The one-node model: query, key, value, the shared past buffers, lengths, cos/sin caches."""
+    helper, proto = onnx.helper, onnx.TensorProto
+    elem = {"float32": proto.FLOAT, "float16": proto.FLOAT16}[config.kv_dtype]
+    h, kv, d = config.n_heads, config.n_kv_heads, config.head_dim
+    inputs = [
+        helper.make_tensor_value_info("query", elem, [1, "S", h * d]),
+        helper.make_tensor_value_info("key", elem, [1, "S", kv * d]),
+        helper.make_tensor_value_info("value", elem, [1, "S", kv * d]),
+        helper.make_tensor_value_info("past_key", elem, [1, kv, "M", d]),
+        helper.make_tensor_value_info("past_value", elem, [1, kv, "M", d]),
+        helper.make_tensor_value_info("seqlens_k", proto.INT32, [1]),
+        helper.make_tensor_value_info("total_sequence_length", proto.INT32, []),
+    ]
+    names = [i.name for i in inputs]
+    if config.rotary_dim:
+        for name in ("cos_cache", "sin_cache"):
+            inputs.append(helper.make_tensor_value_info(name, elem, ["M", config.rotary_dim // 2]))
+            names.append(name)
+    outputs = [
+        helper.make_tensor_value_info("output", elem, [1, "S", h * d]),
+        helper.make_tensor_value_info("present_key", elem, [1, kv, "M", d]),
+        helper.make_tensor_value_info("present_value", elem, [1, kv, "M", d]),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention", names, [o.name for o in outputs], domain="com.microsoft",
+        num_heads=h, kv_num_heads=kv, do_rotary=int(config.rotary_dim > 0),
+        rotary_interleaved=int(config.interleaved), local_window_size=config.window,
+        softcap=config.softcap, scale=config.scale,
+    )
+    graph = helper.make_graph([node], "longctx_gqa", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases older than this onnx
+    return model.SerializeToString()
+
+
+def rope_caches(spec: CacheSpec, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """cos/sin(pos * inv_freq) * attention_factor for every position, in float64, then cast.
+
+    The op indexes them by absolute position, so they cover max_positions.
+    """
+    freqs = rope_frequencies(spec)
+    angles = np.arange(spec.max_positions, dtype=np.float64)[:, None] * freqs.inv_freq[None, :]
+    cos = np.cos(angles) * freqs.attention_factor
+    sin = np.sin(angles) * freqs.attention_factor
+    return np.ascontiguousarray(cos.astype(dtype)), np.ascontiguousarray(sin.astype(dtype))
+
+
+class OnnxRuntimeCache:
+    """A KV cache of one spec: per layer K and V buffers that the op updates in place."""
+
+    def __init__(self, backend: "OnnxRuntimeBackend", spec: CacheSpec, session: Any) -> None:
+        self.spec = spec
+        self._ort = backend._ort
+        self._session = session
+        self._device, self._device_id = backend.memory_device, backend.device_id
+        self._dtype = _NP_DTYPES[spec.kv_dtype]
+        shape = (1, spec.n_kv_heads, spec.max_positions, spec.head_dim)
+        OrtValue = self._ort.OrtValue
+        self._host: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._buffers: List[Tuple[Any, Any]] = []
+        for _ in range(spec.n_layers):
+            if self._device == "cpu":
+                # NumPy memory the OrtValue wraps: tracemalloc sees it at open, read() slices it.
+                k, v = np.empty(shape, self._dtype), np.empty(shape, self._dtype)
+                self._host.append((k, v))
+                self._buffers.append((OrtValue.ortvalue_from_numpy(k), OrtValue.ortvalue_from_numpy(v)))
+            else:
+                self._buffers.append(tuple(
+                    OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self._device, self._device_id)
+                    for _ in range(2)))
+        self._rope: Optional[Tuple[Any, Any]] = None
+        if spec.rotary_dim:
+            cos, sin = rope_caches(spec, self._dtype)
+            self._rope = (self._device_value(cos), self._device_value(sin))
+        self._zeros = np.zeros((1, APPEND_STEP, spec.n_heads * spec.head_dim), self._dtype)
+        empty = np.zeros((0, spec.n_kv_heads, spec.head_dim), self._dtype)
+        self._tails: List[Tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * spec.n_layers
+        self._lengths = [0] * spec.n_layers
+        self._closed = False
+
+    def _device_value(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
+
+    # --- checks ---
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the cache is closed")
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.n_layers:
+            raise ValueError(f"layer={layer}, but should be in 0..{self.spec.n_layers - 1}")
+
+    def _as_input(self, name: str, x: Any, heads: int) -> np.ndarray:
+        array = np.asarray(x)
+        expected = ("n", heads, self.spec.head_dim)
+        if array.ndim != 3 or array.shape[1:] != expected[1:]:
+            raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
+        return np.ascontiguousarray(array, dtype=self._dtype)
+
+    # --- the op ---
+
+    def _run(self, layer: int, past: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Any:
+        """One op call: k, v (n, n_kv, d) at positions past .. past+n-1; q (1, n, h*d)."""
+        n = k.shape[0]
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("query", q)
+        binding.bind_cpu_input("key", k.reshape(1, n, -1))
+        binding.bind_cpu_input("value", v.reshape(1, n, -1))
+        k_buf, v_buf = self._buffers[layer]
+        binding.bind_ortvalue_input("past_key", k_buf)
+        binding.bind_ortvalue_input("past_value", v_buf)
+        binding.bind_cpu_input("seqlens_k", np.array([past + n - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(past + n, np.int32))
+        if self._rope is not None:
+            binding.bind_ortvalue_input("cos_cache", self._rope[0])
+            binding.bind_ortvalue_input("sin_cache", self._rope[1])
+        binding.bind_output("output", "cpu")
+        binding.bind_ortvalue_output("present_key", k_buf)
+        binding.bind_ortvalue_output("present_value", v_buf)
+        self._session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    # --- protocol ---
+
+    def length(self, layer: int) -> int:
+        self._check_layer(layer)
+        return self._lengths[layer]
+
+    def append(self, layer: int, k: Any, v: Any) -> None:
+        self._check_open()
+        self._check_layer(layer)
+        spec = self.spec
+        k = self._as_input("k", k, spec.n_kv_heads)
+        v = self._as_input("v", v, spec.n_kv_heads)
+        if v.shape[0] != k.shape[0]:
+            raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
+        start, n = self._lengths[layer], k.shape[0]
+        if start + n > spec.max_positions:
+            raise ContextLimitExceeded(layer, start, n, spec.max_positions)
+        for a in range(0, n, APPEND_STEP):
+            b = min(a + APPEND_STEP, n)
+            self._run(layer, start + a, self._zeros[:, : b - a], k[a:b], v[a:b])
+            self._lengths[layer] = start + b
+        tail_k, tail_v = self._tails[layer]
+        self._tails[layer] = (np.concatenate([tail_k, k[-TAIL:]])[-TAIL:],
+                              np.concatenate([tail_v, v[-TAIL:]])[-TAIL:])
+
+    def attend(self, layer: int, q: Any) -> np.ndarray:
+        self._check_open()
+        self._check_layer(layer)
+        spec = self.spec
+        q = self._as_input("q", q, spec.n_heads)
+        length, n_q = self._lengths[layer], q.shape[0]
+        if not 1 <= n_q <= min(length, TAIL):
+            raise ValueError(f"n_q={n_q}, but should be between 1 and min(length {length}, {TAIL} kept pre-RoPE)")
+        tail_k, tail_v = self._tails[layer]
+        out = self._run(layer, length - n_q, q.reshape(1, n_q, -1), tail_k[-n_q:], tail_v[-n_q:])
+        return out.numpy().reshape(n_q, spec.n_heads, spec.head_dim).astype(np.float32)
+
+    def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        self._check_open()
+        self._check_layer(layer)
+        length = self._lengths[layer]
+        if not 0 <= start <= stop <= length:
+            raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+        if self._host:
+            k, v = self._host[layer]
+        else:  # a device buffer: copied whole to the host, then sliced (slow; see README)
+            k, v = (x.numpy() for x in self._buffers[layer])
+        return (k[0, :, start:stop].transpose(1, 0, 2).astype(np.float32),
+                v[0, :, start:stop].transpose(1, 0, 2).astype(np.float32))
+
+    def nbytes(self) -> int:
+        if self._closed:
+            return 0
+        return 2 * self.spec.n_layers * int(np.prod(
+            (self.spec.n_kv_heads, self.spec.max_positions, self.spec.head_dim))) * np.dtype(self._dtype).itemsize
+
+    def close(self) -> None:
+        self._buffers, self._host, self._rope, self._tails = [], [], None, []
+        self._closed = True
+
+
+def _option_error(key: str, value: Any, expected: str) -> SpecError:
+    return SpecError(f"onnxruntime backend option {key}={value!r}, but should be {expected} "
+                     f"(accepted keys: {', '.join(OPTIONS)})")
+
+
+class OnnxRuntimeBackend:
+    """The "onnxruntime" backend. Options: ep (execution provider, default
+    CPUExecutionProvider), threads (intra-op threads; default ONNX Runtime's),
+    device_id (for device providers, default 0)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, ep: str = DEFAULT_EP, threads: Optional[int] = None, device_id: int = 0) -> None:
+        if not isinstance(ep, str) or not ep.endswith("ExecutionProvider"):
+            raise _option_error("ep", ep, "an execution provider name such as CPUExecutionProvider")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise _option_error("threads", threads, "a positive integer")
+        if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
+            raise _option_error("device_id", device_id, "a non-negative integer")
+        self._ort, self._onnx = _import_ort()
+        available = self._ort.get_available_providers()
+        if ep not in available:
+            raise BackendUnavailable(
+                f"onnxruntime {self._ort.__version__} has no {ep} (installed: {', '.join(available)}); "
+                f"install the onnxruntime package built with it"
+            )
+        self.ep, self.threads, self.device_id = ep, threads, device_id
+        self.device_kind, self.memory_device = _PROVIDERS.get(ep, ("gpu", "cpu"))
+        self._sessions: Dict[OpConfig, Any] = {}
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.name,
+            device_kind=self.device_kind,
+            device_name=self.ep if self.device_kind != "cpu" else f"{self.ep} ({_cpu_name()})",
+            vendor="",
+            versions={"onnxruntime": self._ort.__version__, "onnx": self._onnx.__version__, "ep": self.ep},
+            kv_dtypes=KV_DTYPES,
+            max_positions=None,
+        )
+
+    def _session(self, config: OpConfig) -> Any:
+        """One session per op config, shared by every cache and layer of that config."""
+        if config not in self._sessions:
+            options = self._ort.SessionOptions()
+            # Scratch is freed after each run instead of kept in an arena: memory stays what the cache holds.
+            options.enable_cpu_mem_arena = False
+            options.log_severity_level = 3
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            provider_options = [{"device_id": str(self.device_id)}] if self.memory_device != "cpu" else None
+            self._sessions[config] = self._ort.InferenceSession(
+                build_model(self._onnx, config), options, providers=[self.ep], provider_options=provider_options)
+        return self._sessions[config]
+
+    def open_cache(self, spec: CacheSpec) -> OnnxRuntimeCache:
+        if spec.kv_dtype not in KV_DTYPES:
+            raise NotSupported(f"the onnxruntime backend binds {', '.join(KV_DTYPES)} caches, not {spec.kv_dtype} "
+                               f"(GroupQueryAttention's int8/int4/fp8 caches use per-tensor or per-channel scales, "
+                               f"not the contract's formats; NumPy has no bfloat16 to bind)")
+        config = OpConfig.of(spec)
+        try:
+            session = self._session(config)
+        except Exception as exc:  # an old onnxruntime without the op or an attribute, or a provider refusal
+            raise NotSupported(f"onnxruntime {self._ort.__version__} {self.ep} cannot build GroupQueryAttention "
+                               f"for {spec.describe()} {spec.kv_dtype}: {_one_line(exc)}") from None
+        return OnnxRuntimeCache(self, spec, session)
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def to_numpy(self, native: Any) -> np.ndarray:
+        return np.asarray(native)
+
+    def synchronize(self) -> None:
+        return None  # run_with_iobinding returns once the outputs are ready
+
+    def memory_in_use(self) -> Optional[int]:
+        if self.memory_device == "cpu":
+            return None
+        return _nvml_used(self.device_id) if self.memory_device == "cuda" else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name":
+                    return value.strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _nvml_used(device_id: int) -> Optional[int]:
+    """Device memory in use by NVML, when pynvml is installed."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_id)).used)
+    except Exception:
+        return None
