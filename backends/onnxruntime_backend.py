@@ -39,8 +39,11 @@ from pytest_longctx.protocol import BackendInfo
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
 
-OPTIONS = ("ep", "threads", "device_id")
-KV_DTYPES = ("float32", "float16")
+OPTIONS = ("ep", "compute", "threads", "device_id")
+# What the op's T (query, key, value, cos/sin, output) is: the cache's type, as in a model
+# exported in that precision, or float32 beside a half-precision cache (T_CACHE != T).
+COMPUTE = ("cache", "float32")
+KV_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_EP = "CPUExecutionProvider"
 # Pre-RoPE positions kept per layer for attend (the suite asks for up to 16 queries).
 TAIL = 16
@@ -69,7 +72,15 @@ _PROVIDERS: Dict[str, Tuple[str, str]] = {
     "NnapiExecutionProvider": ("npu", "cpu"),
 }
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# NumPy storage and ONNX element type of each kv dtype (bfloat16 as its bits).
+_STORAGE = {"float32": (np.float32, 1), "float16": (np.float16, 10), "bfloat16": (np.uint16, 16)}
+
+
+def _decode(stored: np.ndarray) -> np.ndarray:
+    """Stored values as a fresh float32 array; uint16 storage holds bfloat16 bits."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
 
 
 def _import_ort() -> Tuple[Any, Any]:
@@ -99,25 +110,28 @@ class OpConfig:
     window: int  # local_window_size, -1 for none
     softcap: float
     scale: float
-    kv_dtype: str
+    kv_dtype: str  # the cache's type (the op's T_CACHE)
+    io_dtype: str  # query, key, value, cos/sin caches and output (the op's T)
 
     @classmethod
-    def of(cls, spec: CacheSpec) -> "OpConfig":
+    def of(cls, spec: CacheSpec, compute: str) -> "OpConfig":
         return cls(spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.rotary_dim, spec.rope.style == "gptj",
-                   spec.sliding_window or -1, float(spec.softcap or 0.0), float(spec.scale), spec.kv_dtype)
+                   spec.sliding_window or -1, float(spec.softcap or 0.0), float(spec.scale), spec.kv_dtype,
+                   spec.kv_dtype if compute == "cache" else "float32")
 
 
 def build_model(onnx: Any, config: OpConfig) -> bytes:
     """The one-node model: query, key, value, the shared past buffers, lengths, cos/sin caches."""
     helper, proto = onnx.helper, onnx.TensorProto
-    elem = {"float32": proto.FLOAT, "float16": proto.FLOAT16}[config.kv_dtype]
+    types = {"float32": proto.FLOAT, "float16": proto.FLOAT16, "bfloat16": proto.BFLOAT16}
+    elem, cache = types[config.io_dtype], types[config.kv_dtype]
     h, kv, d = config.n_heads, config.n_kv_heads, config.head_dim
     inputs = [
         helper.make_tensor_value_info("query", elem, [1, "S", h * d]),
         helper.make_tensor_value_info("key", elem, [1, "S", kv * d]),
         helper.make_tensor_value_info("value", elem, [1, "S", kv * d]),
-        helper.make_tensor_value_info("past_key", elem, [1, kv, "M", d]),
-        helper.make_tensor_value_info("past_value", elem, [1, kv, "M", d]),
+        helper.make_tensor_value_info("past_key", cache, [1, kv, "M", d]),
+        helper.make_tensor_value_info("past_value", cache, [1, kv, "M", d]),
         helper.make_tensor_value_info("seqlens_k", proto.INT32, [1]),
         helper.make_tensor_value_info("total_sequence_length", proto.INT32, []),
     ]
@@ -128,8 +142,8 @@ def build_model(onnx: Any, config: OpConfig) -> bytes:
             names.append(name)
     outputs = [
         helper.make_tensor_value_info("output", elem, [1, "S", h * d]),
-        helper.make_tensor_value_info("present_key", elem, [1, kv, "M", d]),
-        helper.make_tensor_value_info("present_value", elem, [1, kv, "M", d]),
+        helper.make_tensor_value_info("present_key", cache, [1, kv, "M", d]),
+        helper.make_tensor_value_info("present_value", cache, [1, kv, "M", d]),
     ]
     node = helper.make_node(
         "GroupQueryAttention", names, [o.name for o in outputs], domain="com.microsoft",
@@ -159,12 +173,12 @@ def rope_caches(spec: CacheSpec, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
 class OnnxRuntimeCache:
     """A KV cache of one spec: per layer K and V buffers that the op updates in place."""
 
-    def __init__(self, backend: "OnnxRuntimeBackend", spec: CacheSpec, session: Any) -> None:
+    def __init__(self, backend: "OnnxRuntimeBackend", spec: CacheSpec, session: Any, io_dtype: str) -> None:
         self.spec = spec
         self._ort = backend._ort
         self._session = session
         self._device, self._device_id = backend.memory_device, backend.device_id
-        self._dtype = _NP_DTYPES[spec.kv_dtype]
+        storage, onnx_type = _STORAGE[spec.kv_dtype]
         shape = (1, spec.n_kv_heads, spec.max_positions, spec.head_dim)
         OrtValue = self._ort.OrtValue
         self._host: List[Tuple[np.ndarray, np.ndarray]] = []
@@ -172,21 +186,27 @@ class OnnxRuntimeCache:
         for _ in range(spec.n_layers):
             if self._device == "cpu":
                 # NumPy memory the OrtValue wraps: tracemalloc sees it at open, read() slices it.
-                k, v = np.empty(shape, self._dtype), np.empty(shape, self._dtype)
+                k, v = np.empty(shape, storage), np.empty(shape, storage)
                 self._host.append((k, v))
-                self._buffers.append((OrtValue.ortvalue_from_numpy(k), OrtValue.ortvalue_from_numpy(v)))
+                self._buffers.append((OrtValue.ortvalue_from_numpy_with_onnx_type(k, onnx_type),
+                                      OrtValue.ortvalue_from_numpy_with_onnx_type(v, onnx_type)))
+            elif spec.kv_dtype == "bfloat16":
+                raise NotSupported(f"a bfloat16 cache in {self._device} memory: NumPy has no bfloat16 to allocate it")
             else:
                 self._buffers.append(tuple(
-                    OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self._device, self._device_id)
+                    OrtValue.ortvalue_from_shape_and_type(shape, storage, self._device, self._device_id)
                     for _ in range(2)))
+        io = _STORAGE[io_dtype][0]
+        self._io = io
         self._rope: Optional[Tuple[Any, Any]] = None
         if spec.rotary_dim:
-            cos, sin = rope_caches(spec, self._dtype)
+            cos, sin = rope_caches(spec, io)
             self._rope = (self._device_value(cos), self._device_value(sin))
-        self._zeros = np.zeros((1, APPEND_STEP, spec.n_heads * spec.head_dim), self._dtype)
-        empty = np.zeros((0, spec.n_kv_heads, spec.head_dim), self._dtype)
+        self._zeros = np.zeros((1, APPEND_STEP, spec.n_heads * spec.head_dim), io)
+        empty = np.zeros((0, spec.n_kv_heads, spec.head_dim), io)
         self._tails: List[Tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * spec.n_layers
         self._lengths = [0] * spec.n_layers
+        self._item = np.dtype(storage).itemsize
         self._closed = False
 
     def _device_value(self, array: np.ndarray) -> Any:
@@ -207,7 +227,7 @@ class OnnxRuntimeCache:
         expected = ("n", heads, self.spec.head_dim)
         if array.ndim != 3 or array.shape[1:] != expected[1:]:
             raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
-        return np.ascontiguousarray(array, dtype=self._dtype)
+        return np.ascontiguousarray(array, dtype=self._io)
 
     # --- the op ---
 
@@ -279,14 +299,13 @@ class OnnxRuntimeCache:
             k, v = self._host[layer]
         else:  # a device buffer: copied whole to the host, then sliced (slow; see README)
             k, v = (x.numpy() for x in self._buffers[layer])
-        return (k[0, :, start:stop].transpose(1, 0, 2).astype(np.float32),
-                v[0, :, start:stop].transpose(1, 0, 2).astype(np.float32))
+        return _decode(k[0, :, start:stop].transpose(1, 0, 2)), _decode(v[0, :, start:stop].transpose(1, 0, 2))
 
     def nbytes(self) -> int:
         if self._closed:
             return 0
         return 2 * self.spec.n_layers * int(np.prod(
-            (self.spec.n_kv_heads, self.spec.max_positions, self.spec.head_dim))) * np.dtype(self._dtype).itemsize
+            (self.spec.n_kv_heads, self.spec.max_positions, self.spec.head_dim))) * self._item
 
     def close(self) -> None:
         self._buffers, self._host, self._rope, self._tails = [], [], None, []
@@ -300,14 +319,19 @@ def _option_error(key: str, value: Any, expected: str) -> SpecError:
 
 class OnnxRuntimeBackend:
     """The "onnxruntime" backend. Options: ep (execution provider, default
-    CPUExecutionProvider), threads (intra-op threads; default ONNX Runtime's),
-    device_id (for device providers, default 0)."""
+    CPUExecutionProvider), compute (cache: the op's inputs and output in the
+    cache's type, default; float32: float32 beside a half-precision cache),
+    threads (intra-op threads; default ONNX Runtime's), device_id (for device
+    providers, default 0)."""
 
     name = "onnxruntime"
 
-    def __init__(self, *, ep: str = DEFAULT_EP, threads: Optional[int] = None, device_id: int = 0) -> None:
+    def __init__(self, *, ep: str = DEFAULT_EP, compute: str = "cache", threads: Optional[int] = None,
+                 device_id: int = 0) -> None:
         if not isinstance(ep, str) or not ep.endswith("ExecutionProvider"):
             raise _option_error("ep", ep, "an execution provider name such as CPUExecutionProvider")
+        if compute not in COMPUTE:
+            raise _option_error("compute", compute, f"one of {', '.join(COMPUTE)}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise _option_error("threads", threads, "a positive integer")
         if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
@@ -319,9 +343,10 @@ class OnnxRuntimeBackend:
                 f"onnxruntime {self._ort.__version__} has no {ep} (installed: {', '.join(available)}); "
                 f"install the onnxruntime package built with it"
             )
-        self.ep, self.threads, self.device_id = ep, threads, device_id
+        self.ep, self.compute, self.threads, self.device_id = ep, compute, threads, device_id
         self.device_kind, self.memory_device = _PROVIDERS.get(ep, ("gpu", "cpu"))
         self._sessions: Dict[OpConfig, Any] = {}
+        self._kv_dtypes: Optional[Tuple[str, ...]] = None
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -329,10 +354,24 @@ class OnnxRuntimeBackend:
             device_kind=self.device_kind,
             device_name=self.ep if self.device_kind != "cpu" else f"{self.ep} ({_cpu_name()})",
             vendor="",
-            versions={"onnxruntime": self._ort.__version__, "onnx": self._onnx.__version__, "ep": self.ep},
-            kv_dtypes=KV_DTYPES,
+            versions={"onnxruntime": self._ort.__version__, "onnx": self._onnx.__version__, "ep": self.ep,
+                      "compute": self.compute},
+            kv_dtypes=self.kv_dtypes(),
             max_positions=None,
         )
+
+    def kv_dtypes(self) -> Tuple[str, ...]:
+        """The cache types this provider builds the op for (a small probe session each, once)."""
+        if self._kv_dtypes is None:
+            supported = []
+            for dtype in KV_DTYPES:
+                io = dtype if self.compute == "cache" else "float32"
+                probe = OpConfig(2, 1, 8, 8, False, -1, 0.0, 8 ** -0.5, dtype, io)
+                with contextlib.suppress(Exception):
+                    self._session(probe)
+                    supported.append(dtype)
+            self._kv_dtypes = tuple(supported)
+        return self._kv_dtypes
 
     def _session(self, config: OpConfig) -> Any:
         """One session per op config, shared by every cache and layer of that config."""
@@ -352,14 +391,17 @@ class OnnxRuntimeBackend:
         if spec.kv_dtype not in KV_DTYPES:
             raise NotSupported(f"the onnxruntime backend binds {', '.join(KV_DTYPES)} caches, not {spec.kv_dtype} "
                                f"(GroupQueryAttention's int8/int4/fp8 caches use per-tensor or per-channel scales, "
-                               f"not the contract's formats; NumPy has no bfloat16 to bind)")
-        config = OpConfig.of(spec)
+                               f"not the contract's block formats)")
+        config = OpConfig.of(spec, self.compute)
+        if config.io_dtype == "bfloat16":
+            raise NotSupported("bfloat16 queries and outputs cannot be passed from NumPy; "
+                               "onnxruntime[compute=float32] keeps a bfloat16 cache with float32 inputs")
         try:
             session = self._session(config)
         except Exception as exc:  # an old onnxruntime without the op or an attribute, or a provider refusal
             raise NotSupported(f"onnxruntime {self._ort.__version__} {self.ep} cannot build GroupQueryAttention "
                                f"for {spec.describe()} {spec.kv_dtype}: {_one_line(exc)}") from None
-        return OnnxRuntimeCache(self, spec, session)
+        return OnnxRuntimeCache(self, spec, session, config.io_dtype)
 
     def asarray(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
