@@ -29,6 +29,7 @@ unavailable, with the reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,9 +48,10 @@ KV_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_EP = "CPUExecutionProvider"
 # Pre-RoPE positions kept per layer for attend (the suite asks for up to 16 queries).
 TAIL = 16
-# Positions per op call of an append: the CPU kernel holds n x length attention scores
-# per head while it runs, so a long append goes in steps.
-APPEND_STEP = 256
+# Positions per op call of an append: a store attends its zero queries over the positions
+# it writes (n^2 per KV head), so long appends go in steps; 64 was the fastest per position
+# of 64..512 for qwen3-0.6b's heads on the CPU provider.
+APPEND_STEP = 64
 
 # Device kind and OrtValue device of each execution provider this backend knows.
 # Providers whose inputs and outputs live in host memory use "cpu" buffers.
@@ -127,23 +129,23 @@ def build_model(onnx: Any, config: OpConfig) -> bytes:
     elem, cache = types[config.io_dtype], types[config.kv_dtype]
     h, kv, d = config.n_heads, config.n_kv_heads, config.head_dim
     inputs = [
-        helper.make_tensor_value_info("query", elem, [1, "S", h * d]),
-        helper.make_tensor_value_info("key", elem, [1, "S", kv * d]),
-        helper.make_tensor_value_info("value", elem, [1, "S", kv * d]),
-        helper.make_tensor_value_info("past_key", cache, [1, kv, "M", d]),
-        helper.make_tensor_value_info("past_value", cache, [1, kv, "M", d]),
-        helper.make_tensor_value_info("seqlens_k", proto.INT32, [1]),
+        helper.make_tensor_value_info("query", elem, ["B", "S", h * d]),
+        helper.make_tensor_value_info("key", elem, ["B", "S", kv * d]),
+        helper.make_tensor_value_info("value", elem, ["B", "S", kv * d]),
+        helper.make_tensor_value_info("past_key", cache, ["B", kv, "M", d]),
+        helper.make_tensor_value_info("past_value", cache, ["B", kv, "M", d]),
+        helper.make_tensor_value_info("seqlens_k", proto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", proto.INT32, []),
     ]
     names = [i.name for i in inputs]
     if config.rotary_dim:
         for name in ("cos_cache", "sin_cache"):
-            inputs.append(helper.make_tensor_value_info(name, elem, ["M", config.rotary_dim // 2]))
+            inputs.append(helper.make_tensor_value_info(name, elem, ["R", config.rotary_dim // 2]))
             names.append(name)
     outputs = [
-        helper.make_tensor_value_info("output", elem, [1, "S", h * d]),
-        helper.make_tensor_value_info("present_key", cache, [1, kv, "M", d]),
-        helper.make_tensor_value_info("present_value", cache, [1, kv, "M", d]),
+        helper.make_tensor_value_info("output", elem, ["B", "S", h * d]),
+        helper.make_tensor_value_info("present_key", cache, ["B", kv, "M", d]),
+        helper.make_tensor_value_info("present_value", cache, ["B", kv, "M", d]),
     ]
     node = helper.make_node(
         "GroupQueryAttention", names, [o.name for o in outputs], domain="com.microsoft",
@@ -171,46 +173,56 @@ def rope_caches(spec: CacheSpec, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class OnnxRuntimeCache:
-    """A KV cache of one spec: per layer K and V buffers that the op updates in place."""
+    """A KV cache of one spec: K and V of every layer in one buffer that the op updates in place.
 
-    def __init__(self, backend: "OnnxRuntimeBackend", spec: CacheSpec, session: Any, io_dtype: str) -> None:
+    Layout: K of layer 0..L-1, then V of layer 0..L-1, each (n_kv_heads,
+    max_positions, head_dim) as the op's BNSH past/present with batch 1, then
+    one (max_positions, head_dim) slack block (see ``_view``). Views into it
+    are bound by pointer, so nothing is copied between calls.
+    """
+
+    def __init__(self, backend: "OnnxRuntimeBackend", spec: CacheSpec, sessions: Tuple[Any, Any],
+                 io_dtype: str, in_place: bool) -> None:
         self.spec = spec
+        self._in_place = in_place
         self._ort = backend._ort
-        self._session = session
+        self._append_session, self._attend_session = sessions
         self._device, self._device_id = backend.memory_device, backend.device_id
-        storage, onnx_type = _STORAGE[spec.kv_dtype]
-        shape = (1, spec.n_kv_heads, spec.max_positions, spec.head_dim)
-        OrtValue = self._ort.OrtValue
-        self._host: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._buffers: List[Tuple[Any, Any]] = []
-        for _ in range(spec.n_layers):
-            if self._device == "cpu":
-                # NumPy memory the OrtValue wraps: tracemalloc sees it at open, read() slices it.
-                k, v = np.empty(shape, storage), np.empty(shape, storage)
-                self._host.append((k, v))
-                self._buffers.append((OrtValue.ortvalue_from_numpy_with_onnx_type(k, onnx_type),
-                                      OrtValue.ortvalue_from_numpy_with_onnx_type(v, onnx_type)))
-            elif spec.kv_dtype == "bfloat16":
-                raise NotSupported(f"a bfloat16 cache in {self._device} memory: NumPy has no bfloat16 to allocate it")
-            else:
-                self._buffers.append(tuple(
-                    OrtValue.ortvalue_from_shape_and_type(shape, storage, self._device, self._device_id)
-                    for _ in range(2)))
+        storage, self._onnx_type = _STORAGE[spec.kv_dtype]
+        self._item = np.dtype(storage).itemsize
+        self._layer_values = spec.n_kv_heads * spec.max_positions * spec.head_dim
+        size = 2 * spec.n_layers * self._layer_values + spec.max_positions * spec.head_dim
+        self._host: Optional[np.ndarray] = None
+        if self._device == "cpu":
+            # NumPy memory: tracemalloc sees it at open, its pages are touched as positions are
+            # written, and read() slices it.
+            self._host = np.empty(size, storage)
+            self._buffer = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(self._host, self._onnx_type)
+        elif spec.kv_dtype == "bfloat16":
+            raise NotSupported(f"a bfloat16 cache in {self._device} memory: NumPy has no bfloat16 to allocate it")
+        else:
+            self._buffer = self._ort.OrtValue.ortvalue_from_shape_and_type([size], storage, self._device,
+                                                                           self._device_id)
+        self._ptr = self._buffer.data_ptr()
         io = _STORAGE[io_dtype][0]
-        self._io = io
+        self._io, self._io_type = io, _STORAGE[io_dtype][1]
+        self._io_item = np.dtype(io).itemsize
         self._rope: Optional[Tuple[Any, Any]] = None
         if spec.rotary_dim:
-            cos, sin = rope_caches(spec, io)
-            self._rope = (self._device_value(cos), self._device_value(sin))
-        self._zeros = np.zeros((1, APPEND_STEP, spec.n_heads * spec.head_dim), io)
+            self._rope = tuple(self._device_value(table) for table in rope_caches(spec, io))
+        group = spec.n_heads // spec.n_kv_heads
+        self._zeros = np.zeros((spec.n_kv_heads, APPEND_STEP, group * spec.head_dim), io)
         empty = np.zeros((0, spec.n_kv_heads, spec.head_dim), io)
         self._tails: List[Tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * spec.n_layers
         self._lengths = [0] * spec.n_layers
-        self._item = np.dtype(storage).itemsize
         self._closed = False
 
     def _device_value(self, array: np.ndarray) -> Any:
-        return self._ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
+        """A copy of a host array where the provider keeps its tensors."""
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, self._device,
+                                                                self._device_id)
+        value.update_inplace(array)
+        return value
 
     # --- checks ---
 
@@ -231,26 +243,76 @@ class OnnxRuntimeCache:
 
     # --- the op ---
 
-    def _run(self, layer: int, past: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Any:
-        """One op call: k, v (n, n_kv, d) at positions past .. past+n-1; q (1, n, h*d)."""
-        n = k.shape[0]
-        binding = self._session.io_binding()
-        binding.bind_cpu_input("query", q)
-        binding.bind_cpu_input("key", k.reshape(1, n, -1))
-        binding.bind_cpu_input("value", v.reshape(1, n, -1))
-        k_buf, v_buf = self._buffers[layer]
-        binding.bind_ortvalue_input("past_key", k_buf)
-        binding.bind_ortvalue_input("past_value", v_buf)
+    def _offset(self, tensor: int, layer: int, position: int = 0) -> int:
+        """Byte offset of (K=0/V=1, layer, head 0, position) in the buffer."""
+        return ((tensor * self.spec.n_layers + layer) * self._layer_values
+                + position * self.spec.head_dim) * self._item
+
+    def _bind_cache(self, binding: Any, shape: List[int], layer: int, position: int) -> None:
+        """past_key/past_value and present_key/present_value: the same view of K and V."""
+        for tensor, (past, present) in enumerate((("past_key", "present_key"), ("past_value", "present_value"))):
+            ptr = self._ptr + self._offset(tensor, layer, position)
+            binding.bind_input(past, self._device, self._device_id, self._onnx_type, shape, ptr)
+            binding.bind_output(present, self._device, self._device_id, self._onnx_type, shape, ptr)
+
+    def _bind_io(self, binding: Any, name: str, array: np.ndarray) -> None:
+        if self._io_type == 1:
+            binding.bind_cpu_input(name, array)
+        else:
+            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self._io_type))
+
+    def _store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write k, v (n, n_kv, d) at positions start .. start+n-1 of one layer.
+
+        The op runs in its first-prompt form (no past) on a view that begins at
+        position ``start``, with the cos/sin caches offset by ``start`` rows, so
+        it rotates and writes the new positions without attending over the
+        cache. Each KV head is one batch entry (kv_num_heads=1, batch stride
+        max_positions x head_dim); the view of the last layer's V runs up to
+        start x head_dim values past it, into the slack block, which the op
+        never touches (it writes rows 0 .. n-1 of each entry). The zero query's
+        attention over the n new positions is the only wasted work.
+
+        Where the op would touch rows past the new ones (``_stores_in_place``),
+        the store is the op on the whole layer with past = start and a zero
+        query instead, which also attends over the whole cache.
+        """
+        spec, n = self.spec, k.shape[0]
+        if not self._in_place:
+            self._attend(layer, start, np.zeros((n, spec.n_heads, spec.head_dim), self._io), k, v)
+            return
+        kv, d = spec.n_kv_heads, spec.head_dim
+        binding = self._append_session.io_binding()
+        self._bind_io(binding, "query", self._zeros[:, :n])
+        self._bind_io(binding, "key", np.ascontiguousarray(k.transpose(1, 0, 2)))
+        self._bind_io(binding, "value", np.ascontiguousarray(v.transpose(1, 0, 2)))
+        self._bind_cache(binding, [kv, 1, spec.max_positions, d], layer, start)
+        binding.bind_cpu_input("seqlens_k", np.full(kv, n - 1, np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(n, np.int32))
+        if self._rope is not None:
+            half = spec.rotary_dim // 2
+            for name, table in zip(("cos_cache", "sin_cache"), self._rope):
+                binding.bind_input(name, self._device, self._device_id, self._io_type,
+                                   [spec.max_positions - start, half], table.data_ptr() + start * half * self._io_item)
+        binding.bind_output("output", "cpu")
+        self._append_session.run_with_iobinding(binding)
+
+    def _attend(self, layer: int, past: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """The op on the whole layer: queries and k, v (n, ...) at positions past .. past+n-1."""
+        spec, n = self.spec, k.shape[0]
+        binding = self._attend_session.io_binding()
+        binding.bind_output("output", "cpu")  # first: get_outputs() lists outputs in binding order
+        self._bind_io(binding, "query", q.reshape(1, n, -1))
+        self._bind_io(binding, "key", k.reshape(1, n, -1))
+        self._bind_io(binding, "value", v.reshape(1, n, -1))
+        self._bind_cache(binding, [1, spec.n_kv_heads, spec.max_positions, spec.head_dim], layer, 0)
         binding.bind_cpu_input("seqlens_k", np.array([past + n - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(past + n, np.int32))
         if self._rope is not None:
             binding.bind_ortvalue_input("cos_cache", self._rope[0])
             binding.bind_ortvalue_input("sin_cache", self._rope[1])
-        binding.bind_output("output", "cpu")
-        binding.bind_ortvalue_output("present_key", k_buf)
-        binding.bind_ortvalue_output("present_value", v_buf)
-        self._session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        self._attend_session.run_with_iobinding(binding)
+        return _decode(binding.get_outputs()[0].numpy())
 
     # --- protocol ---
 
@@ -271,13 +333,15 @@ class OnnxRuntimeCache:
             raise ContextLimitExceeded(layer, start, n, spec.max_positions)
         for a in range(0, n, APPEND_STEP):
             b = min(a + APPEND_STEP, n)
-            self._run(layer, start + a, self._zeros[:, : b - a], k[a:b], v[a:b])
+            self._store(layer, start + a, k[a:b], v[a:b])
             self._lengths[layer] = start + b
         tail_k, tail_v = self._tails[layer]
         self._tails[layer] = (np.concatenate([tail_k, k[-TAIL:]])[-TAIL:],
                               np.concatenate([tail_v, v[-TAIL:]])[-TAIL:])
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
+        """The op over the whole layer with past = length - n_q: the last n_q positions go in
+        again as new K/V (pre-RoPE, from the tail) and are rewritten with the same values."""
         self._check_open()
         self._check_layer(layer)
         spec = self.spec
@@ -286,8 +350,8 @@ class OnnxRuntimeCache:
         if not 1 <= n_q <= min(length, TAIL):
             raise ValueError(f"n_q={n_q}, but should be between 1 and min(length {length}, {TAIL} kept pre-RoPE)")
         tail_k, tail_v = self._tails[layer]
-        out = self._run(layer, length - n_q, q.reshape(1, n_q, -1), tail_k[-n_q:], tail_v[-n_q:])
-        return out.numpy().reshape(n_q, spec.n_heads, spec.head_dim).astype(np.float32)
+        out = self._attend(layer, length - n_q, q, tail_k[-n_q:], tail_v[-n_q:])
+        return out.reshape(n_q, spec.n_heads, spec.head_dim)
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         self._check_open()
@@ -295,21 +359,57 @@ class OnnxRuntimeCache:
         length = self._lengths[layer]
         if not 0 <= start <= stop <= length:
             raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
-        if self._host:
-            k, v = self._host[layer]
-        else:  # a device buffer: copied whole to the host, then sliced (slow; see README)
-            k, v = (x.numpy() for x in self._buffers[layer])
-        return _decode(k[0, :, start:stop].transpose(1, 0, 2)), _decode(v[0, :, start:stop].transpose(1, 0, 2))
+        spec = self.spec
+        shape = (spec.n_kv_heads, spec.max_positions, spec.head_dim)
+        out = []
+        for tensor in (0, 1):
+            first = self._offset(tensor, layer) // self._item
+            layer_values = self._stored()[first:first + self._layer_values].reshape(shape)
+            out.append(_decode(layer_values[:, start:stop].transpose(1, 0, 2)))
+        return out[0], out[1]
+
+    def _stored(self) -> np.ndarray:
+        """The buffer as NumPy: the host buffer itself, or a device buffer copied whole (slow; see README)."""
+        if self._host is not None:
+            return self._host
+        return self._buffer.numpy()
 
     def nbytes(self) -> int:
+        """Bytes of the buffer bound to the op, slack block included."""
         if self._closed:
             return 0
-        return 2 * self.spec.n_layers * int(np.prod(
-            (self.spec.n_kv_heads, self.spec.max_positions, self.spec.head_dim))) * self._item
+        return (2 * self.spec.n_layers * self._layer_values + self.spec.max_positions * self.spec.head_dim) * self._item
 
     def close(self) -> None:
-        self._buffers, self._host, self._rope, self._tails = [], [], None, []
+        self._buffer = self._host = self._rope = None
+        self._tails = []
         self._closed = True
+
+
+def _stores_in_place(backend: "OnnxRuntimeBackend", spec: CacheSpec, sessions: Tuple[Any, Any],
+                     io_dtype: str) -> bool:
+    """Whether the op, run on a view that starts at the write position, writes only the new
+    rows of each batch entry (as the float32 and float16 CPU kernels do; with float32 inputs
+    beside a float16 cache, ONNX Runtime 1.32's CPU kernel zeroes every row past the new
+    length instead). Checked on a small cache of the same config filled with ones."""
+    probe = OnnxRuntimeCache(backend, spec.replace(n_layers=1, max_positions=8), sessions, io_dtype, True)
+    try:
+        ones = np.ones(probe._buffer.shape(), probe._host.dtype if probe._host is not None else np.float32)
+        if probe._host is not None:
+            probe._host[...] = ones.astype(probe._host.dtype) if probe._host.dtype != np.uint16 else 0x3F80
+        else:
+            probe._buffer.update_inplace(ones.astype(_STORAGE[spec.kv_dtype][0]))
+        zeros = np.zeros((2, spec.n_kv_heads, spec.head_dim), np.float32)
+        probe.append(0, zeros, zeros)
+        probe.append(0, zeros, zeros)
+        stored = _decode(probe._stored())
+        kv = stored[:2 * probe._layer_values].reshape(2, spec.n_kv_heads, 8, spec.head_dim)
+        return bool(np.all(kv[:, :, :4] == 0) and np.all(kv[:, :, 4:] == 1)
+                    and np.all(stored[2 * probe._layer_values:] == 1))
+    except Exception:
+        return False
+    finally:
+        probe.close()
 
 
 def _option_error(key: str, value: Any, expected: str) -> SpecError:
@@ -347,6 +447,7 @@ class OnnxRuntimeBackend:
         self.device_kind, self.memory_device = _PROVIDERS.get(ep, ("gpu", "cpu"))
         self._sessions: Dict[OpConfig, Any] = {}
         self._kv_dtypes: Optional[Tuple[str, ...]] = None
+        self._in_place: Dict[OpConfig, bool] = {}
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -393,15 +494,19 @@ class OnnxRuntimeBackend:
                                f"(GroupQueryAttention's int8/int4/fp8 caches use per-tensor or per-channel scales, "
                                f"not the contract's block formats)")
         config = OpConfig.of(spec, self.compute)
+        # The store runs one KV head per batch entry, no window, softcap or scale to honour.
+        store = dataclasses.replace(config, n_heads=spec.group_size, n_kv_heads=1, window=-1, softcap=0.0)
         if config.io_dtype == "bfloat16":
             raise NotSupported("bfloat16 queries and outputs cannot be passed from NumPy; "
                                "onnxruntime[compute=float32] keeps a bfloat16 cache with float32 inputs")
         try:
-            session = self._session(config)
+            sessions = (self._session(store), self._session(config))
         except Exception as exc:  # an old onnxruntime without the op or an attribute, or a provider refusal
             raise NotSupported(f"onnxruntime {self._ort.__version__} {self.ep} cannot build GroupQueryAttention "
                                f"for {spec.describe()} {spec.kv_dtype}: {_one_line(exc)}") from None
-        return OnnxRuntimeCache(self, spec, session, config.io_dtype)
+        if config not in self._in_place:
+            self._in_place[config] = _stores_in_place(self, spec, sessions, config.io_dtype)
+        return OnnxRuntimeCache(self, spec, sessions, config.io_dtype, self._in_place[config])
 
     def asarray(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
