@@ -256,7 +256,7 @@ class OnnxRuntimeCache:
             binding.bind_output(present, self._device, self._device_id, self._onnx_type, shape, ptr)
 
     def _bind_io(self, binding: Any, name: str, array: np.ndarray) -> None:
-        if self._io_type == 1:
+        if array.dtype != np.uint16:  # NumPy knows the type
             binding.bind_cpu_input(name, array)
         else:
             binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self._io_type))
