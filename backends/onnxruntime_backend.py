@@ -445,7 +445,7 @@ class OnnxRuntimeBackend:
             )
         self.ep, self.compute, self.threads, self.device_id = ep, compute, threads, device_id
         self.device_kind, self.memory_device = _PROVIDERS.get(ep, ("gpu", "cpu"))
-        self._sessions: Dict[OpConfig, Any] = {}
+        self._sessions: Dict[Tuple[OpConfig, Optional[int]], Any] = {}
         self._kv_dtypes: Optional[Tuple[str, ...]] = None
         self._in_place: Dict[OpConfig, bool] = {}
 
@@ -474,23 +474,25 @@ class OnnxRuntimeBackend:
             self._kv_dtypes = tuple(supported)
         return self._kv_dtypes
 
-    def _session(self, config: OpConfig) -> Any:
-        """One session per op config, shared by every cache and layer of that config."""
-        if config not in self._sessions:
+    def _session(self, config: OpConfig, threads: Optional[int] = None) -> Any:
+        """One session per op config (and thread count), shared by every cache and layer of that config."""
+        threads = threads or self.threads
+        if (config, threads) not in self._sessions:
             options = self._ort.SessionOptions()
             # Scratch is freed after each run instead of kept in an arena: memory stays what the cache holds.
             options.enable_cpu_mem_arena = False
             options.log_severity_level = 3
-            if self.threads:
-                options.intra_op_num_threads = self.threads
+            if threads:
+                options.intra_op_num_threads = threads
             provider_options = [{"device_id": str(self.device_id)}] if self.memory_device != "cpu" else None
-            self._sessions[config] = self._ort.InferenceSession(
+            self._sessions[(config, threads)] = self._ort.InferenceSession(
                 build_model(self._onnx, config), options, providers=[self.ep], provider_options=provider_options)
-        return self._sessions[config]
+        return self._sessions[(config, threads)]
 
     def open_cache(self, spec: CacheSpec) -> OnnxRuntimeCache:
         if spec.kv_dtype not in KV_DTYPES:
-            raise NotSupported(f"the onnxruntime backend binds {', '.join(KV_DTYPES)} caches, not {spec.kv_dtype} "
+            raise NotSupported(f"the onnxruntime backend binds {', '.join(KV_DTYPES)} caches ({', '.join(self.kv_dtypes())} "
+                               f"on {self.ep}), not {spec.kv_dtype} "
                                f"(GroupQueryAttention's int8/int4/fp8 caches use per-tensor or per-channel scales, "
                                f"not the contract's block formats)")
         config = OpConfig.of(spec, self.compute)
@@ -500,7 +502,8 @@ class OnnxRuntimeBackend:
             raise NotSupported("bfloat16 queries and outputs cannot be passed from NumPy; "
                                "onnxruntime[compute=float32] keeps a bfloat16 cache with float32 inputs")
         try:
-            sessions = (self._session(store), self._session(config))
+            # A store is a few small products per KV head: one thread, no pool to wake or spin.
+            sessions = (self._session(store, threads=1), self._session(config))
         except Exception as exc:  # an old onnxruntime without the op or an attribute, or a provider refusal
             raise NotSupported(f"onnxruntime {self._ort.__version__} {self.ep} cannot build GroupQueryAttention "
                                f"for {spec.describe()} {spec.kv_dtype}: {_one_line(exc)}") from None
