@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError
-from pytest_longctx.protocol import BackendInfo
+from pytest_longctx.protocol import BackendInfo, ExpectedFailure
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
 
@@ -459,7 +459,22 @@ class OnnxRuntimeBackend:
                       "compute": self.compute},
             kv_dtypes=self.kv_dtypes(),
             max_positions=None,
+            expected_failures=self._expected_failures(),
         )
+
+    def _expected_failures(self) -> Tuple[ExpectedFailure, ...]:
+        """With compute=cache, a half-precision cache means the op's queries, cos/sin caches and
+        output are half precision too: the suite's float32 yardstick is 1-2x closer to the truth,
+        by seed, and its factor of 3 is met only sometimes (README, Findings)."""
+        if self.compute != "cache":
+            return ()
+        reason = ("compute=cache: queries, cos/sin caches and output are {0} like the cache, so queries are "
+                  "rounded and rotated in {0}; onnxruntime[compute=float32] keeps them float32")
+        # Attention outputs only: what the cache stores (read, limits, memory) is judged as it is.
+        tests = ("test_attention_matches_reference", "test_attention_features_match_reference",
+                 "test_rope_matches_reference_at_long_positions", "test_decode_attention_rate_meets_floor_and_is_correct")
+        return tuple(ExpectedFailure(reason.format(dtype), kv_dtype=dtype, test=test)
+                     for dtype in ("float16", "bfloat16") for test in tests)
 
     def kv_dtypes(self) -> Tuple[str, ...]:
         """The cache types this provider builds the op for (a small probe session each, once)."""
