@@ -258,7 +258,9 @@ def test_the_suite_passes_on_the_cpu_provider(pytester: pytest.Pytester) -> None
     )
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    assert outcomes["passed"] >= 40, outcomes
+    # float16 attention outputs are declared expected failures (compute=cache): xfailed or xpassed.
+    ran = outcomes.get("passed", 0) + outcomes.get("xfailed", 0) + outcomes.get("xpassed", 0)
+    assert ran >= 40 and outcomes.get("skipped", 0) == 0, outcomes
     result.stdout.fnmatch_lines(["*longctx: backend onnxruntime on cpu*"])
 
 
