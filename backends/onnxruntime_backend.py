@@ -1,7 +1,7 @@
 """The "onnxruntime" backend: a KV cache run by ONNX Runtime's GroupQueryAttention.
 
-The cache is what ONNX Runtime's own generate loop keeps: per layer a K and a V
-buffer of (1, n_kv_heads, max_positions, head_dim) in the execution provider's
+The cache is what ONNX Runtime's own generate loop keeps: K and V buffers of
+(1, n_kv_heads, max_positions, head_dim) per layer in the execution provider's
 memory, bound with IOBinding as both past_key/past_value and present_key/
 present_value of a one-node GroupQueryAttention model (domain com.microsoft),
 so the op writes new positions in place and nothing else is copied. RoPE is
@@ -9,17 +9,19 @@ the op's own (do_rotary with cos/sin caches built here from the contract's
 frequencies, the attention factor folded in; rotary_interleaved for gptj),
 the sliding window is local_window_size, softcap and scale are attributes.
 
-The op always appends K/V together with a query, and the contract separates
-the two, which costs:
+The op appends K/V only together with a query, and the contract separates the
+two, which costs:
 
-- append runs the op with a zero query and discards the output, so every
-  append also computes attention of the new positions over the whole cache
-  (the CPU kernel computes it whether or not anyone reads it); and
-- attend runs the op with the past length set to length - n_q and, as new
-  K/V, the pre-RoPE K/V of the last n_q positions, which the op rotates and
-  writes again with the same values. So each layer keeps the pre-RoPE K/V of
-  its last ``TAIL`` positions on the host (``TAIL`` positions x 2 x n_kv_heads x
-  head_dim values), and attend takes at most ``TAIL`` queries.
+- append runs the op in its first-prompt form on a view that starts at the
+  write position (``OnnxRuntimeCache._store``): one call per layer and step of
+  ``APPEND_STEP`` positions, whose zero queries attend over the positions
+  being written only; and
+- attend runs the op on the whole layer with the past length set to
+  length - n_q and, as new K/V, the pre-RoPE K/V of the last n_q positions,
+  which the op rotates and writes again with the same values. So each layer
+  keeps the pre-RoPE K/V of its last ``TAIL`` positions on the host (``TAIL``
+  positions x 2 x n_kv_heads x head_dim values), and attend takes at most
+  ``TAIL`` queries.
 
 onnxruntime and onnx are imported when the backend is constructed, so that
 listing the built-ins imports nothing heavy; without them the backend is
@@ -49,8 +51,8 @@ DEFAULT_EP = "CPUExecutionProvider"
 # Pre-RoPE positions kept per layer for attend (the suite asks for up to 16 queries).
 TAIL = 16
 # Positions per op call of an append: a store attends its zero queries over the positions
-# it writes (n^2 per KV head), so long appends go in steps; 64 was the fastest per position
-# of 64..512 for qwen3-0.6b's heads on the CPU provider.
+# it writes (n^2 per KV head), so long appends go in steps; 64 was among the fastest per
+# position of 16..512 for qwen3-0.6b's heads on the CPU provider (a noisy, shared machine).
 APPEND_STEP = 64
 
 # Device kind and OrtValue device of each execution provider this backend knows.
