@@ -18,6 +18,7 @@ class Builtin(NamedTuple):
 BUILTINS = {
     "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
     "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
+    "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.

@@ -1,10 +1,15 @@
-"""``longctx-bench``: print fill, retrieve and attention figures for one backend.
+"""``longctx-bench``: print fill, retrieve and attention figures for one backend, or side by side.
 
 Speed targets live here, as printed figures, not in timed unit tests: every
 figure is also a fraction of this device's memory bandwidth, probed in the same
 run, because the machines this runs on are shared and noisy.
 
     longctx-bench --backend cpu --shape qwen3-0.6b --positions 16384 --kv-dtype float16
+    longctx-bench --backend cpu --backend onnxruntime --positions 16384 --kv-dtype float32,float16
+
+With one ``--backend`` each case is a table of workloads; with several, one
+table per case has a column per backend (each cell: median, spread, GB/s and
+fraction of that backend's bandwidth). Backends run one after the other.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import argparse
 import platform
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tabulate import tabulate
@@ -84,9 +89,32 @@ def bench_case(backend, spec: CacheSpec, repeats: int, chunk: int, seed: int) ->
     ]
 
 
+HEADERS = ["workload", "median", "unit", "spread", "GB/s", "fraction"]
+
+
+def _cell(row: List[str]) -> str:
+    """One backend's figures for a workload, for the side-by-side table."""
+    _, median, unit, spread, gbps, fraction = row
+    text = f"{median} {unit} {spread}"
+    if gbps:
+        text += f", {gbps} GB/s"
+    if fraction:
+        text += f" ({fraction})"
+    return text
+
+
+def _describe(label: str, backend: Any, bandwidth: Any) -> str:
+    info = backend.info()
+    versions = ", ".join(f"{k} {v}" for k, v in info.versions.items())
+    return (f"{label}: {info.name} ({info.device_kind}: {info.device_name}; {versions}); bandwidth: copy "
+            f"{bandwidth.copy_gbps:.1f} GB/s, read {bandwidth.read_gbps:.1f} GB/s ({bandwidth.method})")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="longctx-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="cpu", help="backend name, NAME[key=value] or module:factory")
+    parser.add_argument("--backend", action="append",
+                        help="backend name, NAME[key=value] or module:factory; repeat for a side-by-side table "
+                             "(default cpu)")
     parser.add_argument("--shape", default="qwen3-0.6b", help="preset, file or key=value,...")
     parser.add_argument("--positions", default="16384", help="comma-separated positions")
     parser.add_argument("--kv-dtype", default="float16", help="comma-separated kv dtypes")
@@ -94,13 +122,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    labels = args.backend or ["cpu"]
     try:
-        backend = load_backend(args.backend)
+        backends = [load_backend(label) for label in labels]
         shape = parse_shape(args.shape)
         positions = parse_positions(args.positions)
         dtypes = parse_kv_dtypes(args.kv_dtype)
     except LongctxError as exc:
         parser.error(str(exc))
+    if len(backends) == 1:
+        return _one_backend(backends[0], args, shape, positions, dtypes)
+    return _side_by_side(labels, backends, args, shape, positions, dtypes)
+
+
+def _run_case(backend: Any, spec: CacheSpec, args: argparse.Namespace) -> Tuple[Optional[List[List[str]]], str, int]:
+    """The rows of one case, or None and why not (skipped, not supported, failed), and an exit status."""
+    n = spec.max_positions
+    # Beside the cache: the float64 K and V of one layer, rotated, for the reference.
+    working = 4 * 2 * n * spec.n_kv_heads * spec.head_dim * 8
+    reason = cache_preflight(backend, spec, working)
+    if reason:
+        return None, f"skipped, {reason}", 0
+    try:
+        return bench_case(backend, spec, args.repeats, args.chunk, args.seed), "", 0
+    except NotSupported as exc:
+        return None, f"not supported, {exc.reason}", 0
+    except LongctxError as exc:
+        return None, f"failed, {exc}", 1
+
+
+def _one_backend(backend: Any, args: argparse.Namespace, shape: CacheSpec, positions: Sequence[int],
+                 dtypes: Sequence[str]) -> int:
     info = backend.info()
     bandwidth = backend_bandwidth(backend)
     print(f"longctx-bench {__version__}: backend {info.name} ({info.device_kind}: {info.device_name}), "
@@ -112,23 +164,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for n in positions:
             spec = shape.replace(kv_dtype=dtype, max_positions=n)
             title = f"\n{dtype} @ {n} positions: KV {format_bytes(spec.kv_bytes(n))}"
-            # Beside the cache: the float64 K and V of one layer, rotated, for the reference.
-            working = 4 * 2 * n * spec.n_kv_heads * spec.head_dim * 8
-            reason = cache_preflight(backend, spec, working)
-            if reason:
-                print(f"{title}: skipped, {reason}")
-                continue
-            try:
-                rows = bench_case(backend, spec, args.repeats, args.chunk, args.seed)
-            except NotSupported as exc:
-                print(f"{title}: not supported, {exc.reason}")
-                continue
-            except LongctxError as exc:
-                print(f"{title}: failed, {exc}")
-                status = 1
+            rows, why, failed = _run_case(backend, spec, args)
+            status |= failed
+            if rows is None:
+                print(f"{title}: {why}")
                 continue
             print(title)
-            print(tabulate(rows, headers=["workload", "median", "unit", "spread", "GB/s", "fraction"]))
+            print(tabulate(rows, headers=HEADERS))
+    return status
+
+
+def _side_by_side(labels: Sequence[str], backends: Sequence[Any], args: argparse.Namespace, shape: CacheSpec,
+                  positions: Sequence[int], dtypes: Sequence[str]) -> int:
+    print(f"longctx-bench {__version__}: python {platform.python_version()}, numpy {np.__version__}")
+    for label, backend in zip(labels, backends):
+        print(_describe(label, backend, backend_bandwidth(backend)))
+    print(f"shape {args.shape} ({shape.describe()}); each cell: median unit ±spread, GB/s (fraction of that "
+          f"backend's bandwidth)")
+    status = 0
+    for dtype in dtypes:
+        for n in positions:
+            spec = shape.replace(kv_dtype=dtype, max_positions=n)
+            print(f"\n{dtype} @ {n} positions: KV {format_bytes(spec.kv_bytes(n))}")
+            columns, notes = [], []
+            for label, backend in zip(labels, backends):
+                rows, why, failed = _run_case(backend, spec, args)
+                status |= failed
+                columns.append(rows)
+                if rows is None:
+                    notes.append(f"{label}: {why}")
+            workloads = next((rows for rows in columns if rows is not None), None)
+            if workloads is not None:
+                table = [[row[0]] + [_cell(rows[i]) if rows is not None else "" for rows in columns]
+                         for i, row in enumerate(workloads)]
+                print(tabulate(table, headers=["workload", *labels]))
+            for note in notes:
+                print(note)
     return status
 
 

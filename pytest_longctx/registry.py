@@ -118,7 +118,7 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBa
     try:
         inspect.signature(target).bind(**options)
     except TypeError as exc:
-        raise SpecError(f"backend {label!r} does not take these options: {exc}") from None
+        raise SpecError(f"backend {label!r} does not take these options: {exc}{_accepted(target)}") from None
     except ValueError:  # no signature to inspect (some builtins): let the call decide
         pass
     try:
@@ -138,6 +138,18 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBa
             f"which is not a KVBackend (missing: {', '.join(missing)})"
         )
     return backend
+
+
+def _accepted(factory: Factory) -> str:
+    """"; accepted keys: a, b" for a factory's keyword options, or "" when they cannot be listed."""
+    try:
+        target = _resolve(factory) if isinstance(factory, str) else factory
+        parameters = inspect.signature(target).parameters.values()
+    except Exception:
+        return ""
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in parameters if p.kind in kinds]
+    return f"; accepted keys: {', '.join(names)}" if names else "; it takes no options"
 
 
 def _load_alias(kind: str, options: Mapping[str, Any]) -> KVBackend:
@@ -160,10 +172,15 @@ def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None,
     """Parse and check that the name is known, without constructing anything."""
     from .backends import ALIASES
 
-    ref = parse_backend(text)
+    factories = registered_factories(extra) if factories is None else factories
+    try:
+        ref = parse_backend(text)
+    except SpecError as exc:  # a malformed option of a known backend: say which keys it takes
+        name = text.strip().partition("[")[0].strip()
+        known = factories.get(name) or (name if _IMPORT_PATH.match(name) else None)
+        raise SpecError(f"{exc}{_accepted(known) if known else ''}") from None
     if ref.is_import_path or ref.name in ALIASES:
         return ref
-    factories = registered_factories(extra) if factories is None else factories
     if ref.name not in factories:
         known = ", ".join(sorted(set(factories) | set(ALIASES)))
         raise SpecError(

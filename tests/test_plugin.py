@@ -120,7 +120,8 @@ def test_ini_alone_names_backend_and_seed_in_header(pytester: pytest.Pytester) -
         ("--longctx-shape=n_layers=0", "inline shape: n_layers=0, but should be a positive integer"),
         ("--longctx-shape=missing.toml", "shape file missing.toml: No such file or directory"),
         ("--longctx-kv-dtype=float8", "kv dtype float8 is not one of float32, float16, *"),
-        ("--longctx-backend=numpy[block", "backend 'numpy[[]block': options must be closed with ']'"),
+        ("--longctx-backend=numpy[block",
+         "backend 'numpy[[]block': options must be closed with ']'; accepted keys: block, threads, native"),
         ("--longctx-seed=abc", "--longctx-seed='abc': invalid literal *"),
         ("--longctx-chunk=0", "--longctx-chunk=0: should be >= 1"),
     ],
@@ -356,6 +357,39 @@ def test_raising_factory_fails_every_case(pytester: pytest.Pytester) -> None:
                "'broken_backends:RaisingFactory' factory raised RuntimeError: driver crashed while initialising")
     assert sum(line == message for line in result.outlines) == outcomes["errors"]
     result.stdout.no_fnmatch_line("E   *")
+
+
+def test_malformed_or_unknown_backend_option_names_the_accepted_keys() -> None:
+    for text, message in (("numpy[bogus=1]", "unexpected keyword argument 'bogus'; accepted keys: block, threads, native"),
+                          ("numpy[block=]", "option 'block=' is not key=value; accepted keys: block, threads, native")):
+        with pytest.raises(SpecError) as info:
+            load_backend(text)
+        assert message in str(info.value)
+
+
+# ----------------------------------------------------------------------------- expected failures
+
+
+def test_declared_expected_failure_is_xfailed_with_the_backend_reason(pytester: pytest.Pytester) -> None:
+    """BackendInfo.expected_failures marks the matching cases xfail (same bar, judged as usual);
+    other cases of the same backend still fail."""
+    pytester.makepyfile(declaring='''
+        import dataclasses
+        from pytest_longctx import ExpectedFailure
+        from broken_backends import Float16Angles
+
+        class Declares(Float16Angles):
+            def info(self):
+                return dataclasses.replace(super().info(), expected_failures=(ExpectedFailure(
+                    "angles in float16 by design", kv_dtype="float32",
+                    test="test_attention_matches_reference"),))
+    ''')
+    suite = copy_suite(pytester)
+    result = pytester.runpytest(suite, *small("declaring:Declares"), "-rx", "-k",
+                                "test_attention_matches_reference or rope_matches_reference_at_long_positions[declaring:Declares-float32-default-neox]")
+    result.assert_outcomes(xfailed=1, failed=1, deselected=result.parseoutcomes()["deselected"])
+    result.stdout.fnmatch_lines(["XFAIL *test_attention_matches_reference* - declared by backend "
+                                 "'declaring:Declares': angles in float16 by design"])
 
 
 # ----------------------------------------------------------------------------- rerun and seed
