@@ -37,10 +37,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError
-from pytest_longctx.protocol import BackendInfo, ExpectedFailure
+from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError
+from pytest_longctx.protocol import BackendInfo
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
+
+from . import _checks as C
 
 OPTIONS = ("ep", "compute", "threads", "device_id")
 # What the op's T (query, key, value, cos/sin, output) is: the cache's type, as in a model
@@ -232,15 +234,9 @@ class OnnxRuntimeCache:
         if self._closed:
             raise ValueError("the cache is closed")
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.spec.n_layers:
-            raise ValueError(f"layer={layer}, but should be in 0..{self.spec.n_layers - 1}")
-
     def _as_input(self, name: str, x: Any, heads: int) -> np.ndarray:
         array = np.asarray(x)
-        expected = ("n", heads, self.spec.head_dim)
-        if array.ndim != 3 or array.shape[1:] != expected[1:]:
-            raise ValueError(f"{name} has shape {array.shape}, but should be {expected}")
+        C.rows(self.spec, name, array, heads)
         return np.ascontiguousarray(array, dtype=self._io)
 
     # --- the op ---
@@ -319,20 +315,17 @@ class OnnxRuntimeCache:
     # --- protocol ---
 
     def length(self, layer: int) -> int:
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         return self._lengths[layer]
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         self._check_open()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec = self.spec
         k = self._as_input("k", k, spec.n_kv_heads)
         v = self._as_input("v", v, spec.n_kv_heads)
-        if v.shape[0] != k.shape[0]:
-            raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
         start, n = self._lengths[layer], k.shape[0]
-        if start + n > spec.max_positions:
-            raise ContextLimitExceeded(layer, start, n, spec.max_positions)
+        C.append(spec, layer, start, k, v)
         for a in range(0, n, APPEND_STEP):
             b = min(a + APPEND_STEP, n)
             self._store(layer, start + a, k[a:b], v[a:b])
@@ -345,7 +338,7 @@ class OnnxRuntimeCache:
         """The op over the whole layer with past = length - n_q: the last n_q positions go in
         again as new K/V (pre-RoPE, from the tail) and are rewritten with the same values."""
         self._check_open()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         spec = self.spec
         q = self._as_input("q", q, spec.n_heads)
         length, n_q = self._lengths[layer], q.shape[0]
@@ -357,10 +350,9 @@ class OnnxRuntimeCache:
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         self._check_open()
-        self._check_layer(layer)
+        C.layer(self.spec, layer)
         length = self._lengths[layer]
-        if not 0 <= start <= stop <= length:
-            raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+        C.read_range(start, stop, length)
         spec = self.spec
         shape = (spec.n_kv_heads, spec.max_positions, spec.head_dim)
         out = []
@@ -461,22 +453,7 @@ class OnnxRuntimeBackend:
                       "compute": self.compute},
             kv_dtypes=self.kv_dtypes(),
             max_positions=None,
-            expected_failures=self._expected_failures(),
         )
-
-    def _expected_failures(self) -> Tuple[ExpectedFailure, ...]:
-        """With compute=cache, a half-precision cache means the op's queries, cos/sin caches and
-        output are half precision too: attention outputs land near the suite's bar, above it
-        for some seeds (README, Findings). What the cache stores is judged as it is."""
-        if self.compute != "cache":
-            return ()
-        reason = ("compute=cache: queries, cos/sin caches and output are {0} like the cache, so queries are "
-                  "rounded and rotated in {0}; onnxruntime[compute=float32] keeps them float32")
-        # Attention outputs only: what the cache stores (read, limits, memory) is judged as it is.
-        tests = ("test_attention_matches_reference", "test_attention_features_match_reference",
-                 "test_rope_matches_reference_at_long_positions", "test_decode_attention_rate_meets_floor_and_is_correct")
-        return tuple(ExpectedFailure(reason.format(dtype), kv_dtype=dtype, test=test)
-                     for dtype in ("float16", "bfloat16") for test in tests)
 
     def kv_dtypes(self) -> Tuple[str, ...]:
         """The cache types this provider builds the op for (a small probe session each, once)."""

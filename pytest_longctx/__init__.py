@@ -13,7 +13,7 @@ from .errors import (
     NotSupported,
     SpecError,
 )
-from .protocol import BackendInfo, ExpectedFailure, KVBackend, KVCache
+from .protocol import BackendInfo, KVBackend, KVCache
 from .registry import load_backend
 from .rope import RopeFrequencies, rope_frequencies
 from .shapes import SHAPES, parse_shape
@@ -26,7 +26,6 @@ __all__ = [
     "BackendUnavailable",
     "CacheSpec",
     "ContextLimitExceeded",
-    "ExpectedFailure",
     "KVBackend",
     "KVCache",
     "KV_DTYPES",

@@ -22,7 +22,7 @@ from .errors import BackendUnavailable, LongctxError, NotSupported
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
-from .protocol import ExpectedFailure, KVBackend, KVCache
+from .protocol import KVBackend, KVCache
 from .registry import load_backend
 from .settings import Settings
 from .spec import CacheSpec
@@ -42,7 +42,6 @@ class _Loaded:
     backend: Optional[KVBackend] = None
     error: Optional[BaseException] = None
     kv_dtypes: Tuple[str, ...] = ()
-    expected_failures: Tuple[ExpectedFailure, ...] = ()
 
 
 @dataclass
@@ -58,9 +57,7 @@ class LongctxState:
         if text not in self.loaded:
             try:
                 backend = load_backend(text, self.factories)
-                info = backend.info()
-                self.loaded[text] = _Loaded(backend, None, tuple(info.kv_dtypes),
-                                            tuple(getattr(info, "expected_failures", ())))
+                self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes))
             except Exception as exc:  # reported on every case of this backend
                 self.loaded[text] = _Loaded(None, exc)
         return self.loaded[text]
@@ -97,24 +94,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("longctx_backend", settings.backends, indirect=True, scope="session")
     if "longctx_positions" in names:
         metafunc.parametrize("longctx_positions", settings.positions, scope="session")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """Cases a backend declares it fails (BackendInfo.expected_failures) are marked xfail,
-    not strict: they run and are judged as usual, and the reason is the backend's."""
-    state = get_state(config)
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        text = params.get("longctx_backend")
-        if text is None or text not in state.loaded:
-            continue
-        markers = tuple(m.name for m in item.iter_markers() if m.name.startswith("longctx_"))
-        name = getattr(item, "originalname", item.name)
-        for expected in state.loaded[text].expected_failures:
-            if expected.matches(markers, params.get("longctx_kv_dtype"), name):
-                item.add_marker(pytest.mark.xfail(reason=f"declared by backend {text!r}: {expected.reason}",
-                                                  strict=False))
-                break
 
 
 @pytest.fixture(scope="session")

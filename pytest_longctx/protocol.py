@@ -16,28 +16,6 @@ DEVICE_KINDS = ("cpu", "gpu", "npu")
 
 
 @dataclass(frozen=True)
-class ExpectedFailure:
-    """A check the backend knows it fails, and why: those cases are reported as xfailed.
-
-    The suite's bar does not change: the case runs and is judged as usual, and
-    is reported as an expected failure (or XPASS when it happens to pass, since
-    a margin can depend on the seed). Empty fields match everything; ``marker``
-    is a question's marker (``longctx_equivalence``), ``test`` a prefix of the
-    test function's name.
-    """
-
-    reason: str
-    marker: str = ""
-    kv_dtype: str = ""
-    test: str = ""
-
-    def matches(self, markers: Tuple[str, ...], kv_dtype: Optional[str], test: str) -> bool:
-        return ((not self.marker or self.marker in markers)
-                and (not self.kv_dtype or self.kv_dtype == kv_dtype)
-                and test.startswith(self.test))
-
-
-@dataclass(frozen=True)
 class BackendInfo:
     """What a backend reports about itself and the device it runs on."""
 
@@ -48,7 +26,6 @@ class BackendInfo:
     versions: Dict[str, str] = field(default_factory=dict)
     kv_dtypes: Tuple[str, ...] = ()
     max_positions: Optional[int] = None
-    expected_failures: Tuple[ExpectedFailure, ...] = ()
 
 
 @runtime_checkable

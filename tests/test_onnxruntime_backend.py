@@ -253,12 +253,13 @@ def test_the_suite_passes_on_the_cpu_provider(pytester: pytest.Pytester) -> None
     import os
 
     result = pytester.runpytest(
-        os.path.dirname(conformance.__file__), "-p", "no:cacheprovider",
+        os.path.dirname(conformance.__file__), "-p", "no:cacheprovider", "--longctx-profile=onnxruntime-cpu",
         "--longctx-backend=onnxruntime", f"--longctx-shape={SHAPE}", "--longctx-positions=2048",
     )
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
-    # float16 attention outputs are declared expected failures (compute=cache): xfailed or xpassed.
+    # The shipped profile lists float16 attention outputs as expected failures, not strict
+    # (compute=cache; the margin depends on the seed): xfailed or xpassed.
     ran = outcomes.get("passed", 0) + outcomes.get("xfailed", 0) + outcomes.get("xpassed", 0)
     assert ran >= 40 and outcomes.get("skipped", 0) == 0, outcomes
     result.stdout.fnmatch_lines(["*longctx: backend onnxruntime on cpu*"])

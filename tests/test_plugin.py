@@ -367,31 +367,6 @@ def test_malformed_or_unknown_backend_option_names_the_accepted_keys() -> None:
         assert message in str(info.value)
 
 
-# ----------------------------------------------------------------------------- expected failures
-
-
-def test_declared_expected_failure_is_xfailed_with_the_backend_reason(pytester: pytest.Pytester) -> None:
-    """BackendInfo.expected_failures marks the matching cases xfail (same bar, judged as usual);
-    other cases of the same backend still fail."""
-    pytester.makepyfile(declaring='''
-        import dataclasses
-        from pytest_longctx import ExpectedFailure
-        from broken_backends import Float16Angles
-
-        class Declares(Float16Angles):
-            def info(self):
-                return dataclasses.replace(super().info(), expected_failures=(ExpectedFailure(
-                    "angles in float16 by design", kv_dtype="float32",
-                    test="test_attention_matches_reference"),))
-    ''')
-    suite = copy_suite(pytester)
-    result = pytester.runpytest(suite, *small("declaring:Declares"), "-rx", "-k",
-                                "test_attention_matches_reference or rope_matches_reference_at_long_positions[declaring:Declares-float32-default-neox]")
-    result.assert_outcomes(xfailed=1, failed=1, deselected=result.parseoutcomes()["deselected"])
-    result.stdout.fnmatch_lines(["XFAIL *test_attention_matches_reference* - declared by backend "
-                                 "'declaring:Declares': angles in float16 by design"])
-
-
 # ----------------------------------------------------------------------------- rerun and seed
 
 
