@@ -442,3 +442,70 @@ int lc_products(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff
     free(t);
     return 0;
 }
+
+/* --- q8_0: ggml's blocks of 32 int8 values and a half scale ------------------------ */
+
+/* A scale (>= 0) to half with one rounding: through float rounded to odd (float keeps more
+ * than two bits beyond half's precision, so the final round to nearest even is exact), as
+ * NumPy's float64 -> float16 cast rounds. */
+static uint16_t f16_from_scale(double x)
+{
+    float f = (float)x;
+    uint32_t u = bits_of(f);
+    if ((double)f > x)
+        u -= 1u;                                  /* toward zero */
+    if ((double)float_of(u) != x)
+        u |= 1u;                                  /* inexact: odd */
+    return f16_from_float(float_of(u));
+}
+
+/* d = amax/127 and q = round half away from zero of x/d with the unrounded d, in double,
+ * as _kernels.q8_0_encode computes them (the same bits). */
+static void q8_block(const float *x, int8_t *q, uint16_t *d)
+{
+    uint32_t amax = 0;                            /* |x| as bits: their order is the values' */
+    for (int j = 0; j < 32; j++) {
+        uint32_t a = bits_of(x[j]) & 0x7FFFFFFFu;
+        amax = a > amax ? a : amax;
+    }
+    double scale = (double)float_of(amax) / 127.0;
+    double inverse = 1.0 / (scale > 2.2250738585072014e-308 ? scale : 2.2250738585072014e-308);
+    int32_t rounded[32];
+    for (int j = 0; j < 32; j++) {
+        double s = (double)x[j] * inverse;
+        rounded[j] = (int32_t)(s + (s < 0.0 ? -0.5 : 0.5));  /* the cast truncates toward zero */
+    }
+    for (int j = 0; j < 32; j++)
+        q[j] = (int8_t)rounded[j];
+    *d = f16_from_scale(scale);
+}
+
+/* src (planes, rows, cols) float32 -> q (planes, rows, cols) int8 and d (planes, rows,
+ * cols/32) half bits; strides in elements of each array. */
+void lc_q8_encode(const float *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
+                  int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                  ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t b = 0; b < cols / 32; b++)
+                q8_block(src + p * src_ps + r * src_rs + 32 * b, q + p * q_ps + r * q_rs + 32 * b,
+                         d + p * d_ps + r * d_rs + b);
+}
+
+/* dst = q * d per block of 32, in float32: exact (at most 19 significant bits). */
+void lc_q8_decode(const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                  float *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const int8_t *in = q + p * q_ps + r * q_rs;
+            const uint16_t *scales = d + p * d_ps + r * d_rs;
+            float *out = dst + p * dst_ps + r * dst_rs;
+            for (ptrdiff_t b = 0; b < cols / 32; b++) {
+                float scale = f16_to_float(scales[b]);
+                for (int j = 0; j < 32; j++)
+                    out[32 * b + j] = (float)in[32 * b + j] * scale;
+            }
+        }
+}

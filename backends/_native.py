@@ -123,6 +123,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lc_rope_encode.restype = i
     lib.lc_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, n, n, n, n]
     lib.lc_products.restype = i
+    for name in ("lc_q8_encode", "lc_q8_decode"):
+        getattr(lib, name).argtypes = [p, n, n, p, n, n, p, n, n, n, n, n]
+        getattr(lib, name).restype = None
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -239,6 +242,45 @@ def encode(kind: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 def decode(kind: str, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float32 out = the values ``bits`` hold as ``kind``; exact."""
     _call_codec(_library(), "lc_decode", FORMATS[kind], bits, out, STORED_DTYPES[kind], _F32)
+    return out
+
+
+_I8, _U16 = np.dtype(np.int8), np.dtype(np.uint16)
+
+
+def _q8_layouts(x: np.ndarray, x_dtype: np.dtype, q: np.ndarray, d: np.ndarray, writable: str):
+    """Shapes and strides of a float32 or int8 (..., cols) and its scales (..., cols/32)."""
+    shape, x_ps, x_rs = _layout(x, x_dtype, "x" if x_dtype == _F32 else "q", writable == "x")
+    if x_dtype == _F32:
+        _, q_ps, q_rs = _layout(q, _I8, "q", writable=True)
+    else:
+        q_ps, q_rs = x_ps, x_rs
+    d_shape, d_ps, d_rs = _layout(d, _U16, "d", writable == "d")
+    if shape[2] % 32 or d_shape != shape[:2] + (shape[2] // 32,):
+        raise ValueError(f"scales of shape {d.shape} do not fit values of shape {x.shape} (blocks of 32)")
+    return shape, (x_ps, x_rs), (q_ps, q_rs), (d_ps, d_rs)
+
+
+def q8_encode(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """q8_0 of float32 x (..., cols): int8 q (..., cols) and half-bit scales d (..., cols/32),
+    the bits _kernels.q8_0_encode gives."""
+    if x.shape != q.shape:
+        raise ValueError(f"x {x.shape} and q {q.shape} differ in shape")
+    shape, (x_ps, x_rs), (q_ps, q_rs), (d_ps, d_rs) = _q8_layouts(x, _F32, q, d, "d")
+    if x.size:
+        _library().lc_q8_encode(x.ctypes.data, x_ps, x_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
+                                *shape)
+
+
+def q8_decode(q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 out = q * d per block of 32; exact."""
+    if q.shape != out.shape:
+        raise ValueError(f"q {q.shape} and out {out.shape} differ in shape")
+    shape, (q_ps, q_rs), _, (d_ps, d_rs) = _q8_layouts(q, _I8, q, d, "")
+    _, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
+    if q.size:
+        _library().lc_q8_decode(q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs, out.ctypes.data, out_ps, out_rs,
+                                *shape)
     return out
 
 

@@ -186,23 +186,40 @@ class _BFloat16Store(_Store):
 
 
 class _Q8Store(_Store):
-    """int8 values and a float16 scale per 32 along head_dim: 34 bytes per 32 values."""
+    """int8 values and a float16 scale per 32 along head_dim: 34 bytes per 32 values.
+
+    The native kernels quantize and dequantize in one pass with the NumPy kernels'
+    bits; RoPE is applied before (no fused path), and attention decodes blocks for BLAS.
+    """
 
     def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
         self.q = _storage(shape, np.int8)
         self.d = _storage(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
         self.nbytes = self.q.nbytes + self.d.nbytes
+        self.native_q8 = native
+
+    def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
+        if rope is not None and self.native_q8:  # rotated by the native float32 kernel, in one pass
+            x = N.rope_encode("float32", x, rope[0], rope[1], rope[2], np.empty_like(x))
+            rope = None
+        super().write(layer, start, x, rope)
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
         stop = start + x.shape[0]
         q = self.q[layer, :, start:stop].transpose(1, 0, 2)
         d = self.d[layer, :, start:stop].transpose(1, 0, 2)
-        K.q8_0_encode(np, x, q, d)
+        if self.native_q8:
+            N.q8_encode(x, q, d.view(np.uint16))
+        else:
+            K.q8_0_encode(np, x, q, d)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
     ) -> np.ndarray:
-        return K.q8_0_decode(np, self.q[layer, heads, start:stop], self.d[layer, heads, start:stop], out)
+        q, d = self.q[layer, heads, start:stop], self.d[layer, heads, start:stop]
+        if self.native_q8:
+            return N.q8_decode(q, d.view(np.uint16), out)
+        return K.q8_0_decode(np, q, d, out)
 
 
 _STORES = {

@@ -355,3 +355,36 @@ def test_the_backend_stores_the_same_bytes_with_and_without_native(kv_dtype: str
     ok = np.isfinite(want)
     np.testing.assert_array_equal(np.isfinite(got), ok)
     np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["simd", "scalar"])
+def test_q8_0_is_the_numpy_quantizer_bit_for_bit(request: pytest.FixtureRequest, build: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of every scale (zero, subnormal-half scales, overflow to an inf scale), strided
+    like the backend's storage, through both builds."""
+    if not N.available():
+        pytest.skip(f"native kernels unavailable: {N.reason()}")
+    if build == "scalar":
+        monkeypatch.setattr(N, "_lib", request.getfixturevalue("scalar_lib"))
+    rng = np.random.default_rng(7)
+    scales = 10.0 ** rng.choice([-30, -7, -5, 0, 3, 30], size=(300, 4, 1))
+    x = (rng.standard_normal((300, 4, 64)) * scales).astype(np.float32)
+    x[0, 0, :32], x[1, 1, :32] = 0.0, -0.0
+    x[2, 2, 5], x[3, 3, 40] = 3e38, -127.5  # a block's max near float32's and a half-way value
+    want_q, want_d = np.empty(x.shape, np.int8), np.empty((300, 4, 2), np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K.q8_0_encode(np, x, want_q, want_d)
+    q, d = np.empty((4, 300, 64), np.int8), np.empty((4, 300, 2), np.uint16)  # (heads, positions, d)
+    N.q8_encode(x, q.transpose(1, 0, 2), d.transpose(1, 0, 2))
+    np.testing.assert_array_equal(q.transpose(1, 0, 2), want_q)
+    np.testing.assert_array_equal(d.transpose(1, 0, 2), want_d.view(np.uint16))
+    with np.errstate(invalid="ignore"):  # an inf scale times 0 is NaN in both
+        want = K.q8_0_decode(np, want_q, want_d, np.empty(x.shape, np.float32))
+    got = N.q8_decode(q.transpose(1, 0, 2), d.transpose(1, 0, 2), np.empty(x.shape, np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+def test_q8_0_wrappers_refuse_scales_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="scales of shape"):
+        N.q8_encode(np.zeros((2, 64), np.float32), np.zeros((2, 64), np.int8), np.zeros((2, 3), np.uint16))
