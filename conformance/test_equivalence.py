@@ -207,9 +207,12 @@ def rope_variant(shape: CacheSpec, kind: str, style: str) -> RopeSpec:
 
 
 def variant_spec(settings, kv_dtype: str, positions: int) -> CacheSpec:
-    """The shape's geometry with one layer: a variant's subject is the per-layer math, and the
-    shape's own checks already use the last layer of the full cache (large offsets included)."""
-    return settings.spec_for(kv_dtype, positions).replace(n_layers=1)
+    """The shape's head_dim and group size with one layer and one KV head: a variant's subject
+    is the per-head math (angles, window, softcap, scale), which no head index changes; the
+    shape's own checks already use every head of the last layer of the full cache (GQA mapping
+    and large offsets included)."""
+    shape = settings.spec_for(kv_dtype, positions)
+    return shape.replace(n_layers=1, n_kv_heads=1, n_heads=shape.group_size)
 
 
 ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")

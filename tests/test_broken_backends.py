@@ -208,7 +208,7 @@ def test_wrong_shape_diagnosis_names_the_case(pytester: pytest.Pytester) -> None
     """Every failure should read '{what}={measured}, but should be {expected} [{case}]'."""
     result = run_suite(pytester, "WrongShape", *EQUIVALENCE, "-k", "default-neox")
     result.assert_outcomes(failed=1, deselected=result.parseoutcomes()["deselected"])
-    result.stdout.fnmatch_lines(["attend output of layer 0 shape=(8, 1, 64), but should be (1, 8, 64) "
+    result.stdout.fnmatch_lines(["attend output of layer 0 shape=(4, 1, 64), but should be (1, 4, 64) "
                                  "[[]wrong-shape float32 @ 4096 positions, 1L *]"])
 
 
