@@ -105,15 +105,21 @@ def fill_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
             ticks += xs
             ax.plot(xs, [r["value"] for _, r in points], style, color=_color(ax, i), label=f"{label} {name} fill")
         points = prefill.get(label) or decode.get(label) or []
-        roof = [(p, r["copy_gbps"] * 1e9 / r["bytes_per_position"]) for p, r in points
-                if r.get("copy_gbps") and r.get("bytes_per_position")]
-        if roof:
-            ax.plot([p for p, _ in roof], [v for _, v in roof], "--", color=_color(ax, i),
-                    label=f"{label} copy-bandwidth roofline")
-        floors = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
-        if floors:
-            ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label="fill floor")
+        _roofline_and_floor(ax, i, label, points, ("copy_gbps", "bytes_per_position", "copy"), "fill floor")
     return _svg(fig, ax, ticks)
+
+
+def _roofline_and_floor(ax: Any, i: int, label: str, points: List[Any], roofline: Tuple[str, str, str],
+                        floor_label: str) -> None:
+    """The rate the bandwidth allows (bandwidth / bytes per unit) dashed, the floor dotted."""
+    gbps, per_unit, name = roofline
+    roof = [(p, r[gbps] * 1e9 / r[per_unit]) for p, r in points if r.get(gbps) and r.get(per_unit)]
+    if roof:
+        ax.plot([p for p, _ in roof], [v for _, v in roof], "--", color=_color(ax, i),
+                label=f"{label} {name}-bandwidth roofline")
+    floors = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
+    if floors:
+        ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label=floor_label)
 
 
 def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
@@ -128,13 +134,7 @@ def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
         xs = [p for p, _ in points]
         ticks += xs
         ax.plot(xs, [r["value"] for _, r in points], "o-", color=_color(ax, i), label=f"{label} measured")
-        roof = [(p, r["read_gbps"] * 1e9 / r["kv_bytes"]) for p, r in points if r.get("read_gbps") and r.get("kv_bytes")]
-        if roof:
-            ax.plot([p for p, _ in roof], [v for _, v in roof], "--", color=_color(ax, i),
-                    label=f"{label} read-bandwidth roofline")
-        floors = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
-        if floors:
-            ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label="attention floor")
+        _roofline_and_floor(ax, i, label, points, ("read_gbps", "kv_bytes", "read"), "attention floor")
     return _svg(fig, ax, ticks)
 
 
