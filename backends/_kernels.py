@@ -66,6 +66,8 @@ class RopeTable:
         self._xp = xp
         self._spec = spec
         self._blocks: "OrderedDict[int, Tuple[Array, Array]]" = OrderedDict()
+        # The rows of the last long append: a chunk goes through every layer at the same positions.
+        self._long: Optional[Tuple[Tuple[int, int], Tuple[Array, Array]]] = None
 
     def _block(self, index: int) -> Tuple[Array, Array]:
         if index in self._blocks:
@@ -96,8 +98,10 @@ class RopeTable:
             cos, sin = self._block(first)
             offset = first * self.BLOCK
             return cos[start - offset:stop - offset], sin[start - offset:stop - offset]
-        if last - first >= self.KEEP:  # a long append: compute it directly, keep nothing
-            return rope_rows(xp, self._spec, start, stop)
+        if last - first >= self.KEEP:  # a long append: compute it, keep it for the next layer's
+            if self._long is None or self._long[0] != (start, stop):
+                self._long = ((start, stop), rope_rows(xp, self._spec, start, stop))
+            return self._long[1]
         parts = [self._block(i) for i in range(first, last + 1)]
         offset = first * self.BLOCK
         cos = xp.concatenate([c for c, _ in parts])[start - offset:stop - offset]

@@ -394,6 +394,11 @@ class CupyBackend:
         if spec.head_dim % 16 or spec.head_dim > 256:
             raise NotSupported(f"head_dim={spec.head_dim}: the cupy kernels take multiples of 16 up to 256")
         self._device.use()
+        # Compile (or load from CuPy's cache) the kernels this cache will run now, not inside
+        # the first timed append or attend.
+        kernels = self.kernels(spec.kv_dtype, spec.head_dim)
+        kernels.function("store_q8" if spec.kv_dtype == "q8_0" else "store_kv")
+        kernels.function("attend_split", next((r for r in KERNEL_ROWS if r >= spec.group_size), KERNEL_ROWS[-1]))
         return CupyCache(self, spec)
 
     def asarray(self, array: np.ndarray) -> Any:

@@ -382,3 +382,17 @@ def test_fallback_float16_encode_keeps_the_sign_of_nan() -> None:
     want = x.astype(np.float16).view(np.uint16)
     assert out[0] >> 15 == want[0] >> 15 == 0 and out[1] >> 15 == want[1] >> 15 == 1
     np.testing.assert_array_equal(out[2:], want[2:])
+
+
+def test_rope_table_keeps_the_last_long_range_for_the_next_layer() -> None:
+    """A chunk goes through every layer at the same positions: its rows are computed once."""
+    spec = SMALL.replace(max_positions=20000)
+    table = K.RopeTable(np, spec)
+    first = table.rows(100, 9000)  # spans more blocks than are kept
+    assert table.rows(100, 9000) is first
+    want = K.rope_rows(np, spec, 100, 9000)
+    np.testing.assert_array_equal(first[0], want[0])
+    np.testing.assert_array_equal(first[1], want[1])
+    other = table.rows(9000, 17900)
+    assert other is not first
+    np.testing.assert_array_equal(other[0], K.rope_rows(np, spec, 9000, 17900)[0])
