@@ -18,7 +18,6 @@ head_dim on first use and cached on disk by CuPy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Dict, Optional, Tuple
@@ -191,7 +190,7 @@ class CupyCache:
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._storage()
         C.layer(self.spec, layer)
-        spec, cp = self.spec, self._cp
+        spec = self.spec
         k = self._as_input("k", k, spec.n_kv_heads)
         v = self._as_input("v", v, spec.n_kv_heads)
         start, n = self._lengths[layer], k.shape[0]
@@ -444,7 +443,6 @@ class CupyBackend:
 
         copy_s = best(lambda: cp.copyto(dst, src))
         read_s = best(lambda: read((partial.size,), (256,), (src, n4, partial)))
-        del src, dst, partial
         return DeviceBandwidth(
             copy_gbps=2 * size / copy_s / 1e9,
             read_gbps=size / read_s / 1e9,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
