@@ -13,12 +13,15 @@ from typing import NamedTuple
 class Builtin(NamedTuple):
     factory: str  # "module:attribute", called with the backend's options
     device_kind: str
+    kind: str = "cache"  # "cache": a KVBackend; "runtime": a RuntimeBackend (whole model)
 
 
 BUILTINS = {
     "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
     "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
     "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
+    "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
+    "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.

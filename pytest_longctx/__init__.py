@@ -8,12 +8,14 @@ PYTEST_DONT_REWRITE.
 
 from .errors import (
     BackendUnavailable,
+    ContextClamped,
     ContextLimitExceeded,
     LongctxError,
     NotSupported,
+    RuntimeFailure,
     SpecError,
 )
-from .protocol import BackendInfo, KVBackend, KVCache
+from .protocol import BackendInfo, KVBackend, KVCache, ModelRuntime, RuntimeBackend, RuntimeStats
 from .registry import load_backend
 from .rope import RopeFrequencies, rope_frequencies
 from .shapes import SHAPES, parse_shape
@@ -25,14 +27,19 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailable",
     "CacheSpec",
+    "ContextClamped",
     "ContextLimitExceeded",
     "KVBackend",
     "KVCache",
     "KV_DTYPES",
     "LongctxError",
+    "ModelRuntime",
     "NotSupported",
     "RopeFrequencies",
     "RopeSpec",
+    "RuntimeBackend",
+    "RuntimeFailure",
+    "RuntimeStats",
     "SHAPES",
     "SpecError",
     "load_backend",

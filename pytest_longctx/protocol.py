@@ -1,12 +1,15 @@
 """The protocols a backend implements, and what it says about itself.
 
+Two kinds of backend: a ``KVBackend`` hands out its KV cache (a kernel library,
+a CPU engine); a ``RuntimeBackend`` runs a whole model file and is seen only
+through token ids, logits and its own statistics (an NPU runtime, llama.cpp).
 A backend depends on this module, the specs and the errors; never on the suite.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -83,3 +86,66 @@ class KVBackend(Protocol):
 
     def memory_in_use(self) -> Optional[int]:
         """Device memory in use as the device reports it; None for host backends."""
+
+
+@dataclass(frozen=True)
+class RuntimeStats:
+    """What a runtime counted since it was opened (``reset()`` does not clear it)."""
+
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    generate_seconds: float = 0.0
+    generate_tokens: int = 0
+    # Peak resident memory as the runtime itself reports it; None when it does not.
+    peak_memory_bytes: Optional[int] = None
+
+
+@runtime_checkable
+class ModelRuntime(Protocol):
+    """One loaded model with its context; prompts extend the context until ``reset()``."""
+
+    model_context_limit: Optional[int]  # baked into the model file; None when the file does not say
+    context_limit: int  # this instance's effective limit
+    kv_spec: CacheSpec  # the model's KV geometry and KV dtype, max_positions = context_limit
+    vocab_size: int
+
+    def prefill(self, token_ids: Sequence[int]) -> Optional[np.ndarray]:
+        """Extend the context by these tokens; the logits of the last position (vocab_size,),
+        or None only when the runtime cannot return logits.
+
+        A prompt that would pass context_limit raises ContextLimitExceeded and must
+        leave the context as it was; an error state of the runtime raises RuntimeFailure.
+        """
+
+    def generate(self, n: int) -> List[int]:
+        """Greedy-decode n tokens after the context, extending it by n."""
+
+    def positions(self) -> int:
+        """Positions the context holds now."""
+
+    def reset(self) -> None:
+        """Empty the context (clear the KV cache); the model stays loaded."""
+
+    def stats(self) -> RuntimeStats:
+        ...
+
+    def close(self) -> None:
+        """Unload the model; the runtime is unusable afterwards."""
+
+
+@runtime_checkable
+class RuntimeBackend(Protocol):
+    """An inference runtime that loads model files and hides its KV cache."""
+
+    name: str
+
+    def info(self) -> BackendInfo:
+        ...
+
+    def open_runtime(self, model: str, context: Optional[int] = None, **options: Any) -> ModelRuntime:
+        """Load ``model`` with ``context`` positions (None: the model's own limit).
+
+        A context above the model's limit is refused (ContextLimitExceeded or
+        SpecError) or clamped with a ContextClamped warning, never silently
+        accepted; a missing or unreadable model file is a SpecError naming the path.
+        """

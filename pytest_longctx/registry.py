@@ -19,9 +19,12 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from .errors import BackendUnavailable, LongctxError, SpecError
-from .protocol import KVBackend
+from .protocol import KVBackend, RuntimeBackend
 
-Factory = Union[Callable[..., KVBackend], str]
+Backend = Union[KVBackend, RuntimeBackend]
+Factory = Union[Callable[..., Backend], str]
+_KV_METHODS = ("name", "info", "open_cache", "asarray", "to_numpy", "synchronize", "memory_in_use")
+_RUNTIME_METHODS = ("name", "info", "open_runtime")
 
 ENTRY_POINT_GROUP = "pytest_longctx.backends"
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
@@ -113,7 +116,12 @@ def _resolve(path: str) -> Callable[..., Any]:
     return target
 
 
-def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBackend:
+def backend_kind(backend: Any) -> str:
+    """"runtime" for a whole-model RuntimeBackend, else "cache" (a KVBackend)."""
+    return "runtime" if hasattr(backend, "open_runtime") and not hasattr(backend, "open_cache") else "cache"
+
+
+def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> Backend:
     target = _resolve(factory) if isinstance(factory, str) else factory
     try:
         inspect.signature(target).bind(**options)
@@ -127,15 +135,13 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> KVBa
         raise
     except Exception as exc:
         raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
-    missing = [
-        attr
-        for attr in ("name", "info", "open_cache", "asarray", "to_numpy", "synchronize", "memory_in_use")
-        if not hasattr(backend, attr)
-    ]
+    wanted = _RUNTIME_METHODS if backend_kind(backend) == "runtime" else _KV_METHODS
+    missing = [attr for attr in wanted if not hasattr(backend, attr)]
     if missing:
+        protocol = "RuntimeBackend" if wanted is _RUNTIME_METHODS else "KVBackend"
         raise BackendLoadError(
             f"backend {label!r} factory returned {type(backend).__name__}, "
-            f"which is not a KVBackend (missing: {', '.join(missing)})"
+            f"which is not a {protocol} (missing: {', '.join(missing)})"
         )
     return backend
 
@@ -152,7 +158,7 @@ def _accepted(factory: Factory) -> str:
     return f"; accepted keys: {', '.join(names)}" if names else "; it takes no options"
 
 
-def _load_alias(kind: str, options: Mapping[str, Any]) -> KVBackend:
+def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
     from .backends import BUILTINS
 
     reasons = []
@@ -189,8 +195,8 @@ def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None,
     return ref
 
 
-def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> KVBackend:
-    """Construct the backend named by ``text``.
+def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Backend:
+    """Construct the backend named by ``text``: a KVBackend or a RuntimeBackend.
 
     Raises SpecError for a malformed or unknown name, BackendUnavailable when it
     cannot run here, BackendLoadError when its module or factory raises.
@@ -204,3 +210,20 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> KV
     if ref.name in ALIASES:
         return _load_alias(ALIASES[ref.name], ref.options)
     return _construct(ref.text, factories[ref.name], ref.options)
+
+
+def declared_kind(text: str) -> Optional[str]:
+    """The kind ("cache" or "runtime") a built-in name or alias declares, without constructing
+    it; None when the name does not say (an import path, a third-party name, a mixed alias)."""
+    from .backends import ALIASES, BUILTINS
+
+    try:
+        name = parse_backend(text).name
+    except SpecError:
+        return None
+    if name in BUILTINS:
+        return BUILTINS[name].kind
+    if name in ALIASES:
+        kinds = {b.kind for b in BUILTINS.values() if b.device_kind == ALIASES[name]}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
