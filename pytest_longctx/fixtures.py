@@ -23,7 +23,7 @@ from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
 from .protocol import KVBackend, KVCache
-from .registry import load_backend
+from .registry import backend_kind, declared_kind, load_backend
 from .settings import Settings
 from .spec import CacheSpec
 
@@ -53,6 +53,12 @@ class LongctxState:
     lock: Optional[ExclusiveLock] = None
     loaded: Dict[str, _Loaded] = field(default_factory=dict)
 
+    def kind(self, text: str) -> Optional[str]:
+        """"cache" or "runtime"; None when it cannot be told (a backend that failed to load and
+        whose name declares nothing): such a backend's error then shows in every group."""
+        loaded = self.load(text)
+        return backend_kind(loaded.backend) if loaded.backend is not None else declared_kind(text)
+
     def load(self, text: str) -> _Loaded:
         if text not in self.loaded:
             try:
@@ -72,28 +78,52 @@ def get_state(config: pytest.Config) -> LongctxState:
     return config.stash[state_key]
 
 
+# A case of the other kind of backend (a KV-cache group on a whole-model runtime, or the
+# reverse) is deselected at collection rather than skipped: it is not a claim left unproven.
+OTHER_KIND = "longctx_other_kind"
+
+
+def _applies(state: "LongctxState", text: str, kind: str) -> bool:
+    return state.kind(text) in (kind, None)
+
+
+def _case_param(value: Any, applies: bool, **kwargs: Any) -> Any:
+    return pytest.param(*value if isinstance(value, tuple) else (value,),
+                        marks=() if applies else getattr(pytest.mark, OTHER_KIND), **kwargs)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     names = metafunc.fixturenames
     if "longctx_backend" not in names:
         return
     state = get_state(metafunc.config)
     settings = state.settings
+    kind = "runtime" if "longctx_runtime" in names else "cache"
     if "longctx_kv_dtype" in names:
         one = metafunc.definition.get_closest_marker("longctx_storage_independent") is not None
-        pairs, ids = [], []
+        pairs = []
         for text in settings.backends:
+            if not _applies(state, text, kind):
+                pairs.append(_case_param((text, "-"), False, id=f"{text}--"))
+                continue
             loaded = state.load(text)
             dtypes = settings.kv_dtypes or loaded.kv_dtypes or ("unavailable",)
             dtypes = most_precise(dtypes) if one else dtypes
-            for dtype in dtypes:
-                pairs.append((text, dtype))
-                ids.append(f"{text}-{dtype}")
-        metafunc.parametrize(["longctx_backend", "longctx_kv_dtype"], pairs, ids=ids,
+            pairs.extend(_case_param((text, dtype), True, id=f"{text}-{dtype}") for dtype in dtypes)
+        metafunc.parametrize(["longctx_backend", "longctx_kv_dtype"], pairs,
                              indirect=["longctx_backend"], scope="session")
     else:
-        metafunc.parametrize("longctx_backend", settings.backends, indirect=True, scope="session")
+        backends = [_case_param(text, _applies(state, text, kind), id=text) for text in settings.backends]
+        metafunc.parametrize("longctx_backend", backends, indirect=True, scope="session")
     if "longctx_positions" in names:
         metafunc.parametrize("longctx_positions", settings.positions, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    other = [item for item in items if item.get_closest_marker(OTHER_KIND) is not None]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if item.get_closest_marker(OTHER_KIND) is None]
 
 
 @pytest.fixture(scope="session")

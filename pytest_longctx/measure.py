@@ -323,6 +323,74 @@ class MemoryProbe:
         return max(held, traced_peak, self._max_rss - base.rss)
 
 
+class ProcessPeak:
+    """Peak resident memory of this process over a stretch of work, above its start.
+
+    A whole-model runtime allocates inside native code, out of tracemalloc's
+    sight, and may free its scratch before returning, so RSS afterwards
+    misses it. Linux keeps the high-water mark (VmHWM) and resets it to the
+    current RSS when 5 is written to /proc/self/clear_refs; where that is not
+    allowed a thread samples RSS every few milliseconds instead.
+    """
+
+    _STATUS, _CLEAR = "/proc/self/status", "/proc/self/clear_refs"
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.start_rss = 0
+        self._sampled = 0
+        self._stop: Optional[threading.Event] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "ProcessPeak":
+        gc.collect()
+        self.start_rss = _rss()
+        if not self._reset_high_water_mark():
+            self._sampled, self._stop = self.start_rss, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _reset_high_water_mark(self) -> bool:
+        try:
+            with open(self._CLEAR, "w") as f:
+                f.write("5")
+            return self._high_water_mark() is not None
+        except OSError:
+            return False
+
+    def _high_water_mark(self) -> Optional[int]:
+        with open(self._STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sampled = max(self._sampled, _rss())
+
+    @property
+    def method(self) -> str:
+        return "sampled RSS" if self._stop is not None else "VmHWM"
+
+    def peak(self) -> int:
+        """Highest RSS since entering, in bytes (absolute, not above the start)."""
+        if self._stop is not None:
+            self._sampled = max(self._sampled, _rss())
+            return self._sampled
+        return max(self._high_water_mark() or 0, _rss())
+
+    def growth(self) -> int:
+        """Peak RSS above the RSS at entry."""
+        return max(0, self.peak() - self.start_rss)
+
+
 def memory_available(backend: Any = None) -> Tuple[int, str]:
     """Bytes free where the backend's cache will live, and the name of that place.
 

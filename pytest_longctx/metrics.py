@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["Comparison", "Verdict", "compare", "judge"]
+__all__ = ["Comparison", "LogitsComparison", "Verdict", "compare", "compare_logits", "judge"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,44 @@ def _plain_error(plain: Any, reference: Any) -> float:
         problem = got.message or f"{got.nonfinite} NaN/Inf values"
         raise ValueError(f"internal: the plain implementation is unusable as a baseline: {problem}")
     return got.max_abs
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+@dataclass(frozen=True)
+class LogitsComparison:
+    """One position's next-token logits against the reference's.
+
+    ``kl`` is KL(reference || candidate) in nats over the softmax of each;
+    ``top1`` says whether the candidate's most likely token is one the
+    reference ranks first (a tie in the reference counts as agreement).
+    """
+
+    kl: float
+    top1: bool
+    max_abs: float
+    relative: float  # max_abs / max |reference|
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - np.max(x)
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def compare_logits(candidate: Any, reference: Any) -> LogitsComparison:
+    """Compare two logit vectors of one position; NaN/Inf in the candidate gives inf everywhere."""
+    cand, ref = _as_float64(candidate).ravel(), _as_float64(reference).ravel()
+    if cand.shape != ref.shape:
+        raise ValueError(f"logits of {cand.size} tokens compared with {ref.size}")
+    if not np.all(np.isfinite(cand)):
+        return LogitsComparison(math.inf, False, math.inf, math.inf)
+    log_ref, log_cand = _log_softmax(ref), _log_softmax(cand)
+    kl = float(max(0.0, np.sum(np.exp(log_ref) * (log_ref - log_cand))))
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    top1 = bool(ref[int(np.argmax(cand))] >= np.max(ref) - 1e-6 * max(1.0, scale))
+    max_abs = float(np.max(np.abs(cand - ref))) if ref.size else 0.0
+    return LogitsComparison(kl, top1, max_abs, max_abs / scale if scale > 0 else max_abs)

@@ -34,6 +34,8 @@ MARKERS = {
     "longctx_equivalence": "attention with RoPE matches the float64 reference at long positions",
     "longctx_storage_independent": "the check does not depend on the KV storage type: run it at the "
     "backend's most precise kv dtype only",
+    "longctx_other_kind": "internal: a case for the other kind of backend (KV cache or whole-model "
+    "runtime), deselected at collection",
 }
 
 
@@ -74,6 +76,21 @@ OPTIONS = (
             "(default none)", None, float, metavar="FRACTION"),
     _Option("attention-fraction-floor", "minimum decode attention traffic as a fraction of the probed "
             "streaming-read bandwidth (default none)", None, float, metavar="FRACTION"),
+    _Option("model", "model file a whole-model runtime backend loads (rkllm, llamacpp)", None, metavar="PATH"),
+    _Option("context", "context a runtime is asked to hold (default: the model's own limit)", None, int,
+            metavar="N"),
+    _Option("reference-logits", "golden logits of the same model and tokens, written by longctx-logits "
+            "from a float reference run", None, metavar="FILE"),
+    _Option("logits-kl", "runtimes: mean KL divergence (nats) from the reference logits, at most "
+            "(default 0.05)", 0.05, float, metavar="NATS"),
+    _Option("top1-agreement", "runtimes: share of positions whose top-1 token agrees with the reference "
+            "logits, at least (default 0.9)", 0.9, float, metavar="FRACTION"),
+    _Option("consistency-tolerance", "runtimes: one-shot vs chunked vs after-reset logits may differ by "
+            "this fraction of the largest logit (default 0.01)", 0.01, float, metavar="FRACTION"),
+    _Option("prefill-floor", "runtimes: minimum prefill rate in positions/s at every depth (default none)",
+            None, float, metavar="RATE"),
+    _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
+            None, float, metavar="RATE"),
 )
 
 
@@ -145,11 +162,12 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         seed = workerinput["longctx_seed"]
     elif seed is None:
         seed = secrets.randbits(32)
-    for name in ("chunk", "repeats"):
-        if values[name] < 1:
+    for name in ("chunk", "repeats", "context"):
+        if values[name] is not None and values[name] < 1:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
-                 "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor"):
+                 "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
+                 "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor"):
         if values[name] is not None and not values[name] >= 0:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 0")
     return Settings(
@@ -169,7 +187,21 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         prefill_fraction_floor=values["prefill-fraction-floor"],
         read_fraction_floor=values["read-fraction-floor"],
         attention_fraction_floor=values["attention-fraction-floor"],
+        model=_absolute(values["model"]),
+        context=values["context"],
+        reference_logits=_absolute(values["reference-logits"]),
+        logits_kl=values["logits-kl"],
+        top1_agreement=values["top1-agreement"],
+        consistency_tolerance=values["consistency-tolerance"],
+        prefill_floor=values["prefill-floor"],
+        decode_floor=values["decode-floor"],
     )
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """Absolute, so xdist workers and rerun commands name the same file. A missing file is not a
+    usage error: the cases that need it fail naming the path, and the rest of the run goes on."""
+    return None if path is None else os.path.abspath(path)
 
 
 def _conformance_dir() -> str:

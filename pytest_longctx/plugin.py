@@ -8,6 +8,7 @@ failures, the certificate (JSON, Markdown, HTML).
 pytest_plugins = (
     "pytest_longctx.options",
     "pytest_longctx.fixtures",
+    "pytest_longctx.runtime_fixtures",
     "pytest_longctx.summary",
     "pytest_longctx.expected",
     "pytest_longctx.report",

@@ -26,9 +26,13 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RUN_KEYS = ("backend", "shape", "positions", "kv-dtype", "seed", "chunk", "repeats")
+RUN_KEYS = ("backend", "shape", "positions", "kv-dtype", "seed", "chunk", "repeats",
+            "model", "context", "reference-logits")
 BAR_KEYS = ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
-            "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor")
+            "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
+            "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor")
+# Run keys naming a file, taken relative to the profile's own folder.
+_PATH_KEYS = ("model", "reference-logits")
 ABOUT_KEYS = ("name", "claim", "source", "device")
 
 
@@ -175,7 +179,8 @@ def load_profile(path: str, text: Optional[str] = None) -> Profile:
                 options[key] = _text(value)
             except TypeError:
                 raise bad(table, raw_key, value, "a number, a string or a list") from None
-            if key == "shape" and options[key].endswith((".toml", ".json")) and not os.path.isabs(options[key]):
+            relative_file = key in _PATH_KEYS or (key == "shape" and options[key].endswith((".toml", ".json")))
+            if relative_file and not os.path.isabs(os.path.expanduser(options[key])):
                 options[key] = os.path.join(os.path.dirname(os.path.abspath(path)), options[key])
     failures: List[ExpectedFailure] = []
     entries = data.get("expected-failure", [])

@@ -83,6 +83,24 @@ class Settings:
     prefill_fraction_floor: Optional[float] = None
     read_fraction_floor: Optional[float] = None
     attention_fraction_floor: Optional[float] = None
+    # Whole-model runtimes (RuntimeBackend): the model file, the context asked of it (None: the
+    # model's own limit) and a file of golden logits from a float reference run.
+    model: Optional[str] = None
+    context: Optional[int] = None
+    reference_logits: Optional[str] = None
+    # Against golden logits: mean KL divergence (nats) of the runtime's next-token distribution
+    # from the reference's, and the share of positions whose top-1 token agrees. llama.cpp's
+    # KL-divergence tool sees ~0.001-0.005 for 8-bit weights and ~0.02-0.1 for 4-bit.
+    logits_kl: float = 0.05
+    top1_agreement: float = 0.9
+    # The same tokens one-shot, in chunks or after reset: the largest logit difference as a
+    # fraction of the largest logit. Reordered float sums stay ~1e-5; a chunk seen at the
+    # wrong positions moves logits by a large fraction of themselves.
+    consistency_tolerance: float = 0.01
+    # Runtime throughput floors (prefill positions/s, decode tokens/s) at every depth; None:
+    # reported, not judged. A profile states them from the vendor's claim.
+    prefill_floor: Optional[float] = None
+    decode_floor: Optional[float] = None
 
     def whole_cache_floor(self, base: Optional[float], positions: int) -> Optional[float]:
         """A per-position rate floor (fill, retrieve) at ``positions``: same time for the whole cache."""
@@ -104,6 +122,10 @@ class Settings:
         all_positions = ",".join(map(str, self.positions))
         options.append(f"--longctx-positions={positions or all_positions}")
         options.append(f"--longctx-seed={self.seed}")
+        for name in ("model", "context", "reference_logits"):
+            value = getattr(self, name)
+            if value is not None:
+                options.append(f"--longctx-{name.replace('_', '-')}={shlex.quote(str(value))}")
         for name in _RERUN_BARS:
             value = getattr(self, name)
             if value != _DEFAULTS[name]:
@@ -112,5 +134,6 @@ class Settings:
 
 
 _RERUN_BARS = ("chunk", "repeats", "memory_allowance", "error_factor", "fill_floor", "retrieve_floor",
-               "attention_floor", "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor")
+               "attention_floor", "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor",
+               "logits_kl", "top1_agreement", "consistency_tolerance", "prefill_floor", "decode_floor")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

@@ -1,0 +1,132 @@
+"""Output equivalence of a whole-model runtime at long positions: do its logits stay
+the same however the prompt is fed, and match a float reference of the same model?
+
+At each positions value d the same d tokens are prefilled three ways: in one
+call, in chunks (then the last 16 one token at a time), and in one call again
+after ``reset()``. The last logits must agree within the consistency
+tolerance with the same top-1 token: chunked prefill that diverges from
+one-shot prefill (a chunk seen at the wrong positions, a stale slot) and a
+reset that leaves state behind are bug classes that reached users. With
+``--longctx-reference-logits`` the last 16 positions are also judged against
+golden logits from a float reference run of the same model and tokens: mean KL
+divergence at most ``logits-kl`` and top-1 agreement at least
+``top1-agreement``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+
+from pytest_longctx.logits import TAIL, tail_logits
+from pytest_longctx.metrics import compare_logits
+
+from ._check import fail
+from ._runtime import check_consistent, golden, logits_of, need_depth, need_logits, prefill, prompt, reset, where
+
+pytestmark = pytest.mark.longctx_equivalence
+
+
+@dataclass
+class Runs:
+    one_shot: Optional[np.ndarray]
+    chunked_tail: Optional[np.ndarray]  # (tail, vocab): the last rows of the chunked run
+    after_reset: Optional[np.ndarray]
+    tail: int
+
+
+@pytest.fixture(scope="module")
+def reference(longctx_settings):
+    return golden(longctx_settings)
+
+
+@pytest.fixture(scope="module")
+def runs(longctx_backend, longctx_runtime, longctx_settings, reference):
+    done: Dict[int, Runs] = {}
+
+    def at_depth(depth: int) -> Runs:
+        if depth not in done:
+            runtime, settings = longctx_runtime, longctx_settings
+            at = where(longctx_backend, runtime, settings)
+            ids = prompt(settings, runtime, depth, reference)
+            tail = reference.tail if reference is not None else min(TAIL, depth)
+            reset(runtime, at)
+            one_shot = prefill(runtime, ids, at, f"one-shot prefill of {depth} tokens")
+            reset(runtime, at)
+            if one_shot is None:
+                done[depth] = Runs(None, None, None, tail)
+                return done[depth]
+            rows = tail_logits(runtime, ids, tail, settings.chunk,
+                               lambda value, what: logits_of(value, runtime, what, at))
+            reset(runtime, at)
+            after = prefill(runtime, ids, at, f"one-shot prefill of {depth} tokens after reset()")
+            done[depth] = Runs(one_shot, rows, after, tail)
+        return done[depth]
+
+    return at_depth
+
+
+def test_chunked_prefill_gives_the_one_shot_logits(longctx_backend, longctx_runtime, longctx_settings,
+                                                   longctx_measure, longctx_positions, runs):
+    need_depth(longctx_runtime, longctx_positions)
+    result = runs(longctx_positions)
+    one_shot = need_logits(result.one_shot)
+    at = where(longctx_backend, longctx_runtime, longctx_settings)
+    chunked = result.chunked_tail[-1]
+    comparison = compare_logits(chunked, one_shot)
+    longctx_measure.record("chunked vs one-shot logits", comparison.relative, "of max logit",
+                           bound=f"<= {longctx_settings.consistency_tolerance:.2%}",
+                           passed=comparison.relative <= longctx_settings.consistency_tolerance and comparison.top1,
+                           cell=f"{comparison.relative:.2g} (KL {comparison.kl:.2g})", **comparison.as_dict())
+    check_consistent(f"last logits of {longctx_positions} tokens in chunks of {longctx_settings.chunk} "
+                     f"then {result.tail} single tokens, against one prefill", chunked, one_shot,
+                     longctx_settings, at)
+
+
+def test_same_prompt_after_reset_gives_the_same_logits(longctx_backend, longctx_runtime, longctx_settings,
+                                                       longctx_measure, longctx_positions, runs):
+    need_depth(longctx_runtime, longctx_positions)
+    result = runs(longctx_positions)
+    one_shot = need_logits(result.one_shot)
+    at = where(longctx_backend, longctx_runtime, longctx_settings)
+    comparison = compare_logits(result.after_reset, one_shot)
+    longctx_measure.record("logits after reset", comparison.relative, "of max logit",
+                           bound=f"<= {longctx_settings.consistency_tolerance:.2%}",
+                           passed=comparison.relative <= longctx_settings.consistency_tolerance and comparison.top1,
+                           cell=f"{comparison.relative:.2g}", **comparison.as_dict())
+    check_consistent(f"last logits of {longctx_positions} tokens after reset(), against the first run",
+                     result.after_reset, one_shot, longctx_settings, at)
+
+
+def test_logits_match_the_reference_logits(longctx_backend, longctx_runtime, longctx_settings, longctx_measure,
+                                           longctx_positions, reference, runs):
+    settings = longctx_settings
+    if reference is None:
+        pytest.skip("no --longctx-reference-logits: accuracy against a float reference is not judged "
+                    "(write golden logits with longctx-logits)")
+    if longctx_positions not in reference.depths:
+        pytest.skip(f"the reference logits hold depths {reference.depths}, not {longctx_positions}")
+    need_depth(longctx_runtime, longctx_positions)
+    at = where(longctx_backend, longctx_runtime, settings)
+    if reference.vocab_size != longctx_runtime.vocab_size:
+        fail("vocabulary of the reference logits", reference.vocab_size,
+             f"the runtime's {longctx_runtime.vocab_size} (another model?)", at)
+    result = runs(longctx_positions)
+    need_logits(result.one_shot)
+    comparisons = [compare_logits(row, gold) for row, gold in zip(result.chunked_tail, reference.at(longctx_positions))]
+    kl = float(np.mean([c.kl for c in comparisons]))
+    agreement = float(np.mean([c.top1 for c in comparisons]))
+    passed = kl <= settings.logits_kl and agreement >= settings.top1_agreement
+    longctx_measure.record("KL from reference logits", kl, "nats", bound=f"<= {settings.logits_kl:g}",
+                           passed=passed, cell=f"KL {kl:.3g}, top-1 {agreement:.0%}", top1_agreement=agreement,
+                           positions_judged=len(comparisons), threshold=settings.logits_kl,
+                           reference=reference.meta)
+    if kl > settings.logits_kl:
+        fail(f"mean KL divergence from the reference logits over the last {len(comparisons)} positions",
+             f"{kl:.4g} nats", f"<= {settings.logits_kl:g} nats", at)
+    if agreement < settings.top1_agreement:
+        fail(f"top-1 agreement with the reference logits over the last {len(comparisons)} positions",
+             f"{agreement:.0%}", f">= {settings.top1_agreement:.0%}", at)

@@ -1,0 +1,152 @@
+"""The runtime groups must pass a correct whole-model runtime and catch every defect.
+
+Each run goes through the installed suite in a pytester run on the toy runtime
+of ``runtime_backends`` (a real attention layer with RoPE and a KV cache that
+grows in NumPy memory), as tests/test_broken_backends.py does for KV caches.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from pytest_longctx import logits
+from pytest_longctx.metrics import compare_logits
+
+TESTS_DIR = Path(__file__).parent
+POSITIONS = "1024,2048,4096"
+
+
+@pytest.fixture
+def toy(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    pytester.syspathinsert(TESTS_DIR)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    import runtime_backends
+
+    return Path(runtime_backends.write_model(str(pytester.path / "toy-ctx4096.toy")))
+
+
+def run(pytester: pytest.Pytester, backend: str, model: Path, *args: str,
+        subprocess: bool = False) -> pytest.RunResult:
+    """The suite on a toy runtime; in a subprocess where memory is measured, so that the
+    allocator's state left by earlier in-process runs cannot hide growth."""
+    runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+    return runner(f"--longctx-backend=runtime_backends:{backend}", f"--longctx-model={model}",
+                  f"--longctx-positions={POSITIONS}", "-rfEs", "--longctx-seed=3", *args)
+
+
+def test_correct_runtime_passes_every_runtime_group(pytester: pytest.Pytester, toy: Path) -> None:
+    result = run(pytester, "ToyRuntimeBackend", toy, subprocess=True)
+    outcomes = result.parseoutcomes()
+    # 5 limits tests, 3 depths x (memory, prefill, decode, chunked, reset),
+    # and the reference-logits test skipped at each depth without a reference file.
+    assert outcomes.get("passed") == 20 and outcomes.get("skipped") == 3, result.stdout.str()
+    assert "failed" not in outcomes and "errors" not in outcomes
+    result.stdout.fnmatch_lines(["*no --longctx-reference-logits: accuracy against a float reference is not judged*"])
+    # The KV-cache groups do not apply to a whole-model runtime: deselected, not skipped.
+    assert outcomes.get("deselected", 0) > 0
+
+
+DEFECTS = [
+    ("HalfAppliesBackend", ["test_prompt_crossing_the_limit_is_rejected_whole"],
+     "*half-applied: took 512 of 520 tokens before raising ContextLimitExceeded*"),
+    ("SilentlyTakesMoreContextBackend", ["test_context_above_the_model_limit_is_clamped_or_refused"],
+     "*context_limit when 4128 is asked of a model holding 4096=4128, but should be <= 4096 (clamped) or a refusal*"),
+    ("ChunkPositionsRestartBackend", ["test_chunked_prefill_gives_the_one_shot_logits"] * 3,
+     "*last logits of * tokens in chunks of 512 then 16 single tokens, against one prefill=max|Δlogit|*"),
+    ("ResetKeepsStaleKeysBackend", ["test_same_prompt_after_reset_gives_the_same_logits"] * 3,
+     "*after reset(), against the first run=max|Δlogit|*"),
+    ("KeepsTwoCopiesBackend", ["test_memory_growth_within_kv_bound"] * 3,
+     "*peak memory growth from 0 to 1024 positions=*, but should be <= 51.2 MiB (analytic KV 32.0 MiB*"),
+    ("NotGreedyBackend", ["test_prefill_rate_at_depth", "test_decode_rate_at_depth"] * 3,
+     "*first generated token * is not the arg-max * of the logits before it (greedy)*"),
+    ("WrapsAroundBackend", ["test_one_token_more_is_rejected_and_changes_nothing",
+                            "test_prompt_crossing_the_limit_is_rejected_whole"],
+     "*prefill of 1 token at the limit 4096=accepted (positions 4096), but should be ContextLimitExceeded*"),
+    ("NanAfter2048Backend", None, "*NaN/Inf values (first at token 0), but should be finite*"),
+]
+
+
+@pytest.mark.parametrize(("backend", "failing", "message"), DEFECTS, ids=[d[0] for d in DEFECTS])
+def test_runtime_groups_catch_defect(pytester: pytest.Pytester, toy: Path, backend: str,
+                                     failing: Sequence[str], message: str) -> None:
+    result = run(pytester, backend, toy, subprocess=backend == "KeepsTwoCopiesBackend")
+    failed = [line.split("::")[1].split("[")[0] for line in result.outlines if line.startswith("FAILED ")]
+    if failing is not None:
+        assert sorted(failed) == sorted(failing), result.stdout.str()
+    else:
+        assert failed, result.stdout.str()
+    result.stdout.fnmatch_lines([message])
+    result.stdout.no_fnmatch_line("E   *")  # one-line diagnoses, no traceback into the suite
+    assert "errors" not in result.parseoutcomes()
+
+
+def test_reference_logits_written_by_the_command_judge_a_runtime(pytester: pytest.Pytester, toy: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(pytester.path)
+    golden = pytester.path / "golden.npz"
+    status = logits.main(["--backend", "runtime_backends:ToyRuntimeBackend", "--model", str(toy),
+                          "--positions", POSITIONS, "--seed", "11", "-o", str(golden)])
+    assert status == 0
+    loaded = logits.load(str(golden))
+    assert loaded.depths == [1024, 2048, 4096] and loaded.logits.shape == (3, 16, 64)
+    assert loaded.meta["seed"] == 11 and loaded.meta["context"] == 4096
+
+    good = run(pytester, "ToyRuntimeBackend", toy, f"--longctx-reference-logits={golden}", "-k", "reference")
+    good.assert_outcomes(passed=3)
+    bad = run(pytester, "NoisyLogitsBackend", toy, f"--longctx-reference-logits={golden}", "-k", "reference")
+    bad.assert_outcomes(failed=3)
+    bad.stdout.fnmatch_lines(["*mean KL divergence from the reference logits over the last 16 positions=* nats, "
+                              "but should be <= 0.05 nats*"])
+
+
+def test_a_bad_reference_file_fails_naming_it(pytester: pytest.Pytester, toy: Path) -> None:
+    junk = pytester.path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    result = run(pytester, "ToyRuntimeBackend", toy, f"--longctx-reference-logits={junk}", "-k", "reference")
+    result.assert_outcomes(errors=3)  # the module's reference fixture fails, once per case
+    result.stdout.fnmatch_lines([f"*reference logits {junk}: not a file written by longctx-logits*"])
+
+
+def test_a_missing_model_fails_every_runtime_case_in_one_line(pytester: pytest.Pytester, toy: Path) -> None:
+    missing = pytester.path / "missing-ctx4096.toy"
+    result = run(pytester, "ToyRuntimeBackend", missing, "-m", "longctx_limits")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("errors") == 5 and "passed" not in outcomes, result.stdout.str()
+    result.stdout.no_fnmatch_line("*During handling*")
+    result.stdout.fnmatch_lines([f"*open_runtime('{missing}', context=None) raised SpecError: model {missing}: "
+                                 "no such file*"])
+
+
+def test_without_a_model_the_runtime_groups_skip_saying_so(pytester: pytest.Pytester) -> None:
+    pytester.syspathinsert(TESTS_DIR)
+    result = pytester.runpytest("--longctx-backend=runtime_backends:ToyRuntimeBackend", "-m",
+                                "longctx_limits", "-rs")
+    result.assert_outcomes(skipped=5, deselected=result.parseoutcomes()["deselected"])
+    result.stdout.fnmatch_lines(["*no --longctx-model: toy-runtime is a whole-model runtime and needs a model file*"])
+
+
+def test_cache_backends_and_runtimes_run_side_by_side(pytester: pytest.Pytester, toy: Path) -> None:
+    """A matrix of a KV-cache backend and a runtime: each group runs on the kind it certifies."""
+    result = pytester.runpytest("--longctx-backend=cpu", "--longctx-backend=runtime_backends:ToyRuntimeBackend",
+                                f"--longctx-model={toy}", "--longctx-positions=1024",
+                                "--longctx-shape=n_layers=1,n_heads=2,n_kv_heads=1,head_dim=32",
+                                "-m", "longctx_limits", "--collect-only", "-q")
+    ids = [line for line in result.outlines if "::" in line]
+    assert any("test_runtime_limits.py" in i and "ToyRuntimeBackend" in i for i in ids)
+    assert any("test_limits.py" in i and "[cpu-" in i for i in ids)
+    assert not any("test_runtime_limits.py" in i and "[cpu" in i for i in ids)
+    assert not any("test_limits.py" in i and "ToyRuntimeBackend" in i for i in ids)
+
+
+def test_compare_logits_reads_kl_top1_and_relative_difference() -> None:
+    reference = np.array([2.0, 1.0, 0.0, -1.0])
+    same = compare_logits(reference, reference)
+    assert same.kl == 0.0 and same.top1 and same.relative == 0.0
+    swapped = compare_logits(np.array([1.0, 2.0, 0.0, -1.0]), reference)
+    assert not swapped.top1 and swapped.kl > 0.1 and swapped.relative == pytest.approx(0.5)
+    assert compare_logits(np.array([np.nan, 0, 0, 0]), reference).kl == float("inf")
