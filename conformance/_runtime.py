@@ -28,6 +28,11 @@ def where(backend: Any, runtime: ModelRuntime, settings: Settings) -> str:
             f"{spec.describe()} kv {spec.kv_dtype}")
 
 
+def tags(runtime: ModelRuntime, settings: Settings) -> dict:
+    """What a runtime figure carries besides the check: the KV dtype in force and the model."""
+    return {"kv_dtype": runtime.kv_spec.kv_dtype, "model": os.path.basename(settings.model or "")}
+
+
 def logits_of(value: Any, runtime: ModelRuntime, what: str, at: str) -> Optional[np.ndarray]:
     """A prefill's result as float64 on the host, its shape and values checked; None stays None."""
     __tracebackhide__ = True

@@ -25,7 +25,9 @@ from pytest_longctx.logits import TAIL, tail_logits
 from pytest_longctx.metrics import compare_logits
 
 from ._check import fail
-from ._runtime import check_consistent, golden, logits_of, need_depth, need_logits, prefill, prompt, reset, where
+from ._runtime import (
+    check_consistent, golden, logits_of, need_depth, need_logits, prefill, prompt, reset, tags, where,
+)
 
 pytestmark = pytest.mark.longctx_equivalence
 
@@ -77,7 +79,7 @@ def test_chunked_prefill_gives_the_one_shot_logits(longctx_backend, longctx_runt
     at = where(longctx_backend, longctx_runtime, longctx_settings)
     chunked = result.chunked_tail[-1]
     comparison = compare_logits(chunked, one_shot)
-    longctx_measure.record("chunked vs one-shot logits", comparison.relative, "of max logit",
+    longctx_measure.record("chunked vs one-shot logits", comparison.relative, "of max logit", **tags(longctx_runtime, longctx_settings), 
                            bound=f"<= {longctx_settings.consistency_tolerance:.2%}",
                            passed=comparison.relative <= longctx_settings.consistency_tolerance and comparison.top1,
                            cell=f"{comparison.relative:.2g} (KL {comparison.kl:.2g})", **comparison.as_dict())
@@ -93,7 +95,7 @@ def test_same_prompt_after_reset_gives_the_same_logits(longctx_backend, longctx_
     one_shot = need_logits(result.one_shot)
     at = where(longctx_backend, longctx_runtime, longctx_settings)
     comparison = compare_logits(result.after_reset, one_shot)
-    longctx_measure.record("logits after reset", comparison.relative, "of max logit",
+    longctx_measure.record("logits after reset", comparison.relative, "of max logit", **tags(longctx_runtime, longctx_settings), 
                            bound=f"<= {longctx_settings.consistency_tolerance:.2%}",
                            passed=comparison.relative <= longctx_settings.consistency_tolerance and comparison.top1,
                            cell=f"{comparison.relative:.2g}", **comparison.as_dict())
@@ -120,7 +122,7 @@ def test_logits_match_the_reference_logits(longctx_backend, longctx_runtime, lon
     kl = float(np.mean([c.kl for c in comparisons]))
     agreement = float(np.mean([c.top1 for c in comparisons]))
     passed = kl <= settings.logits_kl and agreement >= settings.top1_agreement
-    longctx_measure.record("KL from reference logits", kl, "nats", bound=f"<= {settings.logits_kl:g}",
+    longctx_measure.record("KL from reference logits", kl, "nats", **tags(longctx_runtime, longctx_settings), bound=f"<= {settings.logits_kl:g}",
                            passed=passed, cell=f"KL {kl:.3g}, top-1 {agreement:.0%}", top1_agreement=agreement,
                            positions_judged=len(comparisons), threshold=settings.logits_kl,
                            reference=reference.meta)

@@ -19,7 +19,9 @@ import pytest
 from pytest_longctx import ContextClamped, ContextLimitExceeded, LongctxError
 
 from ._check import fail
-from ._runtime import check_consistent, need_logits, positions, prefill, prefill_chunks, prompt, reset, where
+from ._runtime import (
+    check_consistent, need_logits, positions, prefill, prefill_chunks, prompt, reset, tags, where,
+)
 
 pytestmark = pytest.mark.longctx_limits
 
@@ -30,7 +32,7 @@ def test_model_context_limit_is_read_and_reported(longctx_backend, longctx_runti
                                                   longctx_measure):
     runtime, at = longctx_runtime, where(longctx_backend, longctx_runtime, longctx_settings)
     model_limit, limit = runtime.model_context_limit, runtime.context_limit
-    longctx_measure.record("context limit", limit, "positions", positions=limit,
+    longctx_measure.record("context limit", limit, "positions", **tags(longctx_runtime, longctx_settings), positions=limit,
                            cell=f"{limit} (model {model_limit if model_limit is not None else 'does not say'})",
                            model_context_limit=model_limit, requested=longctx_settings.context)
     if not isinstance(limit, int) or limit < 1:
@@ -54,7 +56,7 @@ def test_context_above_the_model_limit_is_clamped_or_refused(longctx_backend, lo
         try:
             other = longctx_backend.open_runtime(longctx_settings.model, asked)
         except LongctxError as exc:
-            longctx_measure.record("context above the model's", asked, "positions", positions=asked,
+            longctx_measure.record("context above the model's", asked, "positions", **tags(longctx_runtime, longctx_settings), positions=asked,
                                    cell=f"{asked}: refused", outcome="refused", message=str(exc))
             return
         except Exception as exc:
@@ -65,7 +67,7 @@ def test_context_above_the_model_limit_is_clamped_or_refused(longctx_backend, lo
     finally:
         other.close()
     clamped = [w.message for w in caught if isinstance(w.message, ContextClamped)]
-    longctx_measure.record("context above the model's", asked, "positions", positions=asked,
+    longctx_measure.record("context above the model's", asked, "positions", **tags(longctx_runtime, longctx_settings), positions=asked,
                            cell=f"{asked}: {granted} granted", outcome="clamped" if clamped else "accepted",
                            granted=granted)
     if granted > model_limit:
@@ -141,7 +143,7 @@ def test_prompt_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_ru
     except Exception as exc:
         raised = exc
     held = positions(runtime)
-    longctx_measure.record("crossing prompt: tokens taken", held - start, "tokens", positions=limit,
+    longctx_measure.record("crossing prompt: tokens taken", held - start, "tokens", **tags(longctx_runtime, longctx_settings), positions=limit,
                            cell=f"{held - start} of {crossing}", passed=held == start and
                            isinstance(raised, ContextLimitExceeded))
     if raised is None:

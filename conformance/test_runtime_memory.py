@@ -21,7 +21,7 @@ import pytest
 from pytest_longctx.measure import ProcessPeak, format_bytes
 
 from ._check import call, fail
-from ._runtime import prefill_chunks, prompt, reset, where
+from ._runtime import prefill_chunks, prompt, reset, tags, where
 
 pytestmark = pytest.mark.longctx_memory
 
@@ -78,7 +78,7 @@ def test_memory_growth_within_kv_bound(longctx_backend, longctx_runtime, longctx
     reported = growth.reported[longctx_positions]
     passed = measured <= allowed
     longctx_measure.record(
-        "peak memory growth / analytic KV", measured / analytic, "x", bound=f"<= {allowed / analytic:.3f}",
+        "peak memory growth / analytic KV", measured / analytic, "x", **tags(runtime, settings), bound=f"<= {allowed / analytic:.3f}",
         passed=passed, cell=f"+{format_bytes(measured)} over {start}..{longctx_positions}",
         measured_bytes=measured, analytic_bytes=analytic, bound_bytes=allowed, from_positions=start,
         runtime_reported_bytes=reported, threshold=allowed / analytic,

@@ -22,7 +22,7 @@ import pytest
 from pytest_longctx.measure import Stats
 
 from ._check import call, fail
-from ._runtime import need_depth, positions, prefill, prefill_chunks, prompt, reset, where
+from ._runtime import need_depth, positions, prefill, prefill_chunks, prompt, reset, tags, where
 
 pytestmark = pytest.mark.longctx_throughput
 
@@ -97,10 +97,10 @@ def timed(longctx_backend, longctx_runtime, longctx_settings, _longctx_lock):
     return at_depth
 
 
-def _judge(what, stats, runtime_rate, floor, unit, result, depth, measure_, at):
+def _judge(what, stats, runtime_rate, floor, unit, result, depth, measure_, at, tagged):
     __tracebackhide__ = True
     passed = not result.problems and (floor is None or stats.median >= floor)
-    measure_.record(what, stats.median, unit, bound=f">= {floor:.4g}" if floor else "", passed=passed,
+    measure_.record(what, stats.median, unit, **tagged, bound=f">= {floor:.4g}" if floor else "", passed=passed,
                     cell=f"{stats.median:.4g} {unit} ±{stats.spread:.0%}", stats=stats.as_dict(),
                     from_positions=result.start, runtime_counted=runtime_rate, threshold=floor)
     if result.problems:
@@ -114,7 +114,8 @@ def test_prefill_rate_at_depth(longctx_backend, longctx_runtime, longctx_setting
     need_depth(longctx_runtime, longctx_positions)
     result = timed(longctx_positions)
     _judge("prefill", result.prefill, result.runtime_prefill, longctx_settings.prefill_floor, "positions/s",
-           result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings))
+           result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings),
+           tags(longctx_runtime, longctx_settings))
 
 
 def test_decode_rate_at_depth(longctx_backend, longctx_runtime, longctx_settings, longctx_measure,
@@ -122,4 +123,5 @@ def test_decode_rate_at_depth(longctx_backend, longctx_runtime, longctx_settings
     need_depth(longctx_runtime, longctx_positions)
     result = timed(longctx_positions)
     _judge("decode", result.decode, result.runtime_decode, longctx_settings.decode_floor, "tokens/s",
-           result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings))
+           result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings),
+           tags(longctx_runtime, longctx_settings))

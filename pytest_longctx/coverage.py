@@ -36,6 +36,11 @@ def _mark(table: Dict[str, str], value: Any, outcome: str) -> None:
         table[key] = status
 
 
+def is_runtime_case(nodeid: str) -> bool:
+    """A case of the whole-model runtime groups (conformance/test_runtime_*.py)."""
+    return "test_runtime_" in nodeid.split("::", 1)[0]
+
+
 def coverage(cases: Iterable[Any], settings: Any, claimed: Optional[Dict[str, List[str]]] = None) -> Dict[str, Any]:
     """Per backend: every dimension's values with their status; ``claimed`` maps backend to its kv dtypes."""
     shape_rope = settings.shape.rope
@@ -50,9 +55,11 @@ def coverage(cases: Iterable[Any], settings: Any, claimed: Optional[Dict[str, Li
             "kv dtype": {d: NOT_EXERCISED for d in KV_DTYPES},
             "positions": {str(p): NOT_EXERCISED for p in positions},
         }
+        runtime = False
         for case in cases:
             if case.backend != backend:
                 continue
+            runtime = runtime or is_runtime_case(case.nodeid)
             params = case.params
             if case.question in QUESTIONS:
                 _mark(tables["question"], case.question, case.outcome)
@@ -63,7 +70,7 @@ def coverage(cases: Iterable[Any], settings: Any, claimed: Optional[Dict[str, Li
             if "kind" in params and "style" in params:
                 _mark(tables["rope kind"], params["kind"], case.outcome)
                 _mark(tables["rope pairing"], params["style"], case.outcome)
-            elif case.question == "equivalence" and "feature" not in params:
+            elif case.question == "equivalence" and "feature" not in params and not runtime:
                 # The shape's own RoPE, at every kv dtype and positions value.
                 _mark(tables["rope kind"], shape_rope.kind, case.outcome)
                 _mark(tables["rope pairing"], shape_rope.style, case.outcome)
@@ -71,6 +78,11 @@ def coverage(cases: Iterable[Any], settings: Any, claimed: Optional[Dict[str, Li
                 _mark(tables["attention feature"], params["feature"], case.outcome)
         claims = (claimed or {}).get(backend)
         notes = []
+        if runtime:  # RoPE and attention features are the model's own, judged through its logits
+            for name in ("rope kind", "rope pairing", "attention feature"):
+                del tables[name]
+            notes.append("a whole-model runtime: its RoPE and attention are the model's own, judged "
+                         "through its logits; its kv dtype is the model's")
         if claims is not None:
             notes += [f"kv dtype {d} is not claimed by the backend" for d in KV_DTYPES if d not in claims]
         exercised = sum(v != NOT_EXERCISED for t in tables.values() for v in t.values())

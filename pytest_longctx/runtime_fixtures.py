@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from .errors import BackendUnavailable, LongctxError, NotSupported
+from .errors import BackendUnavailable, NotSupported
 from .measure import format_bytes, memory_available
 from .protocol import ModelRuntime, RuntimeBackend
 from .settings import Settings

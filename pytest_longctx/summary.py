@@ -43,8 +43,9 @@ class SummaryCollector:
         if self.records:
             settings = self.config.stash[settings_key]
             terminalreporter.write_sep("=", "longctx figures")
+            model = f", model {os.path.basename(settings.model)}" if settings.model else ""
             terminalreporter.write_line(
-                f"shape {settings.shape_text} ({settings.shape.describe()}), seed {settings.seed}"
+                f"shape {settings.shape_text} ({settings.shape.describe()}), seed {settings.seed}{model}"
             )
             terminalreporter.write_line(self.table())
         if self.reruns:
