@@ -185,7 +185,7 @@ def test_correct_backend_passes_the_whole_suite(pytester: pytest.Pytester, seed:
     """The backend every defect departs from passes everything, whatever the inputs."""
     result = run_suite(pytester, "CorrectBackend", f"--longctx-seed={seed}")
     outcomes = result.parseoutcomes()
-    assert set(outcomes) == {"passed"}, result.stdout.str()
+    assert set(outcomes) <= {"passed", "deselected"} and outcomes.get("passed"), result.stdout.str()
     assert outcomes["passed"] >= 20
     result.stdout.fnmatch_lines(["*= longctx figures =*", f"shape {SHAPE} (*), seed {seed}"])
     result.stdout.no_fnmatch_line("* FAIL")
