@@ -25,10 +25,13 @@ How the contract maps onto the runtime:
   part of it (how many tokens), or accepted it and dropped positions (a context shift). An
   error state or a non-zero rkllm_run raises RuntimeFailure naming the state and the call.
 - The model's context comes from the file name (``...-ctx16384.rkllm``; without ``ctxN`` the
-  community convention says 4096). ``rkllm_init`` is given the context asked for; RKLLM 1.2.1
-  refuses ``max_context_len`` above the converted context ("max_context[16384] must be less
-  than the model's max_context_limit[4096]"), which cross-checks the name: a context above
-  the model's is clamped to it with a ContextClamped warning that quotes what the runtime said.
+  community convention says 4096), cross-checked with the runtime: ``rkllm_init`` is given
+  the context asked for, and RKLLM prints the model's ``max_context_limit: N`` when it loads
+  it and refuses a ``max_context_len`` above it ("max_context[16384] must be less than the
+  model's max_context_limit[4096]", 1.2.1). Where the runtime states the limit, its word
+  wins (a warning names a file name that disagrees); a context above the model's is clamped
+  to it with a ContextClamped warning quoting what the runtime said, and a runtime that
+  accepts more than the limit as known is clamped all the same, the warning saying so.
 - RKLLM does not report the model's KV geometry, so ``kv_spec`` comes from ``shape=`` (a
   preset, a .toml/.json file, or key=value items separated by ``;`` inside a backend option)
   or from a preset named in the file name (``Qwen3-0.6B-...`` is ``qwen3-0.6b``), with
@@ -218,7 +221,7 @@ class _Run:
     def failure(self, call: str) -> str:
         parts = []
         if self.status != 0:
-            parts.append(f"{call} returned {self.status}")
+            parts.append(f"{call.partition('(')[0]} returned {self.status}")
         if abi.RUN_ERROR in self.states:
             parts.append(f"the callback got state {abi.STATE_NAMES[abi.RUN_ERROR]}")
         if self.exception is not None:
