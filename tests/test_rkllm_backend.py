@@ -470,3 +470,40 @@ def test_a_closed_runtime_says_so(backend: R.RkllmBackend, model: str) -> None:
     rt.close()  # twice is fine
     with pytest.raises(RuntimeFailure, match="is closed"):
         rt.prefill([1])
+
+
+# --- the runtime conformance groups, unchanged, on the stand-in -------------------------------
+
+
+def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str) -> pytest.RunResult:
+    shape = S.write_shape(pytester.path)
+    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}]",
+                              f"--longctx-model={model}", "--longctx-positions=1024,2048,4096",
+                              "--longctx-seed=5", "-rfEs", *args)
+
+
+def test_runtime_suite_passes_on_the_standin(pytester: pytest.Pytester, library: str, model: str) -> None:
+    """The same suite that runs on a board runs here through ctypes on the stand-in."""
+    result = run_suite(pytester, library, model)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 20 and "failed" not in outcomes and "errors" not in outcomes, \
+        result.stdout.str()
+
+
+def test_runtime_suite_reports_a_half_applied_prompt(pytester: pytest.Pytester, library: str, model: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "limit-half")
+    result = run_suite(pytester, library, model, "-m", "longctx_limits")
+    result.assert_outcomes(passed=4, failed=1, deselected=result.parseoutcomes()["deselected"])
+    result.stdout.fnmatch_lines(["*prefill of 520 tokens at position 3584 (limit 4096)=half-applied: took * of 520 "
+                                 "tokens before raising ContextLimitExceeded*"])
+
+
+def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: pytest.Pytester, library: str,
+                                                                    model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "error-state@7")
+    result = run_suite(pytester, library, model, "-m", "longctx_memory")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) >= 1 and outcomes.get("failed", 0) >= 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*raised RuntimeFailure: *ERROR*"])
+    result.stdout.no_fnmatch_line("E   *")
