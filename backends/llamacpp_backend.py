@@ -23,8 +23,7 @@ What it reports and why:
 - ``kv_spec`` comes from the GGUF's hyperparameters (``block_count``,
   ``attention.head_count``, ``attention.head_count_kv``, ``attention.key_length``
   or ``embedding_length / head_count``) and the cache type in force: f32,
-  f16, bf16, q8_0, q4_0 map to the contract's float32, float16, bfloat16, q8_0,
-  q4_0, so ``kv_bytes`` counts the q8_0/q4_0 block scales llama.cpp stores.
+  f16, q8_0, q4_0 map to the contract's float32, float16, q8_0, q4_0, so ``kv_bytes`` counts the q8_0/q4_0 block scales llama.cpp stores.
   K and V must be of one type (the contract has one ``kv_dtype``), and a
   quantized V needs flash attention, as llama.cpp requires.
 - A prompt is given to llama.cpp as llama.cpp's own tools give it: batches of
@@ -69,15 +68,15 @@ from pytest_longctx.errors import (
     BackendUnavailable, ContextClamped, ContextLimitExceeded, NotSupported, RuntimeFailure, SpecError,
 )
 from pytest_longctx.protocol import BackendInfo, RuntimeStats
-from pytest_longctx.spec import CacheSpec, RopeSpec
+from pytest_longctx.spec import KV_DTYPES, CacheSpec, RopeSpec
 
 OPTIONS = ("kv_type", "type_k", "type_v", "flash_attn", "n_threads", "n_batch", "n_ubatch", "verbose")
 
 # llama.cpp's cache type names -> (ggml type constant in llama_cpp, the contract's kv_dtype).
+# Not bf16: llama-cpp-python (0.3.36) does not declare GGML_TYPE_BF16.
 CACHE_TYPES: Dict[str, Tuple[str, str]] = {
     "f32": ("GGML_TYPE_F32", "float32"),
     "f16": ("GGML_TYPE_F16", "float16"),
-    "bf16": ("GGML_TYPE_BF16", "bfloat16"),
     "q8_0": ("GGML_TYPE_Q8_0", "q8_0"),
     "q4_0": ("GGML_TYPE_Q4_0", "q4_0"),
 }
@@ -178,6 +177,8 @@ def _option_error(key: str, value: Any, expected: str) -> SpecError:
 def _cache_type(key: str, value: Any) -> str:
     """A llama.cpp cache type name from its own name or the contract's dtype name."""
     name = _BY_DTYPE.get(value, value)
+    if name not in CACHE_TYPES and value in KV_DTYPES:  # a contract dtype llama.cpp's binding cannot give
+        raise NotSupported(f"the llamacpp backend holds {', '.join(_BY_DTYPE)} caches, not {value}")
     if name not in CACHE_TYPES:
         raise _option_error(key, value, f"one of {', '.join(CACHE_TYPES)} "
                                         f"(or {', '.join(_BY_DTYPE)})")
@@ -226,7 +227,7 @@ def _settings(options: Dict[str, Any]) -> Dict[str, Any]:
 
 class LlamaCppBackend:
     """The "llamacpp" backend. Options (``--longctx-backend=llamacpp[kv_type=q8_0,...]``; each can
-    also be given to ``open_runtime``): kv_type (KV cache type for K and V: f16 (default), f32, bf16,
+    also be given to ``open_runtime``): kv_type (KV cache type for K and V: f16 (default), f32,
     q8_0, q4_0, or the contract's names float16, ...), type_k / type_v (each alone; must agree),
     flash_attn (true, false, or auto: llama.cpp decides, the default), n_threads (default: the CPUs
     this process may use), n_batch (tokens per llama_decode call, default 512), n_ubatch (tokens per

@@ -23,7 +23,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip 
 
 from pytest_longctx.backends import llamacpp_backend as L  # noqa: E402
 from pytest_longctx.errors import (  # noqa: E402
-    BackendUnavailable, ContextClamped, ContextLimitExceeded, RuntimeFailure, SpecError,
+    BackendUnavailable, ContextClamped, ContextLimitExceeded, NotSupported, RuntimeFailure, SpecError,
 )
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
@@ -67,7 +67,7 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 # --- options and availability ---
 
 @pytest.mark.parametrize("text, message", [
-    ("llamacpp[kv_type=q5_1]", "kv_type='q5_1', but should be one of f32, f16, bf16, q8_0, q4_0"),
+    ("llamacpp[kv_type=q5_1]", "kv_type='q5_1', but should be one of f32, f16, q8_0, q4_0"),
     ("llamacpp[type_k=q8_0,type_v=f16]", "type_k=q8_0 and type_v=f16 differ"),
     ("llamacpp[kv_type=q4_0,flash_attn=false]", "a q4_0 V cache needs flash attention"),
     ("llamacpp[flash_attn=sometimes]", "flash_attn='sometimes', but should be true, false or auto"),
@@ -134,7 +134,7 @@ def test_info_names_versions_device_and_cache_types(backend: L.LlamaCppBackend) 
     assert info.name == "llamacpp" and info.device_kind == "cpu" and info.device_name
     assert info.versions["llama-cpp-python"] == llama_cpp.__version__
     assert info.versions["kv_type"] == "f16" and info.versions["flash_attn"] == "auto"
-    assert {"float32", "float16", "q8_0", "q4_0"} <= set(info.kv_dtypes)
+    assert info.kv_dtypes == ("float32", "float16", "q8_0", "q4_0")
     assert "q8_0" not in L.LlamaCppBackend(flash_attn=False).info().kv_dtypes
 
 
@@ -167,6 +167,8 @@ def test_open_runtime_options_override_the_backend(backend: L.LlamaCppBackend, m
         assert runtime.kv_spec.kv_dtype == "q8_0"
     with pytest.raises(SpecError, match="kv_type='fp8'"):
         backend.open_runtime(str(models["2k"]), kv_type="fp8")
+    with pytest.raises(NotSupported, match="holds float32, float16, q8_0, q4_0 caches, not bfloat16"):
+        backend.open_runtime(str(models["2k"]), kv_dtype="bfloat16")
 
 
 def test_a_context_below_the_limit_is_the_one_llama_cpp_rounds_to(backend: L.LlamaCppBackend,
