@@ -1,0 +1,161 @@
+"""A tiny random-weight llama GGUF for the suite's own tests and the README's example.
+
+``longctx-tiny-gguf tiny.gguf`` writes a llama-architecture model that llama.cpp
+loads: 2 layers, 128 wide, 4 query heads over 2 KV heads of 32, a 256-token
+vocabulary and a 16384-position training context by default. Its weights are
+drawn from a seeded generator (the same seed writes the same bytes) and kept
+in float32 unless ``--dtype f16``, so a float32 model can serve as the float
+reference of a quantized run. It is a tool of the tests, not a backend: the
+``llamacpp`` backend runs it like any other GGUF.
+
+What llama.cpp needs from it:
+
+- the ``llama.*`` hyperparameters, ``llama.context_length`` being the training
+  context that the backend reports as the model's limit;
+- a tokenizer it accepts: a SentencePiece-style ("llama") vocabulary of
+  ``<unk>``, ``<s>``, ``</s>``, then byte tokens ``<0x00>`` ... (llama.cpp looks up
+  ``<0x0A>`` for its newline token), then plain ``t{i}`` tokens past 259;
+- the tensors by their GGUF names, given in NumPy's row-major order (GGUF
+  stores dimensions reversed): ``token_embd`` (vocab, width), per block the
+  attention and feed-forward projections and their RMS norms, ``output_norm``
+  and ``output`` (vocab, width).
+
+Scales: projections are drawn with standard deviation 1/sqrt(fan_in) and norms
+are ones, so attention scores and logits are of order one and attention
+depends on position through RoPE rather than being uniform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+ARCH = "llama"
+DTYPES = ("f32", "f16")
+
+
+def _tokens(vocab: int) -> List[str]:
+    tokens = ["<unk>", "<s>", "</s>"]
+    tokens += [f"<0x{b:02X}>" for b in range(min(256, vocab - 3))]
+    tokens += [f"t{i}" for i in range(len(tokens), vocab)]
+    return tokens
+
+
+def write_tiny_gguf(path: "str | Path", *, context: int = 16384, layers: int = 2, width: int = 128,
+                    heads: int = 4, kv_heads: int = 2, vocab: int = 256, ffn: Optional[int] = None,
+                    seed: int = 0, dtype: str = "f32", rope_theta: float = 10000.0) -> Path:
+    """Write the model to ``path`` and return the path; ValueError names a field that cannot be written."""
+    import gguf  # the writer of llama.cpp's own converters (pip install gguf)
+
+    ffn = 2 * width if ffn is None else ffn
+    for name, value in (("context", context), ("layers", layers), ("width", width), ("heads", heads),
+                        ("kv_heads", kv_heads), ("ffn", ffn)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r}, but should be a positive integer")
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"width={width} must split into {heads} heads of an even size")
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+    if vocab < 3 + 11:  # the three specials and bytes up to <0x0A>, llama.cpp's newline
+        raise ValueError(f"vocab={vocab}, but should be at least 14")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}, but should be one of {', '.join(DTYPES)}")
+
+    head_dim = width // heads
+    rng = np.random.default_rng(seed)
+    weight = np.float32 if dtype == "f32" else np.float16
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(weight)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)  # norms stay float32, as llama.cpp's converters keep them
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer.add_name(f"longctx-tiny-{layers}L-{width}w-s{seed}")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
+    writer.add_context_length(context)
+    writer.add_embedding_length(width)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+
+    tokens = _tokens(vocab)
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE if t.startswith("<0x") else gguf.TokenType.NORMAL for t in tokens[3:]]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+
+    # Embedding rows of unit scale: RMS-normed before the first block anyway.
+    writer.add_tensor("token_embd.weight", rng.standard_normal((vocab, width), dtype=np.float32).astype(weight))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones(width))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(heads * head_dim, width))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(kv_heads * head_dim, width))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(kv_heads * head_dim, width))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(width, heads * head_dim))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones(width))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(ffn, width))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(ffn, width))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(width, ffn))
+    writer.add_tensor("output_norm.weight", ones(width))
+    writer.add_tensor("output.weight", matrix(vocab, width))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="longctx-tiny-gguf",
+        description="Write a tiny random-weight llama GGUF that llama.cpp loads (for the llamacpp backend's tests).",
+    )
+    parser.add_argument("path", help="the .gguf file to write")
+    parser.add_argument("--context", type=int, default=16384, help="training context (llama.context_length)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128, help="embedding width")
+    parser.add_argument("--heads", type=int, default=4, help="query heads (head size = width / heads)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="KV heads")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=None, help="feed-forward width (default 2 x width)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=DTYPES, default="f32", help="weight type of the matrices")
+    args = parser.parse_args(argv)
+    try:
+        path = write_tiny_gguf(args.path, context=args.context, layers=args.layers, width=args.width,
+                               heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, ffn=args.ffn,
+                               seed=args.seed, dtype=args.dtype)
+    except ImportError:
+        print("longctx-tiny-gguf: the gguf package is missing; pip install 'pytest-longctx[llamacpp]'",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"longctx-tiny-gguf: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: llama, {args.layers} layers, width {args.width}, {args.heads}/{args.kv_heads} heads, "
+          f"vocab {args.vocab}, context {args.context}, {args.dtype}, seed {args.seed} "
+          f"({path.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
