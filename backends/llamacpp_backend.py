@@ -70,6 +70,8 @@ from pytest_longctx.errors import (
 from pytest_longctx.protocol import BackendInfo, RuntimeStats
 from pytest_longctx.spec import KV_DTYPES, CacheSpec, RopeSpec
 
+from ._host import cpu_name, one_line
+
 OPTIONS = ("kv_type", "type_k", "type_v", "flash_attn", "n_threads", "n_batch", "n_ubatch", "verbose")
 
 # llama.cpp's cache type names -> (ggml type constant in llama_cpp, the contract's kv_dtype).
@@ -156,7 +158,7 @@ def _import_llama() -> Tuple[Any, Any]:
     except (OSError, RuntimeError, AttributeError) as exc:  # its libllama failed to load or lacks a symbol
         raise BackendUnavailable(
             f"llama_cpp is installed but its llama.cpp library cannot be loaded: {type(exc).__name__}: "
-            f"{_one_line(exc)}; reinstall llama-cpp-python for this machine (pip install --force-reinstall "
+            f"{one_line(exc)}; reinstall llama-cpp-python for this machine (pip install --force-reinstall "
             f"--no-cache-dir llama-cpp-python)"
         ) from None
     missing = [name for name in REQUIRED if not hasattr(capi, name)]
@@ -253,7 +255,7 @@ class LlamaCppBackend:
         return BackendInfo(
             name=self.name,
             device_kind="cpu",
-            device_name=_cpu_name(),
+            device_name=cpu_name(),
             vendor="",
             versions=versions,
             kv_dtypes=self.kv_dtypes(),
@@ -620,19 +622,3 @@ def _cpu_count() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     return os.cpu_count() or 1
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == "model name":
-                    return value.strip()
-    import platform
-
-    return platform.processor() or platform.machine()

@@ -17,9 +17,8 @@ as stored through their products instead of decoding blocks for BLAS.
 from __future__ import annotations
 
 import os
-import platform
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from pytest_longctx.spec import CacheSpec
 from . import _checks as C
 from . import _kernels as K
 from . import _native as N
+from ._host import cpu_name_and_vendor
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 # Keys per attention block, unless the block option says: decoded into float32 scratch for
@@ -375,21 +375,6 @@ class NumpyCache:
             future.result()
 
 
-def _cpu_name_and_vendor() -> Tuple[str, str]:
-    fields: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    vendors = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
-    vendor_id = fields.get("vendor_id", "")
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    return name, vendors.get(vendor_id, vendor_id)
-
 
 def _blas_version() -> Optional[str]:
     try:
@@ -429,7 +414,7 @@ class NumpyBackend:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="longctx-numpy") if threads > 1 else None
 
     def info(self) -> BackendInfo:
-        name, vendor = _cpu_name_and_vendor()
+        name, vendor = cpu_name_and_vendor()
         versions = {"numpy": np.__version__, "kernels": self._kernels()}
         blas = _blas_version()
         if blas:

@@ -43,6 +43,7 @@ from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
 
 from . import _checks as C
+from ._host import cpu_name, one_line
 
 OPTIONS = ("ep", "compute", "threads", "device_id")
 # What the op's T (query, key, value, cos/sin, output) is: the cache's type, as in a model
@@ -447,7 +448,7 @@ class OnnxRuntimeBackend:
         return BackendInfo(
             name=self.name,
             device_kind=self.device_kind,
-            device_name=self.ep if self.device_kind != "cpu" else f"{self.ep} ({_cpu_name()})",
+            device_name=self.ep if self.device_kind != "cpu" else f"{self.ep} ({cpu_name()})",
             vendor="",
             versions={"onnxruntime": self._ort.__version__, "onnx": self._onnx.__version__, "ep": self.ep,
                       "compute": self.compute},
@@ -500,7 +501,7 @@ class OnnxRuntimeBackend:
             sessions = (self._session(store, threads=1), self._session(config))
         except Exception as exc:  # an old onnxruntime without the op or an attribute, or a provider refusal
             raise NotSupported(f"onnxruntime {self._ort.__version__} {self.ep} cannot build GroupQueryAttention "
-                               f"for {spec.describe()} {spec.kv_dtype}: {_one_line(exc)}") from None
+                               f"for {spec.describe()} {spec.kv_dtype}: {one_line(exc)}") from None
         if config not in self._in_place:
             self._in_place[config] = _stores_in_place(self, spec, sessions, config.io_dtype)
         return OnnxRuntimeCache(self, spec, sessions, config.io_dtype, self._in_place[config])
@@ -520,21 +521,6 @@ class OnnxRuntimeBackend:
         return _nvml_used(self.device_id) if self.memory_device == "cuda" else None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == "model name":
-                    return value.strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _nvml_used(device_id: int) -> Optional[int]:
