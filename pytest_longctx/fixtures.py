@@ -14,11 +14,12 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from .errors import BackendUnavailable, LongctxError, NotSupported
+from .guard import describe, is_run_control
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
@@ -143,23 +144,41 @@ def _param(request: pytest.FixtureRequest, name: str) -> Any:
     return None
 
 
+def skip_unless_fits(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> None:
+    """Skip, with the bytes needed and free, a case whose cache (where it lives) and working
+    set (on the host: inputs, the reference) would not fit. Call it before allocating."""
+    reason = cache_preflight(backend, spec, working_bytes)
+    if reason is not None:
+        pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
+
+
 def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> KVCache:
     """Open a cache after checking that it fits; skip if it does not or is not supported.
 
     ``working_bytes`` is what the test itself will allocate beside the cache
     (inputs, reference working set), counted in the host check.
     """
-    reason = cache_preflight(backend, spec, working_bytes)
-    if reason is not None:
-        pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
+    skip_unless_fits(backend, spec, working_bytes)
     try:
         return backend.open_cache(spec)
     except NotSupported as exc:
         pytest.skip(f"not supported: {exc.reason}")
     except LongctxError as exc:
         pytest.fail(f"open_cache raised {type(exc).__name__}: {exc}", pytrace=False)
-    except Exception as exc:
-        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc} [{spec.describe()}]", pytrace=False)
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
+        pytest.fail(f"open_cache raised {describe(exc)} [{spec.describe()}]", pytrace=False)
+
+
+def close_quietly(cache: KVCache) -> None:
+    """Close a cache at the end of a case; what close() raises is not this case's verdict
+    (a leak is judged by the memory group)."""
+    try:
+        cache.close()
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
 
 
 @contextlib.contextmanager
@@ -168,8 +187,7 @@ def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Itera
     try:
         yield cache
     finally:
-        with contextlib.suppress(Exception):
-            cache.close()
+        close_quietly(cache)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import ContextLimitExceeded
+from .guard import describe, is_run_control
 from .inputs import Inputs, Pool
 from .measure import timed
 from .protocol import KVBackend, KVCache
@@ -85,8 +86,10 @@ def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
         except ContextLimitExceeded as exc:
             record.error = f"append of {n} at position {start} raised ContextLimitExceeded ({exc})"
             break
-        except Exception as exc:
-            record.error = f"append of {n} at position {start} raised {type(exc).__name__}: {exc}"
+        except BaseException as exc:
+            if is_run_control(exc):
+                raise
+            record.error = f"append of {n} at position {start} raised {describe(exc)}"
             break
         if keep:
             record.chunks += [(start, layer, k, v) for layer, k, v in inputs]
