@@ -47,6 +47,7 @@ def check_holds(backend, cache, record: Fill, layer: int, factor: float, where: 
 
 
 def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, filled):
+    filled.usable()
     cache, record = filled.cache, filled.fill
     spec = cache.spec
     where = case(longctx_backend, spec)

@@ -40,6 +40,7 @@ __all__ = [
     "host_bandwidth",
     "memory_available",
     "preflight",
+    "release_free_memory",
     "timed",
 ]
 
@@ -321,6 +322,30 @@ class MemoryProbe:
             return max(held, self._max_device - base.device)
         traced_peak = self.sample().traced_peak - base.traced
         return max(held, traced_peak, self._max_rss - base.rss)
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the system (glibc
+    ``malloc_trim``), so that memory a closed cache freed shows as freed: what the
+    allocator merely keeps for reuse is not a leak."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: List[Any] = []
+
+
+def _malloc_trim() -> Any:
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError):  # not glibc
+            _TRIM.append(None)
+    return _TRIM[0]
 
 
 def memory_available(backend: Any = None) -> Tuple[int, str]:
