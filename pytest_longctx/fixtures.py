@@ -47,19 +47,29 @@ class _Loaded:
 
 @dataclass
 class LongctxState:
-    """Per-process state: the backends constructed once, the lock for timed sections."""
+    """Per-process state: the backends constructed once, the lock for timed sections.
+
+    ``loader`` replaces construction in a process that must not run backend code
+    (the parent of isolated cases, see ``isolate.py``: it learns ``info()`` from a
+    forked child); ``runs_cases`` is False there, so it holds no timing lock.
+    """
 
     settings: Settings
     factories: Dict[str, Any]
     lock: Optional[ExclusiveLock] = None
     loaded: Dict[str, _Loaded] = field(default_factory=dict)
+    loader: Optional[Callable[[str], _Loaded]] = None
+    runs_cases: bool = True
 
     def load(self, text: str) -> _Loaded:
         if text not in self.loaded:
+            if self.loader is not None:
+                self.loaded[text] = self.loader(text)
+                return self.loaded[text]
             try:
                 backend = load_backend(text, self.factories)
                 self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes))
-            except Exception as exc:  # reported on every case of this backend
+            except (Exception, SystemExit) as exc:  # reported on every case of this backend
                 self.loaded[text] = _Loaded(None, exc)
         return self.loaded[text]
 
@@ -271,7 +281,7 @@ def timing_lock(config: pytest.Config) -> ExclusiveLock:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Any:
     """Every case of the matrix, fixtures included, holds the timing lock shared; a timed
     section takes it exclusive, so no other worker's case runs while it measures."""
-    if "longctx_backend" not in getattr(item, "fixturenames", ()):
+    if "longctx_backend" not in getattr(item, "fixturenames", ()) or not get_state(item.config).runs_cases:
         return (yield)
     with timing_lock(item.config).shared():
         return (yield)
