@@ -4,7 +4,7 @@ verdict while the run completes and the certificate is written (issue 7).
 Like ``broken_backends``, each departs from ``CorrectBackend`` by one override. Some
 crash the process (a NULL dereference in native code, ``abort()``, ``_exit()``), some
 hang (in Python, in a libc call a signal interrupts, on a native mutex no signal
-interrupts), some game the suite (a cache of answers) or return what a careless
+interrupts), some game the suite (a cache of answers, a fast wrong read) or return what a careless
 vendor returns (NaN past 8K positions, an integer array, read-only views) or raise
 what vendor code raises (a ``BaseException`` of its own, ``SystemExit``). Name them
 as ``misbehaving_backends:Segfault`` with this directory on ``sys.path``.
@@ -157,6 +157,20 @@ class NaNAfter8K(CorrectBackend):
                 out = out.copy()
                 out[:, 1:3] = np.nan
             return out
+
+
+class FastWrongReads(CorrectBackend):
+    """A single-position read takes a "fast path" that returns zeros: quick, and wrong. Reads
+    of windows (what the limits group checks) are right, so only a timed read shows it."""
+
+    name = "fast-wrong-reads"
+
+    class Cache(CorrectCache):
+        def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+            if stop - start == 1:
+                shape = (1, self.spec.n_kv_heads, self.spec.head_dim)
+                return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            return super().read(layer, start, stop)
 
 
 class WrongDtype(CorrectBackend):

@@ -215,6 +215,15 @@ def test_memorising_backend_fails_throughput(pytester: pytest.Pytester) -> None:
     assert figure["value"] > 3 and not figure["passed"]
 
 
+def test_fast_wrong_reads_fail_throughput_not_limits(pytester: pytest.Pytester) -> None:
+    """A quick single-position read that returns zeros: the limits group reads windows and
+    passes; a timed read drawn at random is checked (TEST01) and fails retrieve."""
+    result, _ = run(pytester, "misbehaving_backends:FastWrongReads", "-k", "retrieve or fills_to_exactly")
+    result.assert_outcomes(failed=1, passed=1, deselected=result.parseoutcomes()["deselected"])
+    result.stdout.fnmatch_lines(["timed read of layer * at position *: V: max|error|=*, but should be <= * "
+                                 "[[]fast-wrong-reads float32 @ 1024 positions, *]"])
+
+
 def test_nan_after_8k_fails_only_past_8k(pytester: pytest.Pytester) -> None:
     """NaN past 8192 positions: equivalence fails there, and so does the timed attention
     sampled against the reference (TEST01: a fast wrong answer is not a speed)."""
