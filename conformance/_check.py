@@ -1,8 +1,10 @@
 """Helpers of the conformance suite: guarded backend calls, fills, one message shape.
 
 Every failure reads "{what}={measured}, but should be {expected} [{case}]" and
-fits on one line; a backend that raises, or returns the wrong shape, fails the
-case with a diagnosis instead of a traceback into the suite.
+fits on one line; a backend that raises anything (``SystemExit`` and its own
+``BaseException`` subclasses included), or returns the wrong shape or dtype,
+fails the case with a diagnosis instead of a traceback into the suite. Results
+are only read, never written: a read-only or non-contiguous array is legitimate.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from pytest_longctx import CacheSpec, KVBackend, KVCache
+from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.metrics import Verdict, judge
 from pytest_longctx.reference import apply_rope, attention
 
@@ -24,8 +27,10 @@ def case(backend: KVBackend, spec: CacheSpec) -> str:
 
 
 def fail(what: str, measured: Any, expected: Any, where: str) -> None:
+    """Fail the case with one line; raised ``from None``, so that a backend's exception being
+    handled is not printed as the failure's context."""
     __tracebackhide__ = True
-    pytest.fail(f"{what}={measured}, but should be {expected} [{where}]", pytrace=False)
+    raise pytest.fail.Exception(f"{what}={measured}, but should be {expected} [{where}]", pytrace=False) from None
 
 
 def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -33,33 +38,42 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     __tracebackhide__ = True
     try:
         return fn(*args)
-    except Exception as exc:
-        pytest.fail(f"{what} raised {type(exc).__name__}: {exc}", pytrace=False)
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
+        raise pytest.fail.Exception(f"{what} raised {describe(exc)}", pytrace=False) from None
 
 
 def host(backend: KVBackend, native: Any, what: str, shape: Tuple[int, ...], where: str) -> np.ndarray:
-    """A backend result on the host as float64, its shape and dtype checked."""
+    """A backend result on the host as a float64 copy, its type, shape and dtype checked.
+
+    NaN/Inf are left to the comparison, which names their count and first index.
+    """
     __tracebackhide__ = True
-    array = np.asarray(call(f"to_numpy({what})", backend.to_numpy, native))
-    if array.shape != tuple(shape):
-        fail(f"{what} shape", array.shape, tuple(shape), where)
-    if not np.issubdtype(array.dtype, np.floating):
-        fail(f"{what} dtype", array.dtype, "a floating type", where)
-    return array.astype(np.float64)
+    result = call(f"to_numpy({what})", lambda: np.asarray(backend.to_numpy(native)))
+    if result.shape != tuple(shape):
+        fail(f"{what} shape", result.shape, tuple(shape), where)
+    if not np.issubdtype(result.dtype, np.floating):
+        fail(f"{what} dtype", result.dtype, "a real floating type (float16, float32, float64)", where)
+    return np.array(result, dtype=np.float64)  # a copy: the backend's buffer is never written
 
 
 def read(backend: KVBackend, cache: KVCache, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
     spec = cache.spec
     shape = (stop - start, spec.n_kv_heads, spec.head_dim)
     where = case(backend, spec)
-    k, v = call(f"read(layer {layer}, {start}, {stop})", cache.read, layer, start, stop)
+    pair = call(f"read(layer {layer}, {start}, {stop})", cache.read, layer, start, stop)
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        fail(f"read(layer {layer}, {start}, {stop}) result", type(pair).__name__, "a (K, V) pair", where)
+    k, v = pair
     return (host(backend, k, f"read K of layer {layer}", shape, where),
             host(backend, v, f"read V of layer {layer}", shape, where))
 
 
 def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
     spec = cache.spec
-    out = call(f"attend(layer {layer}, n_q={q.shape[0]})", cache.attend, layer, backend.asarray(q))
+    native = call(f"asarray(queries for layer {layer})", backend.asarray, q)
+    out = call(f"attend(layer {layer}, n_q={q.shape[0]})", cache.attend, layer, native)
     return host(backend, out, f"attend output of layer {layer}", (q.shape[0], spec.n_heads, spec.head_dim),
                 case(backend, spec))
 

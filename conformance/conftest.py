@@ -9,29 +9,42 @@ untraced, since tracemalloc slows the calls it would time.
 
 from __future__ import annotations
 
-import contextlib
-
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 
 from pytest_longctx import KVCache
-from pytest_longctx.fixtures import open_cache
+from pytest_longctx.fixtures import close_quietly, open_cache
 from pytest_longctx.inputs import Inputs
-from pytest_longctx.measure import MemoryProbe
+from pytest_longctx.measure import MemoryProbe, MemorySample
 from pytest_longctx.workloads import Fill, fill, native_pool
+
+from ._check import call
 
 
 @dataclass
 class FilledCase:
-    """A cache filled to max_positions in every layer, what was appended, and its memory."""
+    """A cache filled to max_positions in every layer, what was appended, and its memory.
+
+    ``before``/``after_fill`` are the memory before open() and once filled, for the
+    leak check (``test_memory_is_returned_after_close``), which closes the cache: it
+    runs after every other test of the case that reads it.
+    """
 
     cache: KVCache
     fill: Fill
     at_open: int = 0
     held: Dict[int, int] = field(default_factory=dict)  # positions filled -> bytes held
     peak: int = 0
+    before: Optional[MemorySample] = None
+    after_fill: Optional[MemorySample] = None
+    closed: bool = False
+
+    def usable(self) -> None:
+        """Skip a test that reads the cache after the leak check closed it (a changed test order)."""
+        if self.closed:
+            pytest.skip("the shared fill was already closed by the leak check (tests ran out of order)")
 
 
 @pytest.fixture(scope="session")
@@ -39,21 +52,22 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     settings = longctx_settings
     spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
     inputs = Inputs(settings.seed, f"filled-{longctx_kv_dtype}-{longctx_positions}")
-    pool = native_pool(longctx_backend, inputs, spec, min(spec.max_positions, 4096))
+    pool = call("asarray (input pool)", native_pool, longctx_backend, inputs, spec, min(spec.max_positions, 4096))
     chunk = min(settings.chunk, pool.k.shape[0])
     checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
     # The probe ends before the yield: tracemalloc must not stay on for the tests that time calls.
     with MemoryProbe(longctx_backend) as probe:
         cache = open_cache(longctx_backend, spec, working_bytes=pool.k.nbytes * 3)
-        case = FilledCase(cache, Fill(spec), at_open=probe.held())
+        case = FilledCase(cache, Fill(spec), at_open=probe.held(), before=probe.baseline)
         for target in checkpoints:
             fill(cache, pool, range(spec.n_layers), target - case.fill.length, chunk, keep=True, into=case.fill)
             if case.fill.error:
                 break
             case.held[target] = probe.held()
         case.peak = probe.peak()
+        case.after_fill = probe.sample()
     try:
         yield case
     finally:
-        with contextlib.suppress(Exception):
-            cache.close()
+        if not case.closed:
+            close_quietly(cache)

@@ -15,6 +15,7 @@ import pytest
 
 from pytest_longctx import ContextLimitExceeded
 from pytest_longctx.fixtures import opened
+from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.reference import roundtrip
 
 from pytest_longctx.workloads import Fill, fill, native_pool
@@ -46,6 +47,7 @@ def check_holds(backend, cache, record: Fill, layer: int, factor: float, where: 
 
 
 def test_fills_to_exactly_max_positions_in_every_layer(longctx_backend, longctx_settings, filled):
+    filled.usable()
     cache, record = filled.cache, filled.fill
     spec = cache.spec
     where = case(longctx_backend, spec)
@@ -64,20 +66,23 @@ def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_s
     spec = longctx_settings.spec_for(longctx_kv_dtype, longctx_positions)
     where = case(longctx_backend, spec)
     layer = spec.n_layers - 1
-    pool = native_pool(longctx_backend, longctx_inputs, spec, min(spec.max_positions, 4096))
+    pool = call("asarray (input pool)", native_pool, longctx_backend, longctx_inputs, spec,
+                min(spec.max_positions, 4096))
     with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
         record = fill(cache, pool, range(layer, layer + 1), spec.max_positions,
                       min(longctx_settings.chunk, pool.k.shape[0]))
         if record.error:
             fail(f"filling layer {layer} to max_positions", record.error, "no error", where)
         before = {w: read(longctx_backend, cache, layer, *w) for w in windows(spec.max_positions)}
-        k, v = (longctx_backend.asarray(x) for x in longctx_inputs.kv(1, spec))
+        k, v = (call("asarray", longctx_backend.asarray, x) for x in longctx_inputs.kv(1, spec))
         try:
             cache.append(layer, k, v)
         except ContextLimitExceeded:
             pass
-        except Exception as exc:
-            fail("append at max_positions", f"{type(exc).__name__}: {exc}", "ContextLimitExceeded", where)
+        except BaseException as exc:
+            if is_run_control(exc):
+                raise
+            fail("append at max_positions", describe(exc), "ContextLimitExceeded", where)
         else:
             length = call("length", cache.length, layer)
             first = windows(spec.max_positions)[0]
@@ -103,21 +108,22 @@ def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_set
     chunk = min(longctx_settings.chunk, spec.max_positions)
     held = spec.max_positions - chunk // 2
     where = case(longctx_backend, spec)
-    pool = native_pool(longctx_backend, longctx_inputs, spec, min(held, 4096))
+    pool = call("asarray (input pool)", native_pool, longctx_backend, longctx_inputs, spec, min(held, 4096))
     with opened(longctx_backend, spec) as cache:
         record = fill(cache, pool, range(1), held, chunk)
         if record.error:
             fail(f"filling layer 0 to {held} positions", record.error, "no error", where)
         tail = (max(0, held - WINDOW), held)
         before = read(longctx_backend, cache, 0, *tail)
-        k, v = (longctx_backend.asarray(x) for x in longctx_inputs.kv(chunk, spec))
+        k, v = (call("asarray", longctx_backend.asarray, x) for x in longctx_inputs.kv(chunk, spec))
         try:
             cache.append(0, k, v)
         except ContextLimitExceeded:
             pass
-        except Exception as exc:
-            fail(f"append of {chunk} positions to {held} held", f"{type(exc).__name__}: {exc}",
-                 "ContextLimitExceeded", where)
+        except BaseException as exc:
+            if is_run_control(exc):
+                raise
+            fail(f"append of {chunk} positions to {held} held", describe(exc), "ContextLimitExceeded", where)
         else:
             fail(f"append of {chunk} positions to {held} held", "accepted",
                  f"rejected: it would pass max_positions={spec.max_positions}", where)
@@ -130,8 +136,8 @@ def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_set
             fail(f"positions {tail[0]}..{tail[1] - 1} after the rejected chunk", "changed", "unchanged", where)
         rest = spec.max_positions - held
         k, v = longctx_inputs.kv(rest, spec)
-        call(f"append of the {rest} positions that fit", cache.append, 0,
-             longctx_backend.asarray(k), longctx_backend.asarray(v))
+        call(f"append of the {rest} positions that fit", lambda: cache.append(
+            0, longctx_backend.asarray(k), longctx_backend.asarray(v)))
         _, stored_v = read(longctx_backend, cache, 0, held, spec.max_positions)
         expected = v.astype(np.float64)
         verdict = equivalence(stored_v, expected, roundtrip(expected, spec.kv_dtype), longctx_settings.error_factor)
@@ -152,8 +158,8 @@ def test_lengths_are_tracked_per_layer(longctx_backend, longctx_settings, longct
     with opened(longctx_backend, spec) as cache:
         for layer in touched:
             k, v = longctx_inputs.kv(expected[layer], spec)
-            call(f"append({layer}, {expected[layer]} positions)", cache.append, layer,
-                 longctx_backend.asarray(k), longctx_backend.asarray(v))
+            call(f"append({layer}, {expected[layer]} positions)", lambda: cache.append(
+                layer, longctx_backend.asarray(k), longctx_backend.asarray(v)))
         lengths = {layer: call(f"length({layer})", cache.length, layer) for layer in expected}
         if lengths != expected:
             wrong = {layer: n for layer, n in lengths.items() if n != expected[layer]}

@@ -5,16 +5,18 @@ process allocated (tracemalloc, which counts allocations even before their
 pages are touched, and RSS for native allocations). The bound is
 kv_bytes(positions held) × (1 + allowance) + a fixed slack. Across the
 positions list a growing cache must grow linearly and a preallocated one stay
-flat; a cache that allocates twice its need fails either way.
+flat; a cache that allocates twice its need fails either way. After close(),
+what the fill took must come back within the same allowance: a backend that
+leaks fails here.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from pytest_longctx.measure import format_bytes
+from pytest_longctx.measure import MemoryProbe, format_bytes, release_free_memory
 
-from ._check import case, fail
+from ._check import call, case, fail
 
 pytestmark = pytest.mark.longctx_memory
 
@@ -24,6 +26,7 @@ def bound(settings, spec, positions: int) -> int:
 
 
 def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx_measure, filled):
+    filled.usable()
     spec = filled.cache.spec
     where = case(longctx_backend, spec)
     if filled.fill.error:
@@ -45,6 +48,7 @@ def test_memory_within_analytic_bound(longctx_backend, longctx_settings, longctx
 
 def test_memory_grows_linearly_or_stays_flat(longctx_backend, longctx_settings, longctx_measure, filled):
     """Memory at every positions value on the way to max_positions: flat if preallocated, else linear."""
+    filled.usable()
     spec = filled.cache.spec
     where = case(longctx_backend, spec)
     if filled.fill.error:
@@ -68,3 +72,49 @@ def test_memory_grows_linearly_or_stays_flat(longctx_backend, longctx_settings, 
                            if not problems else f"{kind}: {len(problems)} over")
     if problems:
         fail("KV memory while filling", "; ".join(problems), "linear growth or flat", where)
+
+
+def test_memory_is_returned_after_close(longctx_backend, longctx_settings, longctx_measure, filled):
+    """close() gives back what opening and filling the cache took.
+
+    Kept = (memory once filled − memory before open) − (memory before close −
+    memory after close), measured where the cache lives (RSS for host backends,
+    ``memory_in_use()`` for devices), after garbage collection and the C
+    allocator's trim; bound: the KV bound's allowance, analytic × allowance + slack.
+    Comparing what close() gave back with what the fill took, rather than memory
+    now with memory then, leaves out what the tests in between allocated. Last of
+    the tests that read the shared fill: it closes the cache.
+    """
+    filled.usable()
+    spec = filled.cache.spec
+    where = case(longctx_backend, spec)
+    if filled.fill.error:
+        fail("filling to max_positions", filled.fill.error, "no error", where)
+    probe = MemoryProbe(longctx_backend)
+    before_close = probe.sample()
+    filled.closed = True
+    call("close()", filled.cache.close)
+    release_free_memory()
+    after_close = probe.sample()
+    device = filled.before.device is not None and after_close.device is not None
+    observed = "device memory" if device else "RSS"
+
+    def at(sample):
+        return sample.device if device else sample.rss
+
+    took = at(filled.after_fill) - at(filled.before)
+    returned = at(before_close) - at(after_close)
+    kept = max(0, took - returned)
+    analytic = spec.kv_bytes(spec.max_positions)
+    allowed = int(analytic * longctx_settings.memory_allowance) + longctx_settings.memory_slack
+    passed = kept <= allowed
+    longctx_measure.record(
+        "memory after close", kept, "bytes", bound=f"<= {format_bytes(allowed)}", passed=passed,
+        cell=f"{format_bytes(kept)} kept of {format_bytes(took)}", kept_bytes=kept, took_bytes=took,
+        returned_bytes=returned, bound_bytes=allowed, threshold=allowed, observed=observed,
+    )
+    if not passed:
+        fail(f"memory kept after close() ({observed})", f"{format_bytes(kept)} of the {format_bytes(took)} the fill "
+             f"took", f"<= {format_bytes(allowed)} (analytic {format_bytes(analytic)} x "
+             f"{longctx_settings.memory_allowance:.2f} + {format_bytes(longctx_settings.memory_slack)}): "
+             "the backend leaks", where)

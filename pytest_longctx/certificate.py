@@ -9,6 +9,7 @@ reader checks ``schema_version`` before anything else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,18 +74,24 @@ def question_of(nodeid: str) -> str:
     return "other"
 
 
-def verdict_of(cases: List[Case], interrupted: bool, collect_errors: int) -> Dict[str, Any]:
+def verdict_of(cases: List[Case], interrupted: bool, collect_errors: int,
+               unfinished: Optional[str] = None) -> Dict[str, Any]:
     """certified / not certified / incomplete, with the reasons.
 
     Any failing case means not certified (a defect seen is seen, even in an
-    interrupted run); otherwise an interrupted run, a collection error, no
-    case at all, or a case that was skipped or never ran leaves it incomplete.
+    interrupted run); otherwise an interrupted run, a run that has not finished
+    (a checkpoint: ``unfinished`` names the case running when it was written),
+    a collection error, no case at all, or a case that was skipped or never ran
+    leaves it incomplete.
     """
     reasons = []
     failing = [c for c in cases if c.verdict == "fail"]
     unjudged = [c for c in cases if c.verdict == "not judged"]
     if failing:
         reasons.append(f"{len(failing)} of {len(cases)} cases failed")
+    if unfinished:
+        reasons.append(f"the run did not finish: this certificate was written when {unfinished} started "
+                       "(a crash or a hang in the backend ends a run without --longctx-isolate)")
     if interrupted:
         reasons.append("the run was interrupted")
     if collect_errors:
@@ -102,7 +109,8 @@ def verdict_of(cases: List[Case], interrupted: bool, collect_errors: int) -> Dic
         expected = sum(c.outcome == "xfailed" for c in cases)
         reasons.append(f"{len(cases) - expected} cases passed, {expected} failed as the profile expects"
                        if expected else f"all {len(cases)} cases passed")
-    return {"verdict": verdict, "reasons": reasons, "complete": not interrupted and not collect_errors}
+    return {"verdict": verdict, "reasons": reasons,
+            "complete": not interrupted and not collect_errors and not unfinished}
 
 
 def counts(cases: List[Case]) -> Dict[str, int]:
@@ -135,6 +143,7 @@ def _memory_bytes() -> Optional[int]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def package_versions() -> Dict[str, str]:
     versions = {}
     for name in PACKAGES:
@@ -145,6 +154,7 @@ def package_versions() -> Dict[str, str]:
     return versions
 
 
+@functools.lru_cache(maxsize=None)
 def git_revision(path: Optional[str] = None) -> Dict[str, Any]:
     """The suite's git revision when it runs from a checkout; null fields when installed."""
     path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +178,7 @@ def host_environment() -> Dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "memory_bytes": _memory_bytes(),
-        "packages": package_versions(),
+        "packages": dict(package_versions()),
     }
 
 
@@ -212,9 +222,10 @@ def settings_dict(settings: Any) -> Dict[str, Any]:
 
 def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case], environment: Dict[str, Any],
           interrupted: bool, collect_errors: int, started: float, finished: float, exitstatus: int,
-          coverage: Dict[str, Any]) -> Dict[str, Any]:
-    """The certificate as the JSON document the schema describes."""
-    verdict = verdict_of(cases, interrupted, collect_errors)
+          coverage: Dict[str, Any], unfinished: Optional[str] = None) -> Dict[str, Any]:
+    """The certificate as the JSON document the schema describes (``unfinished``: a checkpoint
+    written while that case runs)."""
+    verdict = verdict_of(cases, interrupted, collect_errors, unfinished)
     from . import __version__
 
     return plain({
@@ -227,7 +238,7 @@ def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case]
         "exit_status": int(exitstatus),
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(finished - started, 3),
-        "suite": {"package": "pytest-longctx", "version": __version__, **git_revision(),
+        "suite": {"package": "pytest-longctx", "version": __version__, **dict(git_revision()),
                   "command": " ".join(sys.argv)},
         "profile": profile,
         "settings": settings_dict(settings),

@@ -14,11 +14,12 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from .errors import BackendUnavailable, LongctxError, NotSupported
+from .guard import describe, is_run_control
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
@@ -42,29 +43,39 @@ class _Loaded:
     backend: Optional[KVBackend] = None
     error: Optional[BaseException] = None
     kv_dtypes: Tuple[str, ...] = ()
+    kind: Optional[str] = None  # "cache" or "runtime", when it is known
 
 
 @dataclass
 class LongctxState:
-    """Per-process state: the backends constructed once, the lock for timed sections."""
+    """Per-process state: the backends constructed once, the lock for timed sections.
+
+    ``loader`` replaces construction in a process that must not run backend code
+    (the parent of isolated cases, see ``isolate.py``: it learns ``info()`` from a
+    forked child); ``runs_cases`` is False there, so it holds no timing lock.
+    """
 
     settings: Settings
     factories: Dict[str, Any]
     lock: Optional[ExclusiveLock] = None
     loaded: Dict[str, _Loaded] = field(default_factory=dict)
+    loader: Optional[Callable[[str], _Loaded]] = None
+    runs_cases: bool = True
 
     def kind(self, text: str) -> Optional[str]:
         """"cache" or "runtime"; None when it cannot be told (a backend that failed to load and
         whose name declares nothing): such a backend's error then shows in every group."""
-        loaded = self.load(text)
-        return backend_kind(loaded.backend) if loaded.backend is not None else declared_kind(text)
+        return self.load(text).kind or declared_kind(text)
 
     def load(self, text: str) -> _Loaded:
         if text not in self.loaded:
+            if self.loader is not None:
+                self.loaded[text] = self.loader(text)
+                return self.loaded[text]
             try:
                 backend = load_backend(text, self.factories)
-                self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes))
-            except Exception as exc:  # reported on every case of this backend
+                self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes), backend_kind(backend))
+            except (Exception, SystemExit) as exc:  # reported on every case of this backend
                 self.loaded[text] = _Loaded(None, exc)
         return self.loaded[text]
 
@@ -173,23 +184,41 @@ def _param(request: pytest.FixtureRequest, name: str) -> Any:
     return None
 
 
+def skip_unless_fits(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> None:
+    """Skip, with the bytes needed and free, a case whose cache (where it lives) and working
+    set (on the host: inputs, the reference) would not fit. Call it before allocating."""
+    reason = cache_preflight(backend, spec, working_bytes)
+    if reason is not None:
+        pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
+
+
 def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> KVCache:
     """Open a cache after checking that it fits; skip if it does not or is not supported.
 
     ``working_bytes`` is what the test itself will allocate beside the cache
     (inputs, reference working set), counted in the host check.
     """
-    reason = cache_preflight(backend, spec, working_bytes)
-    if reason is not None:
-        pytest.skip(f"too large for this machine: {reason} ({spec.describe()}, {spec.max_positions} positions)")
+    skip_unless_fits(backend, spec, working_bytes)
     try:
         return backend.open_cache(spec)
     except NotSupported as exc:
         pytest.skip(f"not supported: {exc.reason}")
     except LongctxError as exc:
         pytest.fail(f"open_cache raised {type(exc).__name__}: {exc}", pytrace=False)
-    except Exception as exc:
-        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc} [{spec.describe()}]", pytrace=False)
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
+        pytest.fail(f"open_cache raised {describe(exc)} [{spec.describe()}]", pytrace=False)
+
+
+def close_quietly(cache: KVCache) -> None:
+    """Close a cache at the end of a case; what close() raises is not this case's verdict
+    (a leak is judged by the memory group)."""
+    try:
+        cache.close()
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
 
 
 @contextlib.contextmanager
@@ -198,8 +227,7 @@ def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Itera
     try:
         yield cache
     finally:
-        with contextlib.suppress(Exception):
-            cache.close()
+        close_quietly(cache)
 
 
 @pytest.fixture
@@ -283,7 +311,7 @@ def timing_lock(config: pytest.Config) -> ExclusiveLock:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Any:
     """Every case of the matrix, fixtures included, holds the timing lock shared; a timed
     section takes it exclusive, so no other worker's case runs while it measures."""
-    if "longctx_backend" not in getattr(item, "fixturenames", ()):
+    if "longctx_backend" not in getattr(item, "fixturenames", ()) or not get_state(item.config).runs_cases:
         return (yield)
     with timing_lock(item.config).shared():
         return (yield)

@@ -12,6 +12,7 @@ overflows); flat heads (q = 0) weigh every visible key equally.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
@@ -60,29 +61,47 @@ class Inputs:
         return plant_needles(spec, length, stages, self, targets)
 
 
+def distinct_slices(size: int, n: int) -> int:
+    """How many slices of ``n`` a pool of ``size`` positions gives before one repeats: the
+    largest m <= size - n + 1 coprime to n, so that offsets k·n mod m are all different."""
+    if n > size:
+        raise ValueError(f"pool of {size} positions cannot give {n}")
+    m = size - n + 1
+    while m > 1 and math.gcd(m, n) != 1:
+        m -= 1
+    return m
+
+
 class Pool:
-    """Pre-drawn K/V/Q handed out as consecutive slices, so successive calls get fresh
-    inputs (until the pool wraps) and drawing them costs nothing inside the timed region."""
+    """Pre-drawn K/V/Q handed out as slices, so that drawing them costs nothing inside the
+    timed region and no input is handed out twice.
+
+    Slices of one length are consecutive (fresh memory, as a model's K/V would be) and
+    never repeat: the k-th slice of length n starts at k·n mod m, m coprime to n, so the
+    first m slices of each length are all different. ``repeated`` counts slices handed out
+    beyond that (a pool too small for its workload; ``timed_pool_positions`` sizes it).
+    """
 
     def __init__(self, kv: Tuple[np.ndarray, np.ndarray], q: np.ndarray) -> None:
         self.k, self.v = kv
         self.q_values = q
-        self._next = 0
+        self._calls: Dict[Tuple[str, int], int] = {}
+        self.repeated = 0
 
-    def _offset(self, n: int) -> int:
-        size = self.k.shape[0]
-        if n > size:
-            raise ValueError(f"pool of {size} positions cannot give {n}")
-        offset = self._next % (size - n + 1)
-        self._next += n
-        return offset
+    def _offset(self, kind: str, n: int) -> int:
+        m = distinct_slices(self.k.shape[0], n)
+        k = self._calls.get((kind, n), 0)
+        self._calls[(kind, n)] = k + 1
+        if k >= m:
+            self.repeated += 1
+        return (k * n) % m
 
     def kv(self, n: int) -> Tuple[np.ndarray, np.ndarray]:
-        i = self._offset(n)
+        i = self._offset("kv", n)
         return self.k[i:i + n], self.v[i:i + n]
 
     def q(self, n: int) -> np.ndarray:
-        i = self._offset(n)
+        i = self._offset("q", n)
         return self.q_values[i:i + n]
 
 

@@ -101,7 +101,8 @@ class Verdict:
             return f"{what}: {self.detail} [{case}]"
         if self.nonfinite:
             noun = "value" if self.nonfinite == 1 else "values"
-            return f"{what}: has {self.nonfinite} NaN/Inf {noun}, but should have none [{case}]"
+            first = f", the first at index {self.where}" if self.where is not None else ""
+            return f"{what}: has {self.nonfinite} NaN/Inf {noun}{first}, but should have none [{case}]"
         verb = "within" if self.passed else "but should be <="
         return (
             f"{what}: max|error|={self.error:.1e} (NMSE {self.nmse:.1e}), {verb} "

@@ -47,6 +47,28 @@ class _Option:
     parse: Callable[[str], Any] = str
     metavar: str = "VALUE"
     ini_type: str = "string"
+    flag: bool = False  # takes no value on the command line: --longctx-NAME means "true"
+
+
+def parse_bool(text: Any) -> bool:
+    """An ini or profile value (``true``, ``1``, ``yes``; ``false``, ``0``, ``no``) as a bool."""
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("should be true or false")
+
+
+def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``none`` or ``off`` (or 0, for a limit) switches the check off: None."""
+    def parsed(text: str) -> Any:
+        if str(text).strip().lower() in ("none", "off"):
+            return None
+        return parse(text) or None
+    return parsed
 
 
 OPTIONS = (
@@ -91,6 +113,14 @@ OPTIONS = (
             None, float, metavar="RATE"),
     _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
             None, float, metavar="RATE"),
+    _Option("deadline", "seconds a case may take at 16384 positions, scaled by positions (at least a quarter); "
+            "a case past it fails with 'no answer in N s' (default 1200; none: no deadline)",
+            1200.0, parse_optional(float), metavar="SECONDS"),
+    _Option("isolate", "run every case in a forked child process, so that a crash or a hang in native code "
+            "fails that case and the run goes on (POSIX)", False, parse_bool, ini_type="bool", flag=True),
+    _Option("repeat-speedup", "a repeated attend input may be answered at most this many times faster than "
+            "fresh ones, else the backend caches answers (MLPerf TEST04; default 3; none: not judged)",
+            3.0, parse_optional(float), metavar="RATIO"),
 )
 
 
@@ -112,7 +142,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("longctx_profile", "profile, as --longctx-profile", type="string", default=None)
     for opt in OPTIONS:
         dest = "longctx_" + opt.name.replace("-", "_")
-        group.addoption(f"--longctx-{opt.name}", dest=dest, default=None, metavar=opt.metavar, help=opt.help)
+        how = dict(action="store_const", const="true") if opt.flag else dict(metavar=opt.metavar)
+        group.addoption(f"--longctx-{opt.name}", dest=dest, default=None, help=opt.help, **how)
         parser.addini(dest, opt.help, type=opt.ini_type, default=None)
 
 
@@ -167,9 +198,14 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
                  "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
-                 "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor"):
+                 "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor",
+                 "deadline", "repeat-speedup"):
         if values[name] is not None and not values[name] >= 0:
             raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 0")
+    if values["repeat-speedup"] is not None and values["repeat-speedup"] < 1:
+        raise pytest.UsageError(f"--longctx-repeat-speedup={values['repeat-speedup']}: should be >= 1")
+    if values["isolate"] and not hasattr(os, "fork"):
+        raise pytest.UsageError("--longctx-isolate: needs os.fork (POSIX), which this platform lacks")
     return Settings(
         backends=tuple(backends),
         shape_text=values["shape"],
@@ -195,6 +231,9 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         consistency_tolerance=values["consistency-tolerance"],
         prefill_floor=values["prefill-floor"],
         decode_floor=values["decode-floor"],
+        deadline=values["deadline"],
+        isolate=values["isolate"],
+        repeat_speedup=values["repeat-speedup"],
     )
 
 

@@ -2,7 +2,8 @@
 
 Each module is a plugin for one concern: options and settings, the fixtures
 and matrix parametrization, the terminal summary, the profile's expected
-failures, the certificate (JSON, Markdown, HTML).
+failures, the certificate (JSON, Markdown, HTML), the deadline of a case and
+the isolation of cases in child processes.
 """
 
 pytest_plugins = (
@@ -12,4 +13,6 @@ pytest_plugins = (
     "pytest_longctx.summary",
     "pytest_longctx.expected",
     "pytest_longctx.report",
+    "pytest_longctx.deadline",
+    "pytest_longctx.isolate",
 )

@@ -111,7 +111,7 @@ def _resolve(path: str) -> Callable[..., Any]:
             target = getattr(target, part)
     except BackendUnavailable:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a vendor module may exit() when its library is missing
         raise BackendLoadError(f"importing {path} raised {type(exc).__name__}: {exc}") from exc
     return target
 
@@ -133,7 +133,7 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> Back
         backend = target(**options)
     except (BackendUnavailable, SpecError):
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
     wanted = _RUNTIME_METHODS if backend_kind(backend) == "runtime" else _KV_METHODS
     missing = [attr for attr in wanted if not hasattr(backend, attr)]

@@ -11,6 +11,7 @@ Nothing here runs unless a report is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -173,6 +174,7 @@ class CertificateCollector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         infos = [json.loads(v) for k, v in report.user_properties if k == CASE_KEY]
         if not infos:
+            self._unannounced(report)
             return
         info = infos[-1]
         case = self._case(report.nodeid, info["worker"])
@@ -208,6 +210,32 @@ class CertificateCollector:
             case.figures = records
         case.rerun = next((v for k, v in report.user_properties if k == RERUN_KEY), case.rerun)
 
+    def _unannounced(self, report: pytest.TestReport) -> None:
+        """A failure of a known case that no worker made: pytest-xdist's report of a worker that
+        crashed while running it (the worker died before it could report)."""
+        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "")
+        key = f"{report.nodeid}@{worker}" if self.each else report.nodeid
+        if not report.failed or key not in self.cases:
+            return
+        case = self.cases[key]
+        case.outcome = "failed"
+        case.message = _message(report) or case.message
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        """Where this process runs the cases itself, a crash or a native hang in the backend
+        ends the run before ``pytest_sessionfinish``: a checkpoint of the JSON certificate,
+        written as each case starts, names the case that was running."""
+        runs_here = get_state(self.config).runs_cases and getattr(self.config.option, "dist", "no") == "no"
+        if runs_here and nodeid in self.cases:
+            self.write_json(self.build(pytest.ExitCode.INTERNAL_ERROR, unfinished=nodeid))
+
+    def write_json(self, document: Dict[str, Any]) -> None:
+        """Replace the JSON file whole (a reader never sees half a document)."""
+        path = self.paths.get("json")
+        if path:
+            cert.write_json(path + ".tmp", document)
+            os.replace(path + ".tmp", path)
+
     def pytest_keyboard_interrupt(self) -> None:
         self.interrupted = True
 
@@ -220,11 +248,13 @@ class CertificateCollector:
         return {**cert.host_environment(), "backends": backends,
                 "workers": sorted({f"{c.worker or 'main'}@{c.host}" for c in self.cases.values() if c.host})}
 
-    def build(self, exitstatus: int) -> Dict[str, Any]:
+    def build(self, exitstatus: int, unfinished: Optional[str] = None) -> Dict[str, Any]:
         settings = self.config.stash[settings_key]
         profile = self.config.stash.get(profile_key, None)
-        cases = list(self.cases.values())
+        cases = [dataclasses.replace(case) for case in self.cases.values()]
         for case in cases:
+            if case.nodeid == unfinished and case.outcome in ("not run", "running"):
+                case.message = "the run ended while this case was running: no result was reported"
             if case.outcome == "running":  # setup passed, the call never reported
                 case.outcome = "not run"
         environment = self.environment()
@@ -233,7 +263,7 @@ class CertificateCollector:
             settings=settings, profile=profile.as_dict() if profile else None, cases=cases,
             environment=environment, interrupted=self.interrupted, collect_errors=self.collect_errors,
             started=self.started, finished=time.time(), exitstatus=exitstatus,
-            coverage=coverage(cases, settings, claimed),
+            coverage=coverage(cases, settings, claimed), unfinished=unfinished,
         )
 
     @pytest.hookimpl(trylast=True)
@@ -247,7 +277,7 @@ class CertificateCollector:
 
         for kind, path in self.paths.items():
             if kind == "json":
-                cert.write_json(path, document)
+                self.write_json(document)
             elif kind == "md":
                 with open(path, "w") as handle:
                     handle.write(render.markdown(document))

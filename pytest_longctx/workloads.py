@@ -8,11 +8,12 @@ can say at which position a backend failed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
 from .errors import ContextLimitExceeded
+from .guard import describe, is_run_control
 from .inputs import Inputs, Pool
 from .measure import timed
 from .protocol import KVBackend, KVCache
@@ -24,10 +25,16 @@ from .spec import CacheSpec
 POOL_BYTES = 64 << 20
 
 
-def timed_pool_positions(spec: CacheSpec, positions: int) -> int:
-    """Positions of K/V for the pool of a timed fill: up to POOL_BYTES, at most ``positions``."""
+def timed_pool_positions(spec: CacheSpec, positions: int, chunk: int = 512, decode: int = 128) -> int:
+    """Positions of K/V for the pool of a timed fill: up to POOL_BYTES (at most ``positions``),
+    and at least enough that no timed append gets an input twice (see ``Pool``): one slice
+    of ``chunk`` per layer and chunk of the prefill-style fill, one of 1 per layer and
+    position of the last ``decode`` positions."""
     per_position = 2 * spec.n_kv_heads * spec.head_dim * 4
-    return max(1, min(positions, max(1024, POOL_BYTES // per_position)))
+    chunk = max(1, min(chunk, positions))
+    prefill_calls = spec.n_layers * -(-max(0, positions - decode) // chunk)
+    needed = max(prefill_calls + 2 * chunk, spec.n_layers * decode + 1)
+    return max(1, min(positions, max(1024, POOL_BYTES // per_position)), needed)
 
 
 def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, size: int) -> Pool:
@@ -85,8 +92,10 @@ def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
         except ContextLimitExceeded as exc:
             record.error = f"append of {n} at position {start} raised ContextLimitExceeded ({exc})"
             break
-        except Exception as exc:
-            record.error = f"append of {n} at position {start} raised {type(exc).__name__}: {exc}"
+        except BaseException as exc:
+            if is_run_control(exc):
+                raise
+            record.error = f"append of {n} at position {start} raised {describe(exc)}"
             break
         if keep:
             record.chunks += [(start, layer, k, v) for layer, k, v in inputs]
@@ -131,22 +140,31 @@ def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decod
 
 
 def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, repeats: int,
-                  batch: int = 64) -> Tuple[List[float], List[float]]:
+                  batch: int = 64, samples: Optional[List[Tuple[int, int, Any]]] = None
+                  ) -> Tuple[List[float], List[float]]:
     """Seconds per random single-position read (one figure per batch), and per whole-layer read
     copied out.
 
-    A read may return a view; copying it into a fresh buffer makes the figure
-    the cost of getting the values out, not of making a view.
+    No (layer, position) is read twice while timed, and whole-layer reads take different
+    layers while there are enough. A read may return a view; copying it into a fresh buffer
+    makes the figure the cost of getting the values out, not of making a view. With
+    ``samples``, one timed read of each batch, drawn at random, is kept there as (layer,
+    position, result) for checking against what was appended (MLPerf TEST01's idea).
     """
     spec = cache.spec
     n = cache.length(0)
-    batches = [(rng.integers(spec.n_layers, size=batch), rng.integers(n, size=batch)) for _ in range(repeats)]
-    op_seconds = [
-        timed(lambda b=b: [cache.read(int(layer), int(p), int(p) + 1) for layer, p in zip(*b)], backend.synchronize)
-        / batch
-        for b in batches
-    ]
-    layers = rng.integers(spec.n_layers, size=repeats)
+    cells = spec.n_layers * n
+    picks = rng.choice(cells, size=batch * repeats, replace=cells < batch * repeats)
+    batches = [(picks[i * batch:(i + 1) * batch] // n, picks[i * batch:(i + 1) * batch] % n) for i in range(repeats)]
+    kept = rng.integers(batch, size=repeats)
+    op_seconds = []
+    for b, keep in zip(batches, kept):
+        reads: List[Any] = []
+        op_seconds.append(timed(lambda b=b, reads=reads: reads.extend(
+            cache.read(int(layer), int(p), int(p) + 1) for layer, p in zip(*b)), backend.synchronize) / batch)
+        if samples is not None:
+            samples.append((int(b[0][keep]), int(b[1][keep]), reads[keep]))
+    layers = rng.choice(spec.n_layers, size=repeats, replace=spec.n_layers < repeats)
     layer_seconds = [
         timed(lambda layer=layer: [x.copy() for x in cache.read(int(layer), 0, n)], backend.synchronize)
         for layer in layers
@@ -154,22 +172,51 @@ def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, 
     return op_seconds, layer_seconds
 
 
+@dataclass
+class TimedAttend:
+    """One timed attend call: the token it belonged to, its layer, its query row, its output."""
+
+    token: int
+    layer: int
+    query: int
+    output: Any
+
+
 def time_decode_attention(backend: KVBackend, cache: KVCache, queries: Any,
-                          repeats: int) -> Tuple[List[float], Dict[int, Tuple[int, Any]]]:
+                          repeats: int) -> Tuple[List[float], List[TimedAttend]]:
     """Seconds per token (one query through every layer), after a warm-up token.
 
-    Every call gets the next query (fresh input); returns, per layer, the index
-    of the query of its last timed call and that call's output.
+    Every call gets the next query (fresh input); returns every timed call, with its
+    output, so that any of them can be checked against the reference afterwards.
     """
     spec = cache.spec
-    outputs: Dict[int, Tuple[int, Any]] = {}
     calls = iter(range(queries.shape[0]))
+    kept: List[TimedAttend] = []
 
-    def token() -> None:
+    def token(number: int) -> None:
         for layer in range(spec.n_layers):
             i = next(calls)
-            outputs[layer] = (i, cache.attend(layer, queries[i:i + 1]))
+            out = cache.attend(layer, queries[i:i + 1])
+            if number >= 0:
+                kept.append(TimedAttend(number, layer, i, out))
 
-    token()
-    seconds = [timed(token, backend.synchronize) for _ in range(repeats)]
-    return seconds, outputs
+    token(-1)  # warm-up, not timed, not kept
+    seconds = [timed(lambda number=number: token(number), backend.synchronize) for number in range(repeats)]
+    return seconds, kept
+
+
+def time_repeated_input(backend: KVBackend, cache: KVCache, layer: int, queries: Any,
+                        pairs: int) -> Tuple[List[float], List[float]]:
+    """MLPerf TEST04's probe: attend on ``layer`` with a fresh query and with one query
+    already answered, in ``pairs`` interleaved pairs (so that load on a shared machine
+    hits both alike). ``queries[0]`` is the repeated one; ``queries[1:pairs + 1]`` are fresh.
+
+    Returns (fresh seconds, repeated seconds), pair by pair.
+    """
+    repeated = queries[0:1]
+    cache.attend(layer, repeated)  # answered once: a cache of answers now holds it
+    fresh_seconds, repeated_seconds = [], []
+    for i in range(1, pairs + 1):
+        fresh_seconds.append(timed(lambda i=i: cache.attend(layer, queries[i:i + 1]), backend.synchronize))
+        repeated_seconds.append(timed(lambda: cache.attend(layer, repeated), backend.synchronize))
+    return fresh_seconds, repeated_seconds

@@ -122,7 +122,7 @@ DEFECTS = [
         "NoMaxSubtraction", (*EQUIVALENCE, "-k", "4096 or softcap"),
         [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
         ["attend with 1 query at positions ..127, worst at query 0 head * (loud): has * NaN/Inf values, "
-         "but should have none " + CASE.format(name="no-max-subtraction")],
+         "the first at index (0, *), but should have none " + CASE.format(name="no-max-subtraction")],
         outcomes={"passed": 2, "failed": 1},  # read, and softcap (which caps the logits at 30)
     ),
     Defect(

@@ -89,10 +89,10 @@ def test_judge_fails_on_nan_even_within_bound() -> None:
     candidate[0] = np.nan
     verdict = judge(candidate, REFERENCE, REFERENCE, factor=1e30, floor=1e30)
     assert not verdict.passed
-    assert verdict.message("out", "c") == "out: has 1 NaN/Inf value, but should have none [c]"
-    candidate[1] = -np.inf
+    assert verdict.message("out", "c") == "out: has 1 NaN/Inf value, the first at index (0,), but should have none [c]"
+    candidate[0], candidate[2], candidate[3] = 1.0, -np.inf, np.nan
     assert judge(candidate, REFERENCE, REFERENCE, factor=2, floor=0).message("out", "c") == (
-        "out: has 2 NaN/Inf values, but should have none [c]"
+        "out: has 2 NaN/Inf values, the first at index (2,), but should have none [c]"
     )
 
 
