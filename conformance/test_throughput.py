@@ -264,21 +264,28 @@ def _speedup(fresh, repeated):
 
 
 def _check_sampled_attends(backend, filled, timed_calls, host_queries, settings, rng, where):
-    """Timed attend outputs of one layer drawn at random, against the reference (TEST01)."""
+    """Timed attend outputs of one layer drawn at random, against the reference (TEST01).
+
+    One KV head and its query group drawn at random are judged, as the equivalence
+    group judges its variants: no head index changes the math, and the float64
+    reference of one head costs an n_kv_heads-th of a layer's.
+    """
     __tracebackhide__ = True
     spec = filled.fill.spec
-    n = spec.max_positions
-    layer = int(rng.integers(spec.n_layers))
+    n, group = spec.max_positions, spec.group_size
+    layer, kv_head = int(rng.integers(spec.n_layers)), int(rng.integers(spec.n_kv_heads))
+    heads = slice(kv_head * group, (kv_head + 1) * group)
+    one = spec.replace(n_kv_heads=1, n_heads=group)
     of_layer = [c for c in timed_calls if c.layer == layer]
     picked = rng.choice(len(of_layer), size=min(SAMPLED_ATTENDS, len(of_layer)), replace=False)
-    k, v = filled.fill.values(backend, layer, 0, n)
+    k, v = (x[:, kv_head:kv_head + 1] for x in filled.fill.values(backend, layer, 0, n))
     positions = np.arange(n)
-    k_true, k_plain, v_plain = apply_rope(k, positions, spec), stored_k(k, positions, spec), stored_v(v, spec)
+    k_true, k_plain, v_plain = apply_rope(k, positions, one), stored_k(k, positions, one), stored_v(v, one)
     for index in sorted(int(i) for i in picked):
         timed_call = of_layer[index]
-        what = f"timed decode attention of layer {layer} (token {timed_call.token})"
-        got = host(backend, timed_call.output, what, (1, spec.n_heads, spec.head_dim), where)
-        q = host_queries[timed_call.query:timed_call.query + 1]
-        verdict = judge_attention(got, q, spec, k_true, v, k_plain, v_plain, settings.error_factor)
+        what = f"timed decode attention of layer {layer}, KV head {kv_head} (token {timed_call.token})"
+        got = host(backend, timed_call.output, what, (1, spec.n_heads, spec.head_dim), where)[:, heads]
+        q = host_queries[timed_call.query:timed_call.query + 1, heads]
+        verdict = judge_attention(got, q, one, k_true, v, k_plain, v_plain, settings.error_factor)
         if not verdict.passed:
             pytest.fail(verdict.message(what, where), pytrace=False)
