@@ -407,7 +407,7 @@ def test_runtime_suite_on_llamacpp_with_reference_logits(pytester: pytest.Pytest
 
     model = write_tiny_gguf(tmp_path / "tiny-4k.gguf", context=4096)
     golden = tmp_path / "golden.npz"
-    status = logits.main(["--backend", "llamacpp[kv_type=f32,n_threads=1]", "--model", str(model),
+    status = logits.main(["--backend", "llamacpp[kv_type=f32,flash_attn=false,n_threads=1]", "--model", str(model),
                           "--positions", "1024,2048,4096", "--seed", "5", "-o", str(golden)])
     assert status == 0
     report = tmp_path / "llamacpp.json"
