@@ -150,3 +150,14 @@ def test_compare_logits_reads_kl_top1_and_relative_difference() -> None:
     swapped = compare_logits(np.array([1.0, 2.0, 0.0, -1.0]), reference)
     assert not swapped.top1 and swapped.kl > 0.1 and swapped.relative == pytest.approx(0.5)
     assert compare_logits(np.array([np.nan, 0, 0, 0]), reference).kl == float("inf")
+
+
+def test_tail_logits_gives_one_row_per_single_token_prefill(toy: Path) -> None:
+    import runtime_backends
+
+    runtime = runtime_backends.ToyRuntimeBackend().open_runtime(str(toy))
+    ids = logits.token_ids(1, runtime.vocab_size, 600)
+    rows = logits.tail_logits(runtime, ids, 4, 512)
+    assert rows.shape == (4, runtime.vocab_size) and runtime.positions() == 600
+    runtime.reset()
+    np.testing.assert_allclose(rows[-1], runtime.prefill(ids), rtol=1e-5, atol=1e-6)  # the same position
