@@ -206,35 +206,14 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         raise pytest.UsageError(f"--longctx-repeat-speedup={values['repeat-speedup']}: should be >= 1")
     if values["isolate"] and not hasattr(os, "fork"):
         raise pytest.UsageError("--longctx-isolate: needs os.fork (POSIX), which this platform lacks")
-    return Settings(
-        backends=tuple(backends),
-        shape_text=values["shape"],
-        shape=shape,
-        positions=positions,
-        seed=seed,
-        kv_dtypes=kv_dtypes,
-        chunk=values["chunk"],
-        repeats=values["repeats"],
-        memory_allowance=values["memory-allowance"],
-        error_factor=values["error-factor"],
-        fill_floor=values["fill-floor"],
-        retrieve_floor=values["retrieve-floor"],
-        attention_floor=values["attention-floor"],
-        prefill_fraction_floor=values["prefill-fraction-floor"],
-        read_fraction_floor=values["read-fraction-floor"],
-        attention_fraction_floor=values["attention-fraction-floor"],
-        model=_absolute(values["model"]),
-        context=values["context"],
-        reference_logits=_absolute(values["reference-logits"]),
-        logits_kl=values["logits-kl"],
-        top1_agreement=values["top1-agreement"],
-        consistency_tolerance=values["consistency-tolerance"],
-        prefill_floor=values["prefill-floor"],
-        decode_floor=values["decode-floor"],
-        deadline=values["deadline"],
-        isolate=values["isolate"],
-        repeat_speedup=values["repeat-speedup"],
-    )
+    # Every other option is a Settings field of the same name (dashes for underscores).
+    fields = {opt.name.replace("-", "_"): values[opt.name] for opt in OPTIONS if opt.name not in _PARSED_APART}
+    fields.update(model=_absolute(values["model"]), reference_logits=_absolute(values["reference-logits"]))
+    return Settings(backends=tuple(backends), shape_text=values["shape"], shape=shape, positions=positions,
+                    seed=seed, kv_dtypes=kv_dtypes, **fields)
+
+
+_PARSED_APART = ("shape", "positions", "kv-dtype", "seed")
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
