@@ -53,11 +53,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import psutil
 
 from pytest_longctx.errors import (
     BackendUnavailable,
     ContextClamped,
     ContextLimitExceeded,
+    NotSupported,
     RuntimeFailure,
     SpecError,
 )
@@ -244,11 +246,12 @@ class RkllmRuntime:
         self._handle: Optional[ctypes.c_void_p] = None
         self._run_state: Optional[_Run] = None
         self._next_token: Optional[int] = None
+        self._rows_per_prompt: Optional[int] = None  # 1 once a run of several tokens gave one row of logits
         self._reset_stats()
         self.runtime_said_version: Optional[str] = None
         self.model_context_limit, self.context_source = context_from_name(model)
-        self.context_limit = self._open(context)
         try:
+            self.context_limit = self._open(context)
             self.kv_spec: CacheSpec = _shape(settings["shape"], model).replace(
                 max_positions=self.context_limit, kv_dtype=settings["kv_dtype"])
             self._set_template()
@@ -455,12 +458,31 @@ class RkllmRuntime:
             detail = f"{during}: {detail}"
         return ContextLimitExceeded(None, before, n, self.context_limit, detail)
 
+    def _logits_fit(self, n: int) -> None:
+        """Refuse a prompt whose logits would not fit in host memory, before the runtime allocates.
+
+        RKLLM may hand GET_LOGITS one row per input token (n x vocab floats): with
+        Qwen3's 151,936 tokens, 16384 rows are 9.3 GiB. Until a run of several tokens
+        shows one row, assume every row.
+        """
+        vocab = getattr(self, "vocab_size", None)
+        if n < 2 or vocab is None or self._rows_per_prompt == 1:
+            return
+        needed, free = n * vocab * 4, int(psutil.virtual_memory().available)
+        if needed > free // 2:
+            raise NotSupported(f"a prompt of {n} tokens would make the RKLLM runtime return {n} x {vocab} float "
+                               f"logits ({needed / 2**30:.1f} GiB), more than half the {free / 2**30:.1f} GiB "
+                               "of host memory available")
+
     def _extend(self, ids: np.ndarray, kind: str, during: str = "") -> np.ndarray:
         """One GET_LOGITS run of ids: the last row of logits, or the error the runtime's answer calls for."""
         n = int(ids.shape[0])
+        self._logits_fit(n)
         call = self._call(n, abi.INFER_GET_LOGITS)
         before = self.positions()
         run = self._run(ids, abi.INFER_GET_LOGITS)
+        if n > 1 and run.rows:
+            self._rows_per_prompt = 1 if run.rows == 1 else None
         after = self.positions()
         if after != before + n or run.failed:
             self._next_token = None

@@ -25,6 +25,7 @@ from pytest_longctx.errors import (
     BackendUnavailable,
     ContextClamped,
     ContextLimitExceeded,
+    NotSupported,
     RuntimeFailure,
     SpecError,
 )
@@ -507,3 +508,23 @@ def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: py
     assert outcomes.get("passed", 0) >= 1 and outcomes.get("failed", 0) >= 1, result.stdout.str()
     result.stdout.fnmatch_lines(["*raised RuntimeFailure: *ERROR*"])
     result.stdout.no_fnmatch_line("E   *")
+
+
+def test_a_prompt_whose_logits_would_not_fit_is_refused_before_the_run(
+        backend: R.RkllmBackend, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RKLLM may return a row of logits per input token; the binding checks they fit first."""
+    with backend.open_runtime(model) as rt:
+        monkeypatch.setattr(R.psutil, "virtual_memory", lambda: type("vm", (), {"available": 2 << 20})())
+        with pytest.raises(NotSupported, match=r"a prompt of 2048 tokens would make the RKLLM runtime return "
+                                               r"2048 x 512 float logits \(0.0 GiB\), more than half"):
+            rt.prefill(tokens(2048))
+        assert rt.positions() == 0  # refused before anything reached the runtime
+        rt.prefill(tokens(64))  # 128 KiB of logits fits in half of 2 MiB
+
+
+def test_one_row_of_logits_seen_lifts_the_guard(library: str, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "logits-last-row")
+    with R.RkllmBackend(library=library, shape=SHAPE).open_runtime(model) as rt:
+        rt.prefill(tokens(8))  # one row for 8 tokens: the runtime returns the last row only
+        monkeypatch.setattr(R.psutil, "virtual_memory", lambda: type("vm", (), {"available": 2 << 20})())
+        assert rt.prefill(tokens(2048)).shape == (MODEL.vocab_size,)
