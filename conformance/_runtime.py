@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pytest_longctx import ModelRuntime
+from pytest_longctx import logits
 from pytest_longctx.logits import GoldenLogits, load, token_ids
 from pytest_longctx.metrics import LogitsComparison, compare_logits
 from pytest_longctx.settings import Settings
@@ -57,12 +58,9 @@ def prefill(runtime: ModelRuntime, ids: Sequence[int], at: str, what: str = "") 
 
 
 def prefill_chunks(runtime: ModelRuntime, ids: Sequence[int], chunk: int, at: str) -> Optional[np.ndarray]:
-    """Prefill in chunks; the last chunk's logits."""
+    """Prefill in chunks, each call guarded; the last chunk's logits."""
     __tracebackhide__ = True
-    logits = None
-    for start in range(0, len(ids), chunk):
-        logits = prefill(runtime, ids[start:start + chunk], at)
-    return logits
+    return logits.prefill_chunks(lambda part: prefill(runtime, part, at), ids, chunk)
 
 
 def positions(runtime: ModelRuntime) -> int:

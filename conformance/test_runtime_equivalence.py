@@ -26,7 +26,7 @@ from pytest_longctx.metrics import compare_logits
 
 from ._check import fail
 from ._runtime import (
-    check_consistent, golden, logits_of, need_depth, need_logits, prefill, prompt, reset, tags, where,
+    check_consistent, golden, need_depth, need_logits, prefill, prompt, reset, tags, where,
 )
 
 pytestmark = pytest.mark.longctx_equivalence
@@ -61,8 +61,7 @@ def runs(longctx_backend, longctx_runtime, longctx_settings, reference):
             if one_shot is None:
                 done[depth] = Runs(None, None, None, tail)
                 return done[depth]
-            rows = tail_logits(runtime, ids, tail, settings.chunk,
-                               lambda value, what: logits_of(value, runtime, what, at))
+            rows = tail_logits(lambda part: prefill(runtime, part, at), ids, tail, settings.chunk)
             reset(runtime, at)
             after = prefill(runtime, ids, at, f"one-shot prefill of {depth} tokens after reset()")
             done[depth] = Runs(one_shot, rows, after, tail)

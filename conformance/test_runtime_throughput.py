@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pytest_longctx.measure import Stats
+from pytest_longctx.metrics import is_top1
 
 from ._check import call, fail
 from ._runtime import need_depth, positions, prefill, prefill_chunks, prompt, reset, tags, where
@@ -61,7 +62,7 @@ def measure(backend, runtime, settings, depth: int, at: str) -> Timed:
         generated = list(generated)
         if len(generated) != GENERATE or not all(0 <= int(t) < runtime.vocab_size for t in generated):
             problems.append(f"generate({GENERATE}) returned {len(generated)} tokens {generated[:4]}...")
-        elif logits is not None and logits[int(generated[0])] < np.max(logits) - 1e-6 * max(1.0, np.max(np.abs(logits))):
+        elif logits is not None and not is_top1(logits, int(generated[0])):
             problems.append(f"repeat {r}: first generated token {int(generated[0])} is not the arg-max "
                             f"{int(np.argmax(logits))} of the logits before it (greedy)")
     after = call("stats()", runtime.stats)

@@ -37,30 +37,28 @@ def token_ids(seed: int, vocab_size: int, n: int) -> np.ndarray:
     return rng.integers(0, vocab_size, size=n, dtype=np.int64).astype(np.int32)
 
 
-def prefill_chunks(runtime: ModelRuntime, ids: Sequence[int], chunk: int) -> Optional[np.ndarray]:
+# One prefill call: token ids in, the last position's logits out. The suite passes its
+# guarded call (one-line failures, shape and NaN checks); the command passes its own.
+Prefill = Callable[[Sequence[int]], Optional[np.ndarray]]
+
+
+def prefill_chunks(prefill: Prefill, ids: Sequence[int], chunk: int) -> Optional[np.ndarray]:
     """Prefill ids in chunks of ``chunk``; the logits the last chunk returned."""
     logits = None
     for start in range(0, len(ids), chunk):
-        logits = runtime.prefill(ids[start:start + chunk])
+        logits = prefill(ids[start:start + chunk])
     return logits
 
 
-def tail_logits(runtime: ModelRuntime, ids: Sequence[int], tail: int, chunk: int,
-                check: Optional[Callable[[Any, str], np.ndarray]] = None) -> np.ndarray:
+def tail_logits(prefill: Prefill, ids: Sequence[int], tail: int, chunk: int) -> np.ndarray:
     """From an empty context: prefill ids[:-tail] in chunks, then one token at a time.
 
     Returns (tail, vocab): row i holds the logits after ids[: len(ids) - tail + i + 1].
-    ``check`` turns each returned value into a host array (the suite's checks it for
-    shape and finiteness).
     """
-    check = check or (lambda value, what: np.asarray(value))
     head = len(ids) - tail
     if head > 0:
-        prefill_chunks(runtime, ids[:head], chunk)
-    rows = []
-    for i in range(head, len(ids)):
-        rows.append(check(runtime.prefill(ids[i:i + 1]), f"logits after {i + 1} tokens"))
-    return np.stack(rows)
+        prefill_chunks(prefill, ids[:head], chunk)
+    return np.stack([np.asarray(prefill(ids[i:i + 1])) for i in range(head, len(ids))])
 
 
 @dataclass
@@ -161,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for depth in depths:
             runtime.reset()
             started = time.perf_counter()
-            rows.append(tail_logits(runtime, tokens[:depth], args.tail, args.chunk, _host))
+            rows.append(tail_logits(lambda ids: _logits(runtime, ids), tokens[:depth], args.tail, args.chunk))
             print(f"depth {depth}: {args.tail} positions in {time.perf_counter() - started:.1f} s")
         info = backend.info()
         meta = {"backend": args.backend, "model": os.path.basename(args.model), "seed": args.seed,
@@ -178,9 +176,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _host(value: Any, what: str) -> np.ndarray:
+def _logits(runtime: ModelRuntime, ids: Sequence[int]) -> np.ndarray:
+    value = runtime.prefill(ids)
     if value is None:
-        raise SpecError(f"the runtime returned no logits ({what}): it cannot serve as a reference")
+        raise SpecError(f"the runtime returned no logits (prefill of {len(ids)} tokens at position "
+                        f"{runtime.positions()}): it cannot serve as a reference")
     return np.asarray(value, dtype=np.float32)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["Comparison", "LogitsComparison", "Verdict", "compare", "compare_logits", "judge"]
+__all__ = ["Comparison", "LogitsComparison", "Verdict", "compare", "compare_logits", "is_top1", "judge"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
+def is_top1(logits: Any, token: int) -> bool:
+    """Whether ``token`` is a most likely token of ``logits`` (a tie within 1e-6 of the scale counts)."""
+    values = _as_float64(logits).ravel()
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    return bool(values[int(token)] >= np.max(values) - 1e-6 * max(1.0, scale))
+
+
 def compare_logits(candidate: Any, reference: Any) -> LogitsComparison:
     """Compare two logit vectors of one position; NaN/Inf in the candidate gives inf everywhere."""
     cand, ref = _as_float64(candidate).ravel(), _as_float64(reference).ravel()
@@ -189,6 +196,6 @@ def compare_logits(candidate: Any, reference: Any) -> LogitsComparison:
     log_ref, log_cand = _log_softmax(ref), _log_softmax(cand)
     kl = float(max(0.0, np.sum(np.exp(log_ref) * (log_ref - log_cand))))
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    top1 = bool(ref[int(np.argmax(cand))] >= np.max(ref) - 1e-6 * max(1.0, scale))
+    top1 = is_top1(ref, int(np.argmax(cand)))
     max_abs = float(np.max(np.abs(cand - ref))) if ref.size else 0.0
     return LogitsComparison(kl, top1, max_abs, max_abs / scale if scale > 0 else max_abs)

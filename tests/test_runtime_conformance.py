@@ -157,7 +157,7 @@ def test_tail_logits_gives_one_row_per_single_token_prefill(toy: Path) -> None:
 
     runtime = runtime_backends.ToyRuntimeBackend().open_runtime(str(toy))
     ids = logits.token_ids(1, runtime.vocab_size, 600)
-    rows = logits.tail_logits(runtime, ids, 4, 512)
+    rows = logits.tail_logits(runtime.prefill, ids, 4, 512)
     assert rows.shape == (4, runtime.vocab_size) and runtime.positions() == 600
     runtime.reset()
     np.testing.assert_allclose(rows[-1], runtime.prefill(ids), rtol=1e-5, atol=1e-6)  # the same position
