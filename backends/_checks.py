@@ -5,7 +5,7 @@ They run before anything is written, so a refused call changes nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence, Tuple
 
 from pytest_longctx.errors import ContextLimitExceeded
 from pytest_longctx.spec import CacheSpec
@@ -29,6 +29,16 @@ def append(spec: CacheSpec, index: int, length: int, k: Any, v: Any) -> None:
         raise ValueError(f"v has {v.shape[0]} positions, but k has {k.shape[0]}")
     if length + k.shape[0] > spec.max_positions:
         raise ContextLimitExceeded(index, length, k.shape[0], spec.max_positions)
+
+
+def append_inputs(spec: CacheSpec, lengths: Sequence[int], index: int, k: Any, v: Any,
+                  as_input: Callable[[str, Any, int], Any]) -> Tuple[Any, Any, int]:
+    """The checked (k, v, start) of an append: the layer, both inputs' shapes (``as_input``
+    converts to the backend's array type and checks rows), their lengths and the limit."""
+    layer(spec, index)
+    k, v = as_input("k", k, spec.n_kv_heads), as_input("v", v, spec.n_kv_heads)
+    append(spec, index, lengths[index], k, v)
+    return k, v, lengths[index]
 
 
 def queries(n_q: int, length: int) -> None:

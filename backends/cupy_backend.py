@@ -189,12 +189,9 @@ class CupyCache:
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._storage()
-        C.layer(self.spec, layer)
         spec = self.spec
-        k = self._as_input("k", k, spec.n_kv_heads)
-        v = self._as_input("v", v, spec.n_kv_heads)
-        start, n = self._lengths[layer], k.shape[0]
-        C.append(spec, layer, start, k, v)
+        k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
+        n = k.shape[0]
         if n == 0:
             return
         cos, sin, rope_row = self._rope.locate(start, start + n)

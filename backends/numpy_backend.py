@@ -278,12 +278,9 @@ class NumpyCache:
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._stores()
-        C.layer(self.spec, layer)
         spec = self.spec
-        k = self._as_input("k", k, spec.n_kv_heads)
-        v = self._as_input("v", v, spec.n_kv_heads)
-        start, n = self._lengths[layer], k.shape[0]
-        C.append(spec, layer, start, k, v)
+        k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
+        n = k.shape[0]
 
         size = max(NATIVE_APPEND_STEP, -(-n // self._threads)) if k_store.native else APPEND_STEP
         cos, sin = self._rope.rows(start, start + n)

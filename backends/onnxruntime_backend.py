@@ -321,12 +321,9 @@ class OnnxRuntimeCache:
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         self._check_open()
-        C.layer(self.spec, layer)
         spec = self.spec
-        k = self._as_input("k", k, spec.n_kv_heads)
-        v = self._as_input("v", v, spec.n_kv_heads)
-        start, n = self._lengths[layer], k.shape[0]
-        C.append(spec, layer, start, k, v)
+        k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
+        n = k.shape[0]
         for a in range(0, n, APPEND_STEP):
             b = min(a + APPEND_STEP, n)
             self._store(layer, start + a, k[a:b], v[a:b])
