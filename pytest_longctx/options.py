@@ -62,6 +62,19 @@ def parse_bool(text: Any) -> bool:
     raise ValueError("should be true or false")
 
 
+def parse_seed(text: str) -> int:
+    """A seed is a non-negative integer, as NumPy's generators take it."""
+    seed = int(text)
+    if seed < 0:
+        raise ValueError("should be a non-negative integer")
+    return seed
+
+
+def usage_error(option: str, value: Any, why: str) -> pytest.UsageError:
+    """The one shape of every malformed option: ``longctx: --longctx-NAME=VALUE: why``."""
+    return pytest.UsageError(f"longctx: --longctx-{option}={value}: {why}")
+
+
 def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``none`` or ``off`` (or 0, for a limit) switches the check off: None."""
     def parsed(text: str) -> Any:
@@ -79,7 +92,7 @@ OPTIONS = (
     _Option("kv-dtype", "narrow the KV dtypes to these (default: every dtype the backend claims)",
             None, metavar="DTYPE,..."),
     _Option("seed", "seed of every input; printed in the header so a run can be reproduced",
-            None, int, metavar="SEED"),
+            None, parse_seed, metavar="SEED"),
     _Option("chunk", "positions per append in prefill-style fill (default 512)", 512, int, metavar="N"),
     _Option("repeats", "timed repeats per throughput figure (default 5)", 5, int, metavar="N"),
     _Option("memory-allowance", "fraction measured KV memory may exceed the analytic size (default 0.10)",
@@ -159,7 +172,7 @@ def _value(config: pytest.Config, opt: _Option, profile: Optional[Profile]) -> A
     try:
         return opt.parse(raw)
     except (ValueError, SpecError) as exc:
-        raise pytest.UsageError(f"--longctx-{opt.name}={raw!r}: {exc}") from None
+        raise usage_error(opt.name, repr(raw), str(exc)) from None
 
 
 def _profile(config: pytest.Config) -> Optional[Profile]:
@@ -195,17 +208,17 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         seed = secrets.randbits(32)
     for name in ("chunk", "repeats", "context"):
         if values[name] is not None and values[name] < 1:
-            raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 1")
+            raise usage_error(name, values[name], "should be >= 1")
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
                  "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
                  "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor",
                  "deadline", "repeat-speedup"):
         if values[name] is not None and not values[name] >= 0:
-            raise pytest.UsageError(f"--longctx-{name}={values[name]}: should be >= 0")
+            raise usage_error(name, values[name], "should be >= 0")
     if values["repeat-speedup"] is not None and values["repeat-speedup"] < 1:
-        raise pytest.UsageError(f"--longctx-repeat-speedup={values['repeat-speedup']}: should be >= 1")
+        raise usage_error("repeat-speedup", values["repeat-speedup"], "should be >= 1")
     if values["isolate"] and not hasattr(os, "fork"):
-        raise pytest.UsageError("--longctx-isolate: needs os.fork (POSIX), which this platform lacks")
+        raise pytest.UsageError("longctx: --longctx-isolate: needs os.fork (POSIX), which this platform lacks")
     # Every other option is a Settings field of the same name (dashes for underscores).
     fields = {opt.name.replace("-", "_"): values[opt.name] for opt in OPTIONS if opt.name not in _PARSED_APART}
     fields.update(model=_absolute(values["model"]), reference_logits=_absolute(values["reference-logits"]))

@@ -72,7 +72,7 @@ def _check_writable(option: str, path: str) -> None:
             os.remove(path)
     except OSError as exc:
         raise pytest.UsageError(
-            f"--longctx-{option}={path}, but should be a writable file path ({exc.strerror})") from None
+            f"longctx: --longctx-{option}={path}: should be a writable file path ({exc.strerror})") from None
 
 
 @pytest.hookimpl(trylast=True)

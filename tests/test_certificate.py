@@ -123,7 +123,7 @@ def test_unwritable_report_path_fails_at_startup(pytester: pytest.Pytester, wher
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.errlines if line.strip()]
     assert len(errors) == 1, errors
-    result.stderr.fnmatch_lines([f"ERROR: --longctx-report-html=*{where}, but should be a writable file path (*)"])
+    result.stderr.fnmatch_lines([f"ERROR: longctx: --longctx-report-html=*{where}: should be a writable file path (*)"])
     assert not (pytester.path / "missing-dir").exists()
 
 

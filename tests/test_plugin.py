@@ -123,19 +123,20 @@ def test_ini_alone_names_backend_and_seed_in_header(pytester: pytest.Pytester) -
         ("--longctx-backend=numpy[block",
          "backend 'numpy[[]block': options must be closed with ']'; accepted keys: block, threads, native"),
         ("--longctx-seed=abc", "--longctx-seed='abc': invalid literal *"),
+        ("--longctx-seed=-1", "--longctx-seed='-1': should be a non-negative integer"),
         ("--longctx-chunk=0", "--longctx-chunk=0: should be >= 1"),
+        ("--longctx-deadline=-5", "--longctx-deadline=-5.0: should be >= 0"),
     ],
     ids=lambda value: value if value.startswith("--") else "",
 )
 def test_malformed_value_is_a_one_line_usage_error(pytester: pytest.Pytester, option: str, message: str) -> None:
-    """A typo stops the run before anything is allocated, saying which value was wrong."""
+    """A typo stops the run before anything is allocated, saying which value was wrong, every
+    one in the same shape: ``ERROR: longctx: what: why``."""
     result = pytester.runpytest(option, "--co")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.errlines if line.strip()]
     assert len(errors) == 1, errors
-    if not message.startswith("--"):
-        message = "longctx: " + message
-    result.stderr.fnmatch_lines(["ERROR: " + message])
+    result.stderr.fnmatch_lines(["ERROR: longctx: " + message])
 
 
 @pytest.mark.parametrize("option", ["--longctx-error-factor=-1", "--longctx-memory-allowance=-0.5"])
