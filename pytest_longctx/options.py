@@ -251,9 +251,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[factories_key] = factories
     profile = config.stash[profile_key] = _profile(config)
     config.stash[settings_key] = _settings(config, factories, profile)
-    # `pytest --longctx-backend=X` (or a profile) with no path runs the installed conformance suite.
+    # `pytest --longctx-backend=X` (or a profile) with no path runs the installed conformance suite,
+    # and only it, wherever it starts: also in a directory whose ini names testpaths (a checkout).
     chosen = config.getoption("longctx_backend") or config.getoption("longctx_profile")
-    if chosen and config.args_source == pytest.Config.ArgsSource.INVOCATION_DIR:
+    if chosen and config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [_conformance_dir()]
 
 

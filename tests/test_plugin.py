@@ -545,3 +545,18 @@ def test_public_fixtures_without_kv_dtype_use_a_claimed_dtype(pytester: pytest.P
     pytester.makepyfile(test_mine=USER_TEST.format(extra=""))
     result = pytester.runpytest("test_mine.py", *small(), "-rs")
     result.assert_outcomes(passed=1)
+
+
+def test_main_job_in_a_checkout_runs_only_the_suite(pytester: pytest.Pytester) -> None:
+    """``pytest --longctx-backend=X`` in a directory whose ini sets ``testpaths`` (this project's
+    checkout, or a vendor's) runs the suite and only the suite; plain ``pytest`` there runs the
+    directory's own tests, and a path given on the command line is run as given."""
+    pytester.makepyprojecttoml('[tool.pytest.ini_options]\ntestpaths = ["own"]\n')
+    pytester.mkdir("own").joinpath("test_own.py").write_text("def test_own():\n    pass\n")
+    suite = collected_ids(pytester.runpytest(*small(), "--co", "-q"))
+    assert suite and not [i for i in suite if "test_own" in i], suite
+    modules = {i.split("::")[0].rsplit("/", 1)[-1] for i in suite}
+    assert {"test_limits.py", "test_memory.py", "test_throughput.py", "test_equivalence.py"} <= modules
+    assert collected_ids(pytester.runpytest("--co", "-q")) == ["own/test_own.py::test_own"]
+    given = collected_ids(pytester.runpytest(*small(), "own", "--co", "-q"))
+    assert given == ["own/test_own.py::test_own"]
