@@ -17,7 +17,7 @@ from .spec import KV_DTYPES, CacheSpec
 
 MAX_POSITIONS = 131072
 DEFAULT_POSITIONS = (4096, 8192, 16384)
-# The seed benchmark's ladder (../shared/seeds/004_*): at 16384 positions a 7B cache
+# The 7B-simulation benchmark's ladder (profile 7b-sim-16k-ladder): at 16384 positions a 7B cache
 # fills at >= 125 positions/s and retrieves at >= 1250 ops/s.
 FLOOR_POSITIONS = 16384
 _POSITION = re.compile(r"^(\d+)\s*([kK]?)$")
