@@ -30,8 +30,10 @@ def where(backend: Any, runtime: ModelRuntime, settings: Settings) -> str:
 
 
 def tags(runtime: ModelRuntime, settings: Settings) -> dict:
-    """What a runtime figure carries besides the check: the KV dtype in force and the model."""
-    return {"kv_dtype": runtime.kv_spec.kv_dtype, "model": os.path.basename(settings.model or "")}
+    """What a runtime figure carries besides the check: the KV dtype in force, the model and
+    its geometry (the figures table names it instead of the run's --longctx-shape)."""
+    return {"kv_dtype": runtime.kv_spec.kv_dtype, "model": os.path.basename(settings.model or ""),
+            "geometry": runtime.kv_spec.describe()}
 
 
 def logits_of(value: Any, runtime: ModelRuntime, what: str, at: str) -> Optional[np.ndarray]:

@@ -135,10 +135,14 @@ class Settings:
     def spec_for(self, kv_dtype: str, positions: int) -> CacheSpec:
         return self.shape.replace(kv_dtype=kv_dtype, max_positions=positions)
 
-    def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int]) -> str:
+    def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int],
+                      runtime: bool = False) -> str:
         """The command-line options that reproduce one case alone, bars that differ from
-        their defaults included."""
-        options = [f"--longctx-backend={shlex.quote(backend)}", f"--longctx-shape={shlex.quote(self.shape_text)}"]
+        their defaults included. A whole-model runtime's case takes its geometry from
+        --longctx-model, so --longctx-shape would mean nothing there."""
+        options = [f"--longctx-backend={shlex.quote(backend)}"]
+        if not runtime:
+            options.append(f"--longctx-shape={shlex.quote(self.shape_text)}")
         if kv_dtype in KV_DTYPES:
             options.append(f"--longctx-kv-dtype={kv_dtype}")
         all_positions = ",".join(map(str, self.positions))

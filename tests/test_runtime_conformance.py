@@ -161,3 +161,26 @@ def test_tail_logits_gives_one_row_per_single_token_prefill(toy: Path) -> None:
     assert rows.shape == (4, runtime.vocab_size) and runtime.positions() == 600
     runtime.reset()
     np.testing.assert_allclose(rows[-1], runtime.prefill(ids), rtol=1e-5, atol=1e-6)  # the same position
+
+
+def test_figures_of_a_runtime_run_name_the_models_geometry_and_rerun_without_a_shape(
+        pytester: pytest.Pytester, toy: Path) -> None:
+    """The runtime's kv_spec is the geometry in play, not the run's --longctx-shape (issue 13.5)."""
+    result = run(pytester, "ChunkPositionsRestartBackend", toy, "-k", "chunked")
+    result.stdout.fnmatch_lines(["*longctx figures*", f"model {toy.name} (8L 8h/8kv d64 *), seed 3"])
+    result.stdout.no_fnmatch_line("shape *")
+    reruns = {line for line in result.outlines if line.startswith("pytest ") and "--longctx-backend=" in line}
+    assert len(reruns) == 3, result.stdout.str()
+    for line in reruns:
+        assert "--longctx-shape" not in line and f"--longctx-model={toy}" in line, line
+
+
+def test_geometry_line_names_the_shape_for_cache_figures_and_the_model_for_runtime_figures() -> None:
+    from pytest_longctx.render import geometry_line
+
+    cache = {"check": "attend"}
+    runtime = {"check": "chunked", "model": "m.gguf", "geometry": "3L 6h/2kv d32 rope=default/gptj"}
+    assert geometry_line("qwen3-0.6b", "28L 16h/8kv d128", 3, [runtime, runtime]) == \
+        "model m.gguf (3L 6h/2kv d32 rope=default/gptj), seed 3"
+    assert geometry_line("qwen3-0.6b", "28L 16h/8kv d128", 3, [cache, runtime]) == \
+        "shape qwen3-0.6b (28L 16h/8kv d128), model m.gguf (3L 6h/2kv d32 rope=default/gptj), seed 3"
