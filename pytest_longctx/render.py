@@ -59,7 +59,7 @@ def _claim(doc: Dict[str, Any]) -> Section:
     bars = ["memory_allowance", "error_factor", "fill_floor", "retrieve_floor", "attention_floor",
             "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor", "chunk", "repeats"]
     if s.get("model"):  # a whole-model runtime's run: its model file and the bars that judge it
-        bars = ["model", "context", "reference_logits", "memory_allowance", "consistency_tolerance",
+        bars = ["model", "context", "reference_logits", "memory_allowance", "consistency_kl",
                 "logits_kl", "top1_agreement", "prefill_floor", "decode_floor", "chunk", "repeats"]
     rows = [["backends", ", ".join(s["backends"])],
             ["shape", f"{s['shape']['text']} ({s['shape']['described']})"],
