@@ -8,6 +8,7 @@ exception, a wrong shape or a NaN is a one-line failure naming the call.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from pytest_longctx import ModelRuntime
 from pytest_longctx import logits
+from pytest_longctx.consistency import ConsistencyBound, consistency_bound, same_top1
 from pytest_longctx.logits import GoldenLogits, load, token_ids
 from pytest_longctx.metrics import LogitsComparison, compare_logits
 from pytest_longctx.settings import Settings
@@ -30,8 +32,10 @@ def where(backend: Any, runtime: ModelRuntime, settings: Settings) -> str:
 
 
 def tags(runtime: ModelRuntime, settings: Settings) -> dict:
-    """What a runtime figure carries besides the check: the KV dtype in force and the model."""
-    return {"kv_dtype": runtime.kv_spec.kv_dtype, "model": os.path.basename(settings.model or "")}
+    """What a runtime figure carries besides the check: the KV dtype in force, the model and
+    its geometry (the figures table names it instead of the run's --longctx-shape)."""
+    return {"kv_dtype": runtime.kv_spec.kv_dtype, "model": os.path.basename(settings.model or ""),
+            "geometry": runtime.kv_spec.describe()}
 
 
 def logits_of(value: Any, runtime: ModelRuntime, what: str, at: str) -> Optional[np.ndarray]:
@@ -106,14 +110,41 @@ def prompt(settings: Settings, runtime: ModelRuntime, n: int, reference: Optiona
     return token_ids(settings.seed, runtime.vocab_size, n)
 
 
-def check_consistent(what: str, candidate: np.ndarray, reference: np.ndarray, settings: Settings,
-                     at: str) -> LogitsComparison:
-    """Logits that should be the same computation: within the consistency tolerance, same top-1."""
+def bound(runtime: ModelRuntime, settings: Settings) -> ConsistencyBound:
+    """The KL bound of the consistency checks, keyed on the KV dtype the runtime declares."""
+    return consistency_bound(runtime.kv_spec.kv_dtype, settings.consistency_kl)
+
+
+@dataclass(frozen=True)
+class Consistency:
+    comparison: LogitsComparison
+    top1: bool  # the same top-1, or a tie within the measured noise
+    bound: ConsistencyBound
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.kl <= self.bound.kl and self.top1
+
+    def record(self) -> dict:
+        """What the figures table and the certificate carry."""
+        c = self.comparison
+        return dict(bound=f"KL {self.bound.describe()}, same top-1", passed=self.passed,
+                    cell=f"KL {c.kl:.2g} ({c.relative:.2%} of max logit)", threshold=self.bound.kl,
+                    noise_kl=self.bound.noise.kl if self.bound.noise else None,
+                    **dict(c.as_dict(), top1=self.top1))
+
+
+def consistency(candidate: np.ndarray, reference: np.ndarray, runtime: ModelRuntime,
+                settings: Settings) -> Consistency:
+    limit = bound(runtime, settings)
+    return Consistency(compare_logits(candidate, reference), same_top1(candidate, reference, limit.tie), limit)
+
+
+def check_consistent(what: str, result: Consistency, at: str) -> None:
+    """Logits that should be the same computation: KL within the measured bound, same top-1."""
     __tracebackhide__ = True
-    result = compare_logits(candidate, reference)
-    tolerance = settings.consistency_tolerance
-    if result.relative > tolerance or not result.top1:
-        fail(what, f"max|Δlogit| {result.max_abs:.3g} ({result.relative:.2%} of the largest logit, "
-             f"top-1 {'same' if result.top1 else 'different'}, KL {result.kl:.3g})",
-             f"<= {tolerance:.2%} with the same top-1", at)
-    return result
+    if not result.passed:
+        c = result.comparison
+        fail(what, f"KL {c.kl:.3g} nats (max|Δlogit| {c.max_abs:.3g}, {c.relative:.2%} of the largest logit, "
+             f"top-1 {'same' if result.top1 else 'different'})",
+             f"KL {result.bound.describe()} with the same top-1", at)

@@ -20,7 +20,7 @@ from pytest_longctx import ContextClamped, ContextLimitExceeded, LongctxError
 
 from ._check import fail
 from ._runtime import (
-    check_consistent, need_logits, positions, prefill, prefill_chunks, prompt, reset, tags, where,
+    check_consistent, consistency, need_logits, positions, prefill, prefill_chunks, prompt, reset, tags, where,
 )
 
 pytestmark = pytest.mark.longctx_limits
@@ -158,5 +158,5 @@ def test_prompt_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_ru
              f"{type(raised).__name__}: {raised}", "ContextLimitExceeded", at)
     after = prefill(runtime, ids[start:start + 1], at, f"prefill of 1 token at position {start} after the refusal")
     if expected is not None:
-        check_consistent("next logits after the refused prompt", need_logits(after), expected,
-                         longctx_settings, at)
+        check_consistent("next logits after the refused prompt",
+                         consistency(need_logits(after), expected, runtime, longctx_settings), at)

@@ -120,8 +120,9 @@ OPTIONS = (
             "(default 0.05)", 0.05, float, metavar="NATS"),
     _Option("top1-agreement", "runtimes: share of positions whose top-1 token agrees with the reference "
             "logits, at least (default 0.9)", 0.9, float, metavar="FRACTION"),
-    _Option("consistency-tolerance", "runtimes: one-shot vs chunked vs after-reset logits may differ by "
-            "this fraction of the largest logit (default 0.01)", 0.01, float, metavar="FRACTION"),
+    _Option("consistency-kl", "runtimes: one-shot vs chunked vs after-reset logits may differ by this KL "
+            "divergence in nats, same top-1 (default: 10 x the noise measured for the runtime's KV dtype)",
+            None, parse_optional(float), metavar="NATS"),
     _Option("prefill-floor", "runtimes: minimum prefill rate in positions/s at every depth (default none)",
             None, float, metavar="RATE"),
     _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
@@ -211,7 +212,7 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
             raise usage_error(name, values[name], "should be >= 1")
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
                  "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
-                 "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor",
+                 "logits-kl", "top1-agreement", "consistency-kl", "prefill-floor", "decode-floor",
                  "deadline", "repeat-speedup"):
         if values[name] is not None and not values[name] >= 0:
             raise usage_error(name, values[name], "should be >= 0")

@@ -30,7 +30,7 @@ RUN_KEYS = ("backend", "shape", "positions", "kv-dtype", "seed", "chunk", "repea
             "model", "context", "reference-logits")
 BAR_KEYS = ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
             "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
-            "logits-kl", "top1-agreement", "consistency-tolerance", "prefill-floor", "decode-floor",
+            "logits-kl", "top1-agreement", "consistency-kl", "prefill-floor", "decode-floor",
             "deadline", "repeat-speedup")
 # Run keys naming a file, taken relative to the profile's own folder.
 _PATH_KEYS = ("model", "reference-logits")

@@ -29,6 +29,15 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return "" if not n else f"{n / (1 << 30):.1f} GiB"
 
 
+def geometry_line(shape_text: str, described: str, seed: Any, figures: List[Dict[str, Any]]) -> str:
+    """What the figures were measured on: the run's shape for KV-cache figures, each model's
+    own geometry (its runtime's kv_spec, carried as ``geometry``) for whole-model figures."""
+    parts = [f"shape {shape_text} ({described})"] if any(not f.get("geometry") for f in figures) else []
+    models = dict.fromkeys((f.get("model") or "model", f["geometry"]) for f in figures if f.get("geometry"))
+    parts += [f"model {model} ({geometry})" for model, geometry in models]
+    return ", ".join(parts + [f"seed {seed}"])
+
+
 def figure_table(figures: List[Dict[str, Any]], label_keys: Tuple[str, ...] = ("backend", "kv_dtype")) -> Table:
     """Rows (label…, check) × positions columns, as the terminal table; failures marked FAIL."""
     positions = sorted({r["positions"] for r in figures if isinstance(r.get("positions"), int)})
@@ -50,7 +59,7 @@ def _claim(doc: Dict[str, Any]) -> Section:
     bars = ["memory_allowance", "error_factor", "fill_floor", "retrieve_floor", "attention_floor",
             "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor", "chunk", "repeats"]
     if s.get("model"):  # a whole-model runtime's run: its model file and the bars that judge it
-        bars = ["model", "context", "reference_logits", "memory_allowance", "consistency_tolerance",
+        bars = ["model", "context", "reference_logits", "memory_allowance", "consistency_kl",
                 "logits_kl", "top1_agreement", "prefill_floor", "decode_floor", "chunk", "repeats"]
     rows = [["backends", ", ".join(s["backends"])],
             ["shape", f"{s['shape']['text']} ({s['shape']['described']})"],
@@ -133,7 +142,7 @@ def certificate_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
     places = {(f["device"], f["host"]) for f in figures}
     keys = ("backend", "device", "host", "kv_dtype") if len(places) > 1 else ("backend", "kv_dtype")
     shape = doc["settings"]["shape"]
-    measured = Section("Measured figures", [f"shape {shape['text']} ({shape['described']}), seed {doc['settings']['seed']}"],
+    measured = Section("Measured figures", [geometry_line(shape["text"], shape["described"], doc["settings"]["seed"], figures)],
                        [figure_table(figures, keys)] if figures else [], plots=bool(figures))
     return title, [head, _claim(doc), measured, _cases(doc), _coverage(doc), _environment(doc)]
 

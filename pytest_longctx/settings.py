@@ -93,10 +93,10 @@ class Settings:
     # KL-divergence tool sees ~0.001-0.005 for 8-bit weights and ~0.02-0.1 for 4-bit.
     logits_kl: float = 0.05
     top1_agreement: float = 0.9
-    # The same tokens one-shot, in chunks or after reset: the largest logit difference as a
-    # fraction of the largest logit. Reordered float sums stay ~1e-5; a chunk seen at the
-    # wrong positions moves logits by a large fraction of themselves.
-    consistency_tolerance: float = 0.01
+    # The same tokens one-shot, in chunks or after reset: KL(one-shot || other) in nats at
+    # most this, same top-1; None: the bound measured for the runtime's KV dtype
+    # (pytest_longctx/consistency.py).
+    consistency_kl: Optional[float] = None
     # Runtime throughput floors (prefill positions/s, decode tokens/s) at every depth; None:
     # reported, not judged. A profile states them from the vendor's claim.
     prefill_floor: Optional[float] = None
@@ -135,10 +135,14 @@ class Settings:
     def spec_for(self, kv_dtype: str, positions: int) -> CacheSpec:
         return self.shape.replace(kv_dtype=kv_dtype, max_positions=positions)
 
-    def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int]) -> str:
+    def rerun_options(self, backend: str, kv_dtype: Optional[str], positions: Optional[int],
+                      runtime: bool = False) -> str:
         """The command-line options that reproduce one case alone, bars that differ from
-        their defaults included."""
-        options = [f"--longctx-backend={shlex.quote(backend)}", f"--longctx-shape={shlex.quote(self.shape_text)}"]
+        their defaults included. A whole-model runtime's case takes its geometry from
+        --longctx-model, so --longctx-shape would mean nothing there."""
+        options = [f"--longctx-backend={shlex.quote(backend)}"]
+        if not runtime:
+            options.append(f"--longctx-shape={shlex.quote(self.shape_text)}")
         if kv_dtype in KV_DTYPES:
             options.append(f"--longctx-kv-dtype={kv_dtype}")
         all_positions = ",".join(map(str, self.positions))
@@ -159,6 +163,6 @@ class Settings:
 
 _RERUN_BARS = ("chunk", "repeats", "memory_allowance", "error_factor", "fill_floor", "retrieve_floor",
                "attention_floor", "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor",
-               "logits_kl", "top1_agreement", "consistency_tolerance", "prefill_floor", "decode_floor",
+               "logits_kl", "top1_agreement", "consistency_kl", "prefill_floor", "decode_floor",
                "deadline", "repeat_speedup")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

@@ -15,6 +15,7 @@ from tabulate import tabulate
 
 from .fixtures import get_state, records_of
 from .options import profile_key, settings_key
+from .render import geometry_line
 
 RERUN_KEY = "longctx_rerun"
 
@@ -43,10 +44,8 @@ class SummaryCollector:
         if self.records:
             settings = self.config.stash[settings_key]
             terminalreporter.write_sep("=", "longctx figures")
-            model = f", model {os.path.basename(settings.model)}" if settings.model else ""
-            terminalreporter.write_line(
-                f"shape {settings.shape_text} ({settings.shape.describe()}), seed {settings.seed}{model}"
-            )
+            terminalreporter.write_line(geometry_line(settings.shape_text, settings.shape.describe(),
+                                                      settings.seed, self.records))
             terminalreporter.write_line(self.table())
         if self.reruns:
             terminalreporter.write_sep("-", "longctx: rerun a failed case alone")
@@ -105,6 +104,7 @@ def rerun_command(item: pytest.Item) -> str:
         params.get("longctx_backend", settings.backends[0]),
         params.get("longctx_kv_dtype"),
         params.get("longctx_positions"),
+        runtime="longctx_runtime" in getattr(item, "fixturenames", ()),
     )
     # Node ids are relative to the rootdir, which is not where the user stands when the
     # plugin ran the installed suite: name the file from the invocation directory.

@@ -78,6 +78,10 @@ class ToyRuntime:
     def rope_positions(self, n: int) -> np.ndarray:
         return np.arange(self.length, self.length + n)
 
+    def rope_factors(self, n: int) -> np.ndarray:
+        """What each RoPE frequency is divided by for a prompt of n tokens (none: ones)."""
+        return np.ones(HEAD_DIM // 2)
+
     def store(self, k: np.ndarray, v: np.ndarray) -> None:
         self.k_chunks.append(k)
         self.v_chunks.append(v)
@@ -96,8 +100,8 @@ class ToyRuntime:
 
     # The contract.
 
-    def _rotate(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        angles = positions[:, None] * self.inv_freq
+    def _rotate(self, x: np.ndarray, positions: np.ndarray, factors: np.ndarray) -> np.ndarray:
+        angles = positions[:, None] * (self.inv_freq / factors)
         cos, sin = np.cos(angles), np.sin(angles)
         half = HEAD_DIM // 2
         x1, x2 = x[..., :half], x[..., half:]
@@ -112,10 +116,11 @@ class ToyRuntime:
         x32 = x.astype(np.float32)
         k = (x32 @ self.w_kv[0]).reshape(n, LAYERS, KV_HEADS, HEAD_DIM)
         v = (x32 @ self.w_kv[1]).reshape(n, LAYERS, KV_HEADS, HEAD_DIM)
-        k[:, 0, 0] = self._rotate(k[:, 0, 0], self.rope_positions(n))
+        factors = self.rope_factors(n)
+        k[:, 0, 0] = self._rotate(k[:, 0, 0], self.rope_positions(n), factors)
         self.store(k, v)
         self.length += n
-        q = self._rotate((x[-1] @ self.w_q)[None], np.array([self.length - 1]))[0]
+        q = self._rotate((x[-1] @ self.w_q)[None], np.array([self.length - 1]), factors)[0]
         keys, values = self.keys(), self.values()
         scores = keys @ q / np.sqrt(HEAD_DIM)
         weights = np.exp(scores - scores.max())
@@ -207,6 +212,19 @@ class ChunkPositionsRestart(ToyRuntime):
         return np.arange(n)
 
 
+class LongRopeFactorsPerChunk(ToyRuntime):
+    """Chunked prefill differs from one-shot (bug class 7, vLLM #27414): LongRoPE's short or
+    long factors are picked per prefill call from where that call ends, not once for the
+    context, so keys cached by early chunks carry the short factors while later queries
+    rotate with the long ones ("attention just collapses", llama.cpp #24823)."""
+
+    ORIGINAL = 2048  # the training context the short factors serve
+    LONG = np.linspace(1.0, 16.0, HEAD_DIM // 2)  # stretch the low frequencies most, as LongRoPE does
+
+    def rope_factors(self, n: int) -> np.ndarray:
+        return self.LONG if self.length + n > self.ORIGINAL else np.ones(HEAD_DIM // 2)
+
+
 class ResetKeepsStaleKeys(ToyRuntime):
     """Stale slots leak into output (bug class 8): reset() empties the count, not the keys."""
 
@@ -279,6 +297,7 @@ class WrapsAround(ToyRuntime):
 HalfAppliesBackend = _backend(HalfApplies)
 SilentlyTakesMoreContextBackend = _backend(SilentlyTakesMoreContext)
 ChunkPositionsRestartBackend = _backend(ChunkPositionsRestart)
+LongRopeFactorsPerChunkBackend = _backend(LongRopeFactorsPerChunk)
 ResetKeepsStaleKeysBackend = _backend(ResetKeepsStaleKeys)
 KeepsTwoCopiesBackend = _backend(KeepsTwoCopies)
 NotGreedyBackend = _backend(NotGreedy)
