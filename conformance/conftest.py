@@ -57,7 +57,7 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
     # The probe ends before the yield: tracemalloc must not stay on for the tests that time calls.
     with MemoryProbe(longctx_backend) as probe:
-        cache = open_cache(longctx_backend, spec, working_bytes=pool.k.nbytes * 3)
+        cache = open_cache(longctx_backend, spec, working_bytes=pool.nbytes * 3)
         case = FilledCase(cache, Fill(spec), at_open=probe.held(), before=probe.baseline)
         for target in checkpoints:
             fill(cache, pool, range(spec.n_layers), target - case.fill.length, chunk, keep=True, into=case.fill)

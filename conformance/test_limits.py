@@ -68,7 +68,7 @@ def test_one_more_position_raises_and_changes_nothing(longctx_backend, longctx_s
     layer = spec.n_layers - 1
     pool = call("asarray (input pool)", native_pool, longctx_backend, longctx_inputs, spec,
                 min(spec.max_positions, 4096))
-    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+    with opened(longctx_backend, spec, working_bytes=pool.nbytes * 3) as cache:
         record = fill(cache, pool, range(layer, layer + 1), spec.max_positions,
                       min(longctx_settings.chunk, pool.k.shape[0]))
         if record.error:

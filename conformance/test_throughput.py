@@ -59,7 +59,7 @@ def run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings, 
     size = timed_pool_positions(spec, spec.max_positions, settings.chunk, decode)
     pool = call("asarray (input pool)", native_pool, longctx_backend, inputs, spec, size)
     chunk = min(settings.chunk, pool.k.shape[0])
-    with opened(longctx_backend, spec, working_bytes=pool.k.nbytes * 3) as cache:
+    with opened(longctx_backend, spec, working_bytes=pool.nbytes * 3) as cache:
         with _longctx_lock.exclusive():
             filled = timed_fill(longctx_backend, cache, pool, chunk, decode)
         yield cache, filled

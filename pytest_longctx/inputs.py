@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -82,9 +82,11 @@ class Pool:
     beyond that (a pool too small for its workload; ``timed_pool_positions`` sizes it).
     """
 
-    def __init__(self, kv: Tuple[np.ndarray, np.ndarray], q: np.ndarray) -> None:
+    def __init__(self, kv: Tuple[Any, Any], q: Any, nbytes: Optional[int] = None) -> None:
         self.k, self.v = kv
         self.q_values = q
+        # Host bytes of K (one side): a pool moved to a backend holds arrays the suite cannot ask.
+        self.nbytes = self.k.nbytes if nbytes is None else nbytes
         self._calls: Dict[Tuple[str, int], int] = {}
         self.repeated = 0
 

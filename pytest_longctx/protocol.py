@@ -76,7 +76,12 @@ class KVBackend(Protocol):
         """A fresh, empty cache; raise NotSupported(reason) for a spec it cannot hold."""
 
     def asarray(self, array: np.ndarray) -> Any:
-        """A host array moved to the backend's native array type (outside timed regions)."""
+        """A host array moved to the backend's native array type (outside timed regions).
+
+        Of a native array the suite uses only ``shape`` and basic slicing along the first
+        axis (``x[i:j]``, what torch, CuPy and OpenVINO tensors all offer); everything
+        else, copying included, goes through ``to_numpy``.
+        """
 
     def to_numpy(self, native: Any) -> np.ndarray:
         """A native array copied back to the host."""

@@ -41,7 +41,7 @@ def native_pool(backend: KVBackend, inputs: Inputs, spec: CacheSpec, size: int) 
     """A pool of ``size`` positions already on the backend's device, so that moving inputs
     is never timed. Fills whose content only has to be distinct can use a small one."""
     pool = inputs.pool(spec, size)
-    return Pool((backend.asarray(pool.k), backend.asarray(pool.v)), backend.asarray(pool.q_values))
+    return Pool((backend.asarray(pool.k), backend.asarray(pool.v)), backend.asarray(pool.q_values), pool.nbytes)
 
 
 @dataclass
@@ -143,11 +143,11 @@ def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, 
                   batch: int = 64, samples: Optional[List[Tuple[int, int, Any]]] = None
                   ) -> Tuple[List[float], List[float]]:
     """Seconds per random single-position read (one figure per batch), and per whole-layer read
-    copied out.
+    delivered to the host (see ``delivered``).
 
     No (layer, position) is read twice while timed, and whole-layer reads take different
-    layers while there are enough. A read may return a view; copying it into a fresh buffer
-    makes the figure the cost of getting the values out, not of making a view. With
+    layers while there are enough. A read may return a view; delivering it into host memory it
+    owns makes the figure the cost of getting the values out, not of making a view. With
     ``samples``, one timed read of each batch, drawn at random, is kept there as (layer,
     position, result) for checking against what was appended (MLPerf TEST01's idea).
     """
@@ -165,11 +165,24 @@ def time_retrieve(backend: KVBackend, cache: KVCache, rng: np.random.Generator, 
         if samples is not None:
             samples.append((int(b[0][keep]), int(b[1][keep]), reads[keep]))
     layers = rng.choice(spec.n_layers, size=repeats, replace=spec.n_layers < repeats)
-    layer_seconds = [
-        timed(lambda layer=layer: [x.copy() for x in cache.read(int(layer), 0, n)], backend.synchronize)
-        for layer in layers
-    ]
+    layer_seconds = [timed(lambda layer=layer: delivered(backend, cache.read(int(layer), 0, n)), backend.synchronize)
+                     for layer in layers]
     return op_seconds, layer_seconds
+
+
+def delivered(backend: KVBackend, arrays: Any) -> List[np.ndarray]:
+    """The arrays a read returned, as host arrays that own their memory.
+
+    Only the backend's ``to_numpy`` touches its arrays (they may be torch tensors, CuPy
+    arrays or a type the suite has never seen); the suite's own copy is made only of a
+    NumPy result that is a view, so that a host backend's view costs what getting the
+    values out costs, and a device backend's transfer is not paid twice.
+    """
+    out = []
+    for native in arrays:
+        array = np.asarray(backend.to_numpy(native))
+        out.append(array if array.flags.owndata else array.copy())
+    return out
 
 
 @dataclass

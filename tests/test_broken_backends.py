@@ -191,6 +191,19 @@ def test_correct_backend_passes_the_whole_suite(pytester: pytest.Pytester, seed:
     result.stdout.no_fnmatch_line("* FAIL")
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_backend_with_foreign_arrays_passes_the_whole_suite(pytester: pytest.Pytester, seed: int) -> None:
+    """Arrays that are not NumPy's (torch tensors, CuPy arrays: here ``foreign_backends.Opaque``,
+    with only a shape and slicing) are never blamed for the suite's own use of them: the
+    correct backend behind them passes every case."""
+    pytester.syspathinsert(TESTS_DIR)
+    result = pytester.runpytest("--longctx-backend=foreign_backends:ForeignArrayBackend",
+                                f"--longctx-shape={SHAPE}", f"--longctx-positions={POSITIONS}",
+                                f"--longctx-seed={seed}", "-rfE")
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) <= {"passed", "deselected"} and outcomes.get("passed", 0) >= 20, result.stdout.str()
+
+
 @pytest.mark.parametrize(
     ("shape", "select"),
     [(WINDOW_SHAPE, (*EQUIVALENCE, "-k", "4096")), (MEMORY_SHAPE, ("-m", "longctx_memory"))],
