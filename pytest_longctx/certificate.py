@@ -66,23 +66,28 @@ class Case:
 
 
 def question_of(nodeid: str) -> str:
-    """The question a case certifies, from its module (``test_limits.py`` → limits)."""
+    """The question a case certifies, from its module, where no marker can be read (a
+    pytest-xdist controller sees node ids only): ``test_limits.py`` and
+    ``test_runtime_limits.py`` → limits. Where the item is at hand its ``longctx_*`` marker
+    decides (report.question_of_item)."""
     module = os.path.basename(nodeid.split("::", 1)[0])
     for question in QUESTIONS:
-        if module == f"test_{question}.py":
+        if module in (f"test_{question}.py", f"test_runtime_{question}.py"):
             return question
     return "other"
 
 
 def verdict_of(cases: List[Case], interrupted: bool, collect_errors: int,
-               unfinished: Optional[str] = None) -> Dict[str, Any]:
+               unfinished: Optional[str] = None, exitstatus: int = 0) -> Dict[str, Any]:
     """certified / not certified / incomplete, with the reasons.
 
     Any failing case means not certified (a defect seen is seen, even in an
     interrupted run); otherwise an interrupted run, a run that has not finished
     (a checkpoint: ``unfinished`` names the case running when it was written),
     a collection error, no case at all, or a case that was skipped or never ran
-    leaves it incomplete.
+    leaves it incomplete. A certificate never says certified when pytest's exit status is
+    not 0: pytest counted a failure the cases do not show (a crash outside any case) makes it
+    not certified, any other non-zero status incomplete.
     """
     reasons = []
     failing = [c for c in cases if c.verdict == "fail"]
@@ -100,7 +105,12 @@ def verdict_of(cases: List[Case], interrupted: bool, collect_errors: int,
         reasons.append("no case of the suite ran")
     if unjudged:
         reasons.append(f"{len(unjudged)} of {len(cases)} cases were skipped or did not run")
-    if failing:
+    unseen_failure = not failing and exitstatus == 1  # pytest.ExitCode.TESTS_FAILED
+    if unseen_failure:
+        reasons.append("pytest reported a failure that no case of the certificate shows (exit status 1)")
+    elif exitstatus not in (0, 1) and not unfinished and not interrupted:
+        reasons.append(f"pytest ended with exit status {exitstatus}")
+    if failing or unseen_failure:
         verdict = NOT_CERTIFIED
     elif reasons:
         verdict = INCOMPLETE
@@ -225,7 +235,7 @@ def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case]
           coverage: Dict[str, Any], unfinished: Optional[str] = None) -> Dict[str, Any]:
     """The certificate as the JSON document the schema describes (``unfinished``: a checkpoint
     written while that case runs)."""
-    verdict = verdict_of(cases, interrupted, collect_errors, unfinished)
+    verdict = verdict_of(cases, interrupted, collect_errors, unfinished, 0 if unfinished else exitstatus)
     from . import __version__
 
     return plain({

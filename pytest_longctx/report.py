@@ -94,11 +94,16 @@ def _plain_params(item: pytest.Item) -> Dict[str, Any]:
     return {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
 
 
+def question_of_item(item: pytest.Item) -> str:
+    """The question a case certifies, by its ``longctx_*`` marker (its module where it has none)."""
+    questions = [m.name[len("longctx_"):] for m in item.iter_markers() if m.name.startswith("longctx_")]
+    return next((q for q in questions if q in cert.QUESTIONS), "") or cert.question_of(item.nodeid)
+
+
 def case_info(item: pytest.Item) -> Dict[str, Any]:
     """What the controller cannot know about a case: its parameters, markers, host and device."""
     params = _plain_params(item)
-    questions = [m.name[len("longctx_"):] for m in item.iter_markers() if m.name.startswith("longctx_")]
-    question = next((q for q in questions if q in cert.QUESTIONS), "") or cert.question_of(item.nodeid)
+    question = question_of_item(item)
     backend = str(params.get("longctx_backend", ""))
     device = ""
     if backend:
@@ -157,7 +162,7 @@ class CertificateCollector:
         """Without pytest-xdist the controller collects: every matrix case starts as 'not run'."""
         for item in session.items:
             if "longctx_backend" in getattr(item, "fixturenames", ()):
-                self._case(item.nodeid)
+                self._case(item.nodeid).question = question_of_item(item)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: List[str]) -> None:

@@ -304,3 +304,17 @@ NotGreedyBackend = _backend(NotGreedy)
 NanAfter2048Backend = _backend(NanAfter2048)
 NoisyLogitsBackend = _backend(NoisyLogits)
 WrapsAroundBackend = _backend(WrapsAround)
+
+
+class SegfaultsOnLoadBackend(ToyRuntimeBackend):
+    """Every model load dereferences NULL, as a runtime built for another ABI does (rknn-llm
+    #509: a 1.2 binding against the 1.3 library): the process dies in setup, before any
+    case could report what it was."""
+
+    name = "segfaults-on-load"
+
+    def open_runtime(self, model: str, context: Optional[int] = None, **options: object) -> ToyRuntime:
+        import ctypes
+
+        ctypes.string_at(0)  # SIGSEGV
+        raise AssertionError("unreachable")

@@ -330,3 +330,14 @@ def test_xdist_dist_each_keeps_every_workers_run_of_a_case(pytester: pytest.Pyte
     validate(document)
     assert sorted(c["worker"] for c in document["cases"]) == ["gw0", "gw1"]
     assert len({c["nodeid"] for c in document["cases"]}) == 1 and document["verdict"] == "certified"
+
+
+@pytest.mark.parametrize(("exitstatus", "verdict"), [(0, "certified"), (1, "not certified"), (3, "incomplete")])
+def test_a_certificate_never_says_certified_past_a_non_zero_exit(exitstatus: int, verdict: str) -> None:
+    """Every case it holds passed, yet pytest counted a failure (a worker that died outside any
+    case) or stopped on an internal error: the certificate may not say certified."""
+    cases = [cert.Case(nodeid=f"test_limits.py::t[{i}]", question="limits", outcome="passed") for i in range(3)]
+    result = cert.verdict_of(cases, interrupted=False, collect_errors=0, exitstatus=exitstatus)
+    assert result["verdict"] == verdict, result["reasons"]
+    if exitstatus:
+        assert any(f"exit status {exitstatus}" in reason for reason in result["reasons"]), result["reasons"]

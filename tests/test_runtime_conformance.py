@@ -7,9 +7,10 @@ grows in NumPy memory), as tests/test_broken_backends.py does for KV caches.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -242,3 +243,22 @@ def test_chunking_bugs_give_kl_orders_of_magnitude_above_the_bound(pytester: pyt
     figures = [f for c in json.loads(report.read_text())["cases"] for f in c["figures"]]
     failed = [f for f in figures if not f["passed"]]
     assert failed and all(f["kl"] > 100 * f["threshold"] for f in failed), failed
+
+
+@pytest.mark.parametrize("how", [("--longctx-isolate",), ("-n", "2"), ("-n", "2", "--dist=each")],
+                         ids=["isolated", "xdist", "xdist-each"])
+def test_runtime_that_crashes_on_load_is_never_certified(pytester: pytest.Pytester, toy: Path,
+                                                         how: Tuple[str, ...]) -> None:
+    """A runtime whose model load segfaults: every case of the suite is in the certificate,
+    filed under its question by marker, and the verdict is not certified, never 'certified'
+    beside pytest's exit status 1 nor 'incomplete' with no case in it."""
+    report = pytester.path / "cert.json"
+    result = run(pytester, "SegfaultsOnLoadBackend", toy, "--longctx-positions=1024", f"--longctx-report={report}",
+                 *how, subprocess=True)
+    assert result.ret == 1, result.stdout.str()
+    document = json.loads(report.read_text())
+    assert document["verdict"] == "not certified", document["reasons"]
+    questions = {case["question"] for case in document["cases"]}
+    assert questions == {"limits", "memory", "throughput", "equivalence"}, questions
+    assert len(document["cases"]) >= 8
+    assert any(case["outcome"] in ("failed", "error") for case in document["cases"])
