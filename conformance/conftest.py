@@ -17,7 +17,7 @@ import pytest
 from pytest_longctx import KVCache
 from pytest_longctx.fixtures import close_quietly, open_cache
 from pytest_longctx.inputs import Inputs
-from pytest_longctx.measure import MemoryProbe, MemorySample
+from pytest_longctx.measure import Held, MemoryProbe, MemorySample
 from pytest_longctx.workloads import Fill, fill, native_pool
 
 from ._check import call
@@ -34,8 +34,8 @@ class FilledCase:
 
     cache: KVCache
     fill: Fill
-    at_open: int = 0
-    held: Dict[int, int] = field(default_factory=dict)  # positions filled -> bytes held
+    at_open: Held = Held(0, "tracemalloc")
+    held: Dict[int, Held] = field(default_factory=dict)  # positions filled -> bytes held, and who saw them
     peak: int = 0
     before: Optional[MemorySample] = None
     after_fill: Optional[MemorySample] = None
@@ -54,16 +54,20 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
     inputs = Inputs(settings.seed, f"filled-{longctx_kv_dtype}-{longctx_positions}")
     pool = call("asarray (input pool)", native_pool, longctx_backend, inputs, spec, min(spec.max_positions, 4096))
     chunk = min(settings.chunk, pool.k.shape[0])
-    checkpoints = [p for p in settings.positions if p < spec.max_positions] + [spec.max_positions]
+    # Every certified length below this one and the quarters of this one: a cache that grows
+    # faster than it fills shows between checkpoints, not only at the end.
+    quarters = {spec.max_positions * q // 4 for q in (1, 2, 3)}
+    checkpoints = sorted({p for p in (*settings.positions, *quarters) if 0 < p < spec.max_positions}
+                         | {spec.max_positions})
     # The probe ends before the yield: tracemalloc must not stay on for the tests that time calls.
     with MemoryProbe(longctx_backend) as probe:
         cache = open_cache(longctx_backend, spec, working_bytes=pool.nbytes * 3)
-        case = FilledCase(cache, Fill(spec), at_open=probe.held(), before=probe.baseline)
+        case = FilledCase(cache, Fill(spec), at_open=probe.held_by(), before=probe.baseline)
         for target in checkpoints:
             fill(cache, pool, range(spec.n_layers), target - case.fill.length, chunk, keep=True, into=case.fill)
             if case.fill.error:
                 break
-            case.held[target] = probe.held()
+            case.held[target] = probe.held_by()
         case.peak = probe.peak()
         case.after_fill = probe.sample()
     try:

@@ -284,6 +284,22 @@ class DoubleAllocation(CorrectBackend):
         alloc_factor = 2
 
 
+class KeepsEveryInput(CorrectBackend):
+    """Keeps a new buffer on every append: a copy of each pre-RoPE K chunk beside the cache.
+
+    The cache that holds its inputs "for recomputation" (1.5x analytic): at a small
+    shape the excess is smaller than a fixed slack, so only a bound that follows what the
+    probe resolves catches it at every size.
+    """
+
+    name = "keeps-every-input"
+
+    class Cache(CorrectCache):
+        def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+            CorrectCache.append(self, layer, k, v)
+            self.__dict__.setdefault("kept", []).append(np.array(k, dtype=np.float32))
+
+
 # ----------------------------------------------------------------------------- the API
 
 

@@ -10,12 +10,13 @@ failure it gets is the suite treating a backend's array as its own.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+import ctypes
+from typing import Any, List, Tuple
 
 import numpy as np
 
 from broken_backends import CorrectBackend, CorrectCache
-from pytest_longctx import CacheSpec
+from pytest_longctx import CacheSpec, NotSupported, rope_frequencies
 
 
 class Opaque:
@@ -87,3 +88,94 @@ class ForeignArrayBackend(CorrectBackend):
 
     def to_numpy(self, native: Any) -> np.ndarray:
         return np.array(_unwrap(native), copy=True)
+
+
+# ----------------------------------------------------------------------------- allocators
+
+
+_LIBC = ctypes.CDLL(None)
+_LIBC.malloc.restype, _LIBC.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+_LIBC.free.argtypes = [ctypes.c_void_p]
+
+
+def _native_floats(count: int) -> Tuple[int, np.ndarray]:
+    """``count`` float32 from the C heap, zeroed (touched, as torch.zeros is): tracemalloc
+    never sees them, only RSS does."""
+    pointer = _LIBC.malloc(count * 4)
+    if not pointer:
+        raise MemoryError(f"malloc of {count * 4} bytes failed")
+    array = np.ctypeslib.as_array((ctypes.c_float * count).from_address(pointer))
+    array[...] = 0
+    return pointer, array
+
+
+def leave_freed_heap(chunk_bytes: int, chunks: int) -> None:
+    """Leave ``chunks`` x ``chunk_bytes`` of freed but resident memory in the C heap, as
+    earlier cases of a run do: freed blocks raise glibc's mmap threshold, a live block above
+    them keeps them from being trimmed, so the next allocations of that size reuse them
+    without a page fault."""
+    first = _LIBC.malloc(chunk_bytes)
+    _LIBC.free(first)  # freeing an mmapped block raises the threshold to its size
+    blocks = [_native_floats(chunk_bytes // 4)[0] for _ in range(chunks)]
+    _PINS.append(_LIBC.malloc(1 << 20))  # above every free chunk: placed on top of the blocks
+    for pointer in blocks:
+        _LIBC.free(pointer)
+
+
+_PINS: List[int] = []
+
+
+class NativeCache(CorrectCache):
+    """CorrectCache whose K and V live in the C heap, one block each, allocated and zeroed
+    at open (a preallocated torch cache on the CPU does the same)."""
+
+    copies = 1  # how many caches' worth of blocks it keeps
+
+    def __init__(self, spec: CacheSpec) -> None:
+        if spec.kv_dtype != "float32":
+            raise NotSupported(f"only float32, not {spec.kv_dtype}")
+        self.spec, self.rope = spec, rope_frequencies(spec)
+        shape = (spec.n_layers, spec.max_positions, spec.n_kv_heads, spec.head_dim)
+        self.pointers: List[int] = []
+        blocks = []
+        for _ in range(2 * self.copies):
+            pointer, array = _native_floats(int(np.prod(shape)))
+            self.pointers.append(pointer)
+            blocks.append(array.reshape(shape))
+        self.k, self.v = blocks[0], blocks[1]
+        self.lengths = [0] * spec.n_layers
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def close(self) -> None:
+        self.k = self.v = None
+        for pointer in self.pointers:
+            _LIBC.free(pointer)
+        self.pointers = []
+
+
+class NativeAllocBackend(CorrectBackend):
+    """A correct preallocated cache in memory tracemalloc cannot see, opened after earlier
+    work left freed heap behind: its figure must be its size, whatever ran before."""
+
+    name = "native-alloc"
+    Cache: Any = NativeCache
+
+    def open_cache(self, spec: CacheSpec) -> Any:
+        return self.Cache(spec)
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        """Called for the input pool, before the memory probe starts: the heap is left dirty there."""
+        leave_freed_heap(16 << 20, 12)  # 192 MiB freed, in blocks of K's size (2 layers x 16384 x 2 x 64)
+        return np.asarray(array)
+
+
+class NativeTwoCopies(NativeAllocBackend):
+    """The same cache holding twice its KV (a second copy for a format conversion kept
+    alive): it must fail the memory group in any run, not in some."""
+
+    name = "native-two-copies"
+
+    class Cache(NativeCache):
+        copies = 2
