@@ -7,6 +7,10 @@ pytest failure, so guards let it through), which ends a hang in Python code or
 in a system call that returns on a signal (``time.sleep``, libc ``sleep``), and
 the run goes on in the same process.
 
+A backend that hung once is not asked again in that run (in that process, under
+pytest-xdist): its remaining cases fail at once, naming the case where it hung,
+so one hang costs one deadline, not one per case.
+
 What a signal cannot end is native code that never returns to Python (a spin
 loop, a futex or mutex wait, a device wait): the handler runs only once the
 call returns. Without ``--longctx-isolate`` such a hang keeps the run waiting;
@@ -29,14 +33,17 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 
 from .fixtures import get_state
 from .options import settings_key
+from .settings import AUTO, AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_MARGIN
 
 started_key = pytest.StashKey[float]()
+hung_key = pytest.StashKey[Dict[str, str]]()  # backend text -> the failure line of the case where it hung
+_copy_gbps_key = pytest.StashKey[float]()
 _stderr_key = pytest.StashKey[int]()
 
 
@@ -54,12 +61,47 @@ def is_case(item: pytest.Item) -> bool:
     return "longctx_backend" in getattr(item, "fixturenames", ())
 
 
+def copy_gbps(config: pytest.Config) -> Optional[float]:
+    """The host's copy bandwidth, measured once per process, for the "auto" deadline."""
+    if config.stash[settings_key].deadline != AUTO:
+        return None
+    if _copy_gbps_key not in config.stash:
+        from .measure import host_bandwidth
+
+        config.stash[_copy_gbps_key] = host_bandwidth(64 << 20, 3).copy_gbps
+    return config.stash[_copy_gbps_key]
+
+
+def seconds_for(config: pytest.Config, positions: Optional[int]) -> Optional[float]:
+    """The deadline of a case at ``positions`` (None: the largest), with the measured bandwidth."""
+    return config.stash[settings_key].deadline_for(positions, copy_gbps(config))
+
+
 def deadline_of(item: pytest.Item) -> Optional[float]:
     """Seconds allowed to this case, or None (no deadline, or not a case of the matrix)."""
     if not is_case(item):
         return None
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return item.config.stash[settings_key].deadline_for(params.get("longctx_positions"))
+    return seconds_for(item.config, params.get("longctx_positions"))
+
+
+def backend_of(item: pytest.Item) -> str:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return str(params.get("longctx_backend", item.config.stash[settings_key].backends[0]))
+
+
+def record_hang(item: pytest.Item, line: str) -> None:
+    """Remember that this case's backend hung: it is not asked again in this run."""
+    item.config.stash.setdefault(hung_key, {}).setdefault(backend_of(item), f"{line.splitlines()[0]}")
+
+
+def hung_before(item: pytest.Item) -> Optional[str]:
+    """The one-line failure of a case whose backend already hung in this run, or None."""
+    where = item.config.stash.get(hung_key, {}).get(backend_of(item))
+    if where is None:
+        return None
+    return (f"case=not asked: its backend hung earlier in this run ({where}), but should be a backend "
+            f"that answers; a backend that hung is not asked again [{case_of(item)}]")
 
 
 def case_of(item: pytest.Item) -> str:
@@ -79,11 +121,14 @@ def no_answer(item: pytest.Item, seconds: float, phase: str, detail: str = "") -
     settings = item.config.stash[settings_key]
     params = getattr(getattr(item, "callspec", None), "params", {})
     positions = params.get("longctx_positions", max(settings.positions))
-    scaled = settings.deadline_for(positions) or 0.0
+    scaled = seconds_for(item.config, positions) or 0.0
     detail = f" ({detail})" if detail else ""
-    return (f"case {phase}=no answer in {seconds:.3g} s{detail}, but should finish within its deadline "
-            f"(--longctx-deadline={settings.deadline:g} s at 16384 positions, {scaled:.3g} s at {positions}) "
-            f"[{case_of(item)}]")
+    if settings.deadline == AUTO:
+        how = (f"auto: {scaled:.3g} s at {positions} positions, {AUTO_DEADLINE_MARGIN:g} x the time to stream "
+               f"its float64 KV at {copy_gbps(item.config):.3g} GB/s, at least {AUTO_DEADLINE_FLOOR_S:g} s")
+    else:
+        how = f"--longctx-deadline={float(settings.deadline):g} s at 16384 positions, {scaled:.3g} s at {positions}"
+    return f"case {phase}=no answer in {seconds:.3g} s{detail}, but should finish within its deadline ({how}) [{case_of(item)}]"
 
 
 def _where(frame: Optional[FrameType]) -> str:
@@ -107,6 +152,9 @@ def _phase(item: pytest.Item, phase: str) -> Any:
         return (yield)
     if phase == "setup":
         item.stash[started_key] = time.monotonic()
+        earlier = hung_before(item)
+        if earlier is not None:
+            raise DeadlineExceeded(earlier, pytrace=False)
     used = time.monotonic() - item.stash.get(started_key, time.monotonic())
     left = deadline - used
     if phase == "teardown":  # cleanup runs even after an overrun, within the grace
@@ -116,7 +164,9 @@ def _phase(item: pytest.Item, phase: str) -> Any:
     given = left if phase == "teardown" else deadline
 
     def expired(signum: int, frame: Optional[FrameType]) -> None:
-        raise DeadlineExceeded(no_answer(item, given, phase, _where(frame)), pytrace=False)
+        line = no_answer(item, given, phase, _where(frame))
+        record_hang(item, f"no answer in {given:.3g} s in {item.nodeid.split('::')[-1]}")
+        raise DeadlineExceeded(line, pytrace=False)
 
     expired._longctx = True  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGALRM, expired)

@@ -85,7 +85,7 @@ def probe(config: pytest.Config, text: str) -> _Loaded:
     """Construct the backend in a forked child and bring back its ``info()`` or its error."""
     state = get_state(config)
     settings = config.stash[settings_key]
-    limit = settings.deadline_for(min(settings.positions))
+    limit = dl.seconds_for(config, min(settings.positions))
     limit = None if limit is None else limit + dl.grace(limit)
     output = forked.Output()
     parent_end, child_end = Pipe()
@@ -152,6 +152,11 @@ class IsolatedRunner:
             return False
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        earlier = dl.hung_before(item)
+        if earlier is not None:  # not asked again: no child is started for it
+            self._fail_rest(item, [], (earlier, ""), "", 0.0)
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            return True
         if self.child is None:
             self.child = forked.Child.start(item.session)
         child = self.child
@@ -220,6 +225,7 @@ class IsolatedRunner:
         except ProcessLookupError:
             pass
         child.end()
+        dl.record_hang(item, f"no answer in {deadline:.3g} s in {item.nodeid.split('::')[-1]}")
         return (dl.no_answer(item, deadline, phase, f"still running after {elapsed:.3g} s: the process was ended"),
                 "")
 
@@ -265,7 +271,7 @@ class IsolatedRunner:
     def stop(self) -> None:
         if self.child is not None:
             child, self.child = self.child, None
-            deadline = self.config.stash[settings_key].deadline_for(None)
+            deadline = dl.seconds_for(self.config, None)
             child.stop(60.0 if deadline is None else deadline)
 
 

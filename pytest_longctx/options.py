@@ -75,6 +75,13 @@ def usage_error(option: str, value: Any, why: str) -> pytest.UsageError:
     return pytest.UsageError(f"longctx: --longctx-{option}={value}: {why}")
 
 
+def parse_deadline(text: str) -> Any:
+    """``auto``, ``none``/``off``/0 (no deadline) or seconds."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    return parse_optional(float)(text)
+
+
 def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``none`` or ``off`` (or 0, for a limit) switches the check off: None."""
     def parsed(text: str) -> Any:
@@ -128,8 +135,9 @@ OPTIONS = (
     _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
             None, float, metavar="RATE"),
     _Option("deadline", "seconds a case may take at 16384 positions, scaled by positions (at least a quarter); "
-            "a case past it fails with 'no answer in N s' (default 1200; none: no deadline)",
-            1200.0, parse_optional(float), metavar="SECONDS"),
+            "a case past it fails with 'no answer in N s'; a backend that hung is not asked again in the run "
+            "(default auto: from the case's KV bytes and the host's measured copy bandwidth, at least 60 s; "
+            "none: no deadline)", "auto", parse_deadline, metavar="SECONDS"),
     _Option("isolate", "run every case in a forked child process, so that a crash or a hang in native code "
             "fails that case and the run goes on (POSIX)", False, parse_bool, ini_type="bool", flag=True),
     _Option("repeat-speedup", "a repeated attend input may be answered at most this many times faster than "
@@ -214,7 +222,7 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
                  "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
                  "logits-kl", "top1-agreement", "consistency-kl", "prefill-floor", "decode-floor",
                  "deadline", "repeat-speedup"):
-        if values[name] is not None and not values[name] >= 0:
+        if values[name] is not None and values[name] != "auto" and not values[name] >= 0:
             raise usage_error(name, values[name], "should be >= 0")
     if values["repeat-speedup"] is not None and values["repeat-speedup"] < 1:
         raise usage_error("repeat-speedup", values["repeat-speedup"], "should be >= 1")

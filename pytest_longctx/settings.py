@@ -10,12 +10,23 @@ import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from .errors import SpecError
 from .spec import KV_DTYPES, CacheSpec
 
 MAX_POSITIONS = 131072
+# The "auto" deadline of a case: AUTO_DEADLINE_MARGIN x the seconds to stream the case's
+# float64 KV once at the host's measured copy bandwidth (11.7 GB/s on the 2-core CI host).
+# The slowest work the suite asks at its own floors is the whole 16384-position fill at 125
+# positions/s, 131 s, for a 7B cache whose float64 KV (34 GB) streams in 2.9 s there: 45x.
+# A margin of 1000 leaves 20x over that (a loaded or slower host measures its own lower
+# bandwidth and gets a longer deadline); a tiny 2-layer shape at 8192 positions gets the
+# floor, which covers what costs the same at any size (opening, loading, the reference).
+AUTO = "auto"
+AUTO_DEADLINE_MARGIN = 1000.0
+AUTO_DEADLINE_FLOOR_S = 60.0
+ASSUMED_COPY_GBPS = 1.0  # where no bandwidth was measured: a slow host, so the deadline is long
 DEFAULT_POSITIONS = (4096, 8192, 16384)
 # The 7B-simulation benchmark's ladder (profile 7b-sim-16k-ladder): at 16384 positions a 7B cache
 # fills at >= 125 positions/s and retrieves at >= 1250 ops/s.
@@ -102,11 +113,12 @@ class Settings:
     prefill_floor: Optional[float] = None
     decode_floor: Optional[float] = None
     # Integrity of the run (see deadline.py, isolate.py). A case (setup, call, teardown) that
-    # takes longer than ``deadline`` seconds at FLOOR_POSITIONS, scaled by positions like the
-    # fill floor's time budget (never below a quarter of it: construction and the reference
-    # cost the same at any size), is failed with "no answer in N s". Generous: the seed's whole
-    # 16384-position fill takes 131 s at the floor. 0 or None: no deadline.
-    deadline: Optional[float] = 1200.0
+    # takes longer than its deadline is failed with "no answer in N s". "auto" (the default)
+    # derives it from the work: AUTO_DEADLINE_MARGIN times the seconds to stream the case's
+    # float64 KV (what the reference holds) once at the host's measured copy bandwidth, never
+    # below AUTO_DEADLINE_FLOOR_S. A number is seconds at FLOOR_POSITIONS, scaled by positions
+    # (never below a quarter). 0 or None: no deadline.
+    deadline: Union[float, str, None] = "auto"
     # Run every case of the matrix in a forked child process, replaced when it crashes or hangs.
     isolate: bool = False
     # MLPerf TEST04: a repeated attend input may be answered at most this many times faster than
@@ -117,12 +129,17 @@ class Settings:
     # dedicated machine. None: reported, not judged.
     repeat_speedup: Optional[float] = 3.0
 
-    def deadline_for(self, positions: Optional[int]) -> Optional[float]:
-        """Seconds allowed to one case at ``positions`` (the largest positions value if None)."""
+    def deadline_for(self, positions: Optional[int], copy_gbps: Optional[float] = None) -> Optional[float]:
+        """Seconds allowed to one case at ``positions`` (the largest positions value if None);
+        ``copy_gbps``: the host's measured copy bandwidth, for the "auto" deadline."""
         if not self.deadline:
             return None
         n = positions or max(self.positions)
-        return self.deadline * max(n, FLOOR_POSITIONS // 4) / FLOOR_POSITIONS
+        if self.deadline == AUTO:
+            float64_kv = 2 * self.shape.replace(kv_dtype="float32", max_positions=n).kv_bytes(n)
+            streamed = float64_kv / ((copy_gbps or ASSUMED_COPY_GBPS) * 1e9)
+            return max(AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_MARGIN * streamed)
+        return float(self.deadline) * max(n, FLOOR_POSITIONS // 4) / FLOOR_POSITIONS
 
     def whole_cache_floor(self, base: Optional[float], positions: int) -> Optional[float]:
         """A per-position rate floor (fill, retrieve) at ``positions``: same time for the whole cache."""

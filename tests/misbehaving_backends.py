@@ -80,6 +80,19 @@ class SleepsInPython(CorrectBackend):
                 time.sleep(1000)
 
 
+class HangsPast4096(CorrectBackend):
+    """attend never returns once the cache holds more than 4096 positions (a kernel that
+    deadlocks past a tile count): every later case at that length would hang again."""
+
+    name = "hangs-past-4096"
+
+    class Cache(CorrectCache):
+        def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+            while self.lengths[layer] > 4096:
+                time.sleep(1000)
+            return CorrectCache.attend(self, layer, q)
+
+
 class SleepsInC(CorrectBackend):
     """attend never returns: libc sleep() through ctypes, retried forever (a signal makes
     sleep() return early, so the Python-level deadline still ends it)."""

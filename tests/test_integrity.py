@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -326,9 +327,46 @@ def test_timed_pool_is_large_enough_for_distinct_inputs(shape: str, positions: i
     assert distinct_slices(size, 1) >= spec.n_layers * decode
 
 
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
+def test_a_backend_that_hung_is_not_asked_again(pytester: pytest.Pytester, isolate: bool) -> None:
+    """One hang costs one deadline: the backend's later cases fail at once, naming where it
+    hung; its cases at 4096 positions, before the hang, still pass."""
+    started = time.monotonic()
+    # 10 s at 4096 and 20 s at 8192: room for the suite's own bandwidth probe on a loaded host.
+    result, document = run(pytester, "misbehaving_backends:HangsPast4096", "--longctx-deadline=40",
+                           *(["--longctx-isolate"] if isolate else []), positions="4096,8192", subprocess=True)
+    took = time.monotonic() - started
+    failing = [c for c in document["cases"] if c["outcome"] in ("failed", "error")]
+    hung = [c for c in failing if "=no answer in" in c["message"]]
+    not_asked = [c for c in failing if c["message"].startswith("case=not asked: its backend hung earlier in this "
+                                                               "run (no answer in ")]
+    assert len(hung) == 1 and len(not_asked) == len(failing) - 1 > 0, [c["message"][:200] for c in failing]
+    assert hung[0]["nodeid"].split("::")[-1] in not_asked[0]["message"]  # names the case where it hung
+    assert sum(c["outcome"] == "passed" for c in document["cases"]) >= 10  # what ran before the hang
+    assert document["verdict"] == "not certified"
+    assert took < 90, f"{took:.0f} s: a hang should cost one deadline (20 s), not one per case"
+
+
+def test_auto_deadline_follows_the_work_of_the_case() -> None:
+    """A tiny shape gets the floor (a hang costs a minute, not 600 s); a 7B cache at 16K gets
+    far more than its slowest case needs, and a slower host a longer deadline."""
+    def auto(shape: str, positions: int, gbps: float) -> float:
+        settings = Settings(backends=("cpu",), shape_text=shape, shape=parse_shape(shape), positions=(positions,),
+                            seed=1)
+        assert settings.deadline == "auto"
+        return settings.deadline_for(positions, gbps)
+
+    tiny = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
+    assert auto(tiny, 8192, 11.7) == auto(tiny, 4096, 11.7) == 60.0
+    assert 600 < auto("llama-3.1-8b", 16384, 11.7) < 800  # 8.6 GB of float64 KV
+    assert auto("7b-sim", 16384, 11.7) > 20 * 131  # 20x the seed's whole fill at its floor
+    assert auto("llama-3.1-8b", 16384, 2.0) > 5 * auto("llama-3.1-8b", 16384, 11.7)
+    assert auto("qwen3-0.6b", 131072, 11.7) == 8 * auto("qwen3-0.6b", 16384, 11.7)
+
+
 def test_deadline_scales_with_positions_and_can_be_off() -> None:
     settings = Settings(backends=("cpu",), shape_text="qwen3-0.6b", shape=parse_shape("qwen3-0.6b"),
-                        positions=(4096, 16384), seed=1)
+                        positions=(4096, 16384), seed=1, deadline=1200.0)
     assert settings.deadline_for(16384) == 1200 and settings.deadline_for(131072) == 9600
     assert settings.deadline_for(1024) == settings.deadline_for(4096) == 300  # fixed costs do not shrink
     assert settings.deadline_for(None) == 1200
