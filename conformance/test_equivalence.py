@@ -191,8 +191,11 @@ def test_read_matches_reference(longctx_backend, longctx_settings, longctx_measu
     report(outcomes, shape_run.spec, longctx_backend, longctx_measure, "read error")
 
 
-def rope_variant(shape: CacheSpec, kind: str, style: str) -> RopeSpec:
-    """The shape's RoPE, or a realistic configuration of another scaling kind."""
+def rope_variant(shape: CacheSpec, kind: str, style: str, positions: int) -> RopeSpec:
+    """The shape's RoPE, or a realistic configuration of another scaling kind.
+
+    Dynamic NTK's original context is at most a quarter of ``positions``, so that the cache
+    always grows past it (else its base is the plain one and a wrong base cannot show)."""
     base = shape.rope
     if base.kind == kind:
         return RopeSpec(**{**base.__dict__, "style": style})
@@ -202,7 +205,7 @@ def rope_variant(shape: CacheSpec, kind: str, style: str) -> RopeSpec:
         "none": dict(kind="none", style=style),
         "default": {},
         "linear": dict(factor=4.0),
-        "dynamic": dict(factor=4.0, original_max_positions=4096),
+        "dynamic": dict(factor=4.0, original_max_positions=max(1, min(4096, positions // 4))),
         "yarn": dict(factor=4.0, original_max_positions=32768),  # Qwen's recommended YaRN
         "longrope": dict(original_max_positions=4096, short_factor=tuple(np.linspace(1.0, 3.0, half)),
                          long_factor=tuple(np.geomspace(1.0, 64.0, half))),
@@ -233,9 +236,12 @@ def test_rope_matches_reference_at_long_positions(longctx_backend, longctx_kv_dt
                                                   longctx_inputs, longctx_measure, kind, style):
     n = max(longctx_settings.positions)
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n).replace(
-        rope=rope_variant(longctx_settings.shape, kind, style))
+        rope=rope_variant(longctx_settings.shape, kind, style, n))
     checks = np.array([p for p in CHECK_POSITIONS if p < n] + [n - 1])
-    with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, [n],
+    # Dynamic NTK's base is fixed per cache: keys appended before the cache grew past the
+    # original context must get it too (a base taken from the length at each append does not).
+    lengths = sorted({spec.rope.original_max_positions, n}) if kind == "dynamic" else [n]
+    with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, lengths,
                          targets=tuple(int(p) for p in checks)) as run:
         outcomes = [] if run.error else compare_read(run, longctx_backend, longctx_settings.error_factor, checks)
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}", run.error)

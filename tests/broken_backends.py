@@ -166,6 +166,26 @@ class SwappedPairing(CorrectBackend):
             return "gptj" if self.spec.rope.style == "neox" else "neox"
 
 
+class DynamicBasePerAppend(CorrectBackend):
+    """Dynamic NTK whose base follows the length at each append, not the cache's.
+
+    The transformers versus vLLM divergence (vLLM issue 3488): transformers rescales
+    the base from the current sequence length, so keys appended before the cache grew
+    past original_max_positions keep the unscaled base while later ones get a larger
+    one. The contract fixes the base once per cache, from its max_positions.
+    """
+
+    name = "dynamic-base-per-append"
+
+    class Cache(CorrectCache):
+        def angles(self, start: int, n: int) -> np.ndarray:
+            if self.spec.rope.kind != "dynamic":
+                return super().angles(start, n)
+            grown = max(start + n, self.spec.rope.original_max_positions)
+            inv_freq = rope_frequencies(self.spec.replace(max_positions=grown)).inv_freq
+            return np.arange(start, start + n)[:, None, None] * inv_freq
+
+
 class WrongGQAMapping(CorrectBackend):
     """Query head h reads KV head h % n_kv_heads instead of h // group_size.
 
