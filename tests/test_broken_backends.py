@@ -264,7 +264,8 @@ def test_broken_backends_differ_from_the_correct_one_by_one_override(monkeypatch
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     bb = importlib.import_module("broken_backends")
 
-    cache_defects: List[str] = ["Float16Angles", "SwappedPairing", "DynamicBasePerAppend", "WrongGQAMapping", "CausalOffByOne",
+    cache_defects: List[str] = ["Float16Angles", "SwappedPairing", "DynamicBasePerAppend", "WrongGQAMapping",
+                                "CausalOffByOne",
                                 "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk",
                                 "DoubleAllocation", "KeepsEveryInput", "WrongShape"]
     for name in cache_defects:
