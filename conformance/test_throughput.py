@@ -37,8 +37,8 @@ from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth, preflight
 from pytest_longctx.reference import apply_rope, roundtrip, stored_k, stored_v
 from pytest_longctx.workloads import (
-    fill_traffic, native_pool, time_decode_attention, time_repeated_input, time_retrieve, timed_fill,
-    timed_pool_positions,
+    fill_traffic, native_pool, time_conversion, time_decode_attention, time_repeated_input, time_retrieve,
+    timed_fill, timed_pool_positions,
 )
 
 from ._check import call, case, equivalence, fail, host, judge_attention, read
@@ -47,6 +47,17 @@ pytestmark = pytest.mark.longctx_throughput
 
 SAMPLED_ATTENDS = 2  # timed attend outputs checked against the reference (TEST01)
 PROBE_PAIRS = 9  # fresh/repeated pairs of the memorisation probe (TEST04); a second round confirms
+EARLY_STEPS = 32  # decode-style steps at the first positions, against the same steps at the last
+# Median per-position cost of the last decode-style steps over the first ones of the same fill.
+# A correct cache is ~flat; one that copies the layer on every append grows ~linearly with the
+# length. Measured noise: the cpu backend's ratio over 36 cases (3 runs x 4 dtypes x 4096,
+# 8192, 16384 positions) ran 0.24x .. 1.54x with a numpy matmul loop beside it on a shared
+# 2-core machine; 4x leaves 2.6x headroom over the worst. CopyOnAppend gives ~290x at 4096.
+FILL_GROWTH_BOUND = 4.0
+CONVERSIONS = 5  # timed attend results converted after timing, to detect deferred work
+# A timed result may take at most this share of a timed call's seconds more to convert than a
+# materialized one: a correct result converts in microseconds, a deferred one costs the whole call.
+DEFERRED_SHARE = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +67,13 @@ def run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings, 
     spec = settings.spec_for(longctx_kv_dtype, longctx_positions)
     inputs = Inputs(settings.seed, f"throughput-{longctx_kv_dtype}-{longctx_positions}")
     decode = min(settings.decode_positions, spec.max_positions // 2)
-    size = timed_pool_positions(spec, spec.max_positions, settings.chunk, decode)
+    early = min(EARLY_STEPS, decode, (spec.max_positions - decode) // 4)
+    size = timed_pool_positions(spec, spec.max_positions, settings.chunk, decode, early)
     pool = call("asarray (input pool)", native_pool, longctx_backend, inputs, spec, size)
     chunk = min(settings.chunk, pool.k.shape[0])
     with opened(longctx_backend, spec, working_bytes=pool.nbytes * 3) as cache:
         with _longctx_lock.exclusive():
-            filled = timed_fill(longctx_backend, cache, pool, chunk, decode)
+            filled = timed_fill(longctx_backend, cache, pool, chunk, decode, early)
         yield cache, filled
 
 
@@ -134,6 +146,28 @@ def test_decode_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx
     cache, filled, where = _ready(longctx_backend, run, "decode-style fill")
     _judge_fill("decode-style fill (one position through all layers)", "decode fill", 1,
                 filled.decode_seconds, longctx_settings, longctx_measure, cache.spec, bandwidth, where)
+
+
+def test_fill_cost_per_position_stays_flat(longctx_backend, longctx_measure, run):
+    """A decode-style step at the last positions against the same step at the first positions
+    of the same cache: an append must not cost more the longer the cache is (a cache that
+    copies the whole layer on every append passes absolute floors at short lengths)."""
+    cache, filled, where = _ready(longctx_backend, run, "fill cost per position")
+    if not filled.early_seconds or not filled.decode_seconds:
+        pytest.skip(f"too few positions for steps at both ends ({cache.spec.max_positions})")
+    first, last = Stats.of(filled.early_seconds).median, Stats.of(filled.decode_seconds).median
+    growth = last / max(first, 1e-9)
+    end = cache.spec.max_positions
+    longctx_measure.record(
+        "fill growth", growth, "x", bound=f"<= {FILL_GROWTH_BOUND:g}x", passed=growth <= FILL_GROWTH_BOUND,
+        cell=f"{growth:.2f}x ({last * 1e6:.0f} us at {end - len(filled.decode_seconds)}..{end - 1} "
+             f"/ {first * 1e6:.0f} us at 0..{len(filled.early_seconds) - 1})",
+        threshold=FILL_GROWTH_BOUND, first_seconds=first, last_seconds=last,
+    )
+    if growth > FILL_GROWTH_BOUND:
+        fail("decode-style append cost per position at the last positions / at the first positions",
+             f"{growth:.1f}x ({last * 1e6:.0f} us / {first * 1e6:.0f} us, medians)",
+             f"<= {FILL_GROWTH_BOUND:g}x: an append costs more the longer the cache (copy on append?)", where)
 
 
 def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth,
@@ -229,7 +263,23 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
             if is_run_control(exc):
                 raise
             fail("attend", describe(exc), "no error", where)
+        outputs = [c.output for c in timed_calls[-CONVERSIONS:]]
+        shape = (1, spec.n_heads, spec.head_dim)
+        pending, ready = call("to_numpy (timed attend results)", time_conversion, longctx_backend, outputs,
+                              longctx_backend.asarray(np.zeros(shape, np.float32)))
     tokens = Stats.of([1 / s for s in seconds])
+    per_call = statistics.median(seconds) / spec.n_layers
+    deferred = statistics.median(pending) - statistics.median(ready)
+    if deferred > DEFERRED_SHARE * per_call:
+        longctx_measure.record(
+            "decode attention", tokens.median, "tok/s", bound="results ready when timing ends", passed=False,
+            cell=f"{tokens.median:.4g} tok/s UNTRUSTED: deferred work", deferred_seconds=deferred,
+            per_call_seconds=per_call,
+        )
+        fail("to_numpy of a timed attend result",
+             f"{deferred * 1e3:.3g} ms more than of a materialized one ({per_call * 1e3:.3g} ms per timed call)",
+             f"<= {DEFERRED_SHARE:.0%} of a timed call: deferred work runs after the timed region "
+             "(synchronize waits for nothing), so the rate figures measure nothing", where)
     gbps = tokens.median * spec.kv_bytes(n) / 1e9
     floor = settings.per_token_floor(settings.attention_floor, n)
     fraction = gbps / bandwidth.read_gbps

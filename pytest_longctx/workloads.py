@@ -25,15 +25,16 @@ from .spec import CacheSpec
 POOL_BYTES = 64 << 20
 
 
-def timed_pool_positions(spec: CacheSpec, positions: int, chunk: int = 512, decode: int = 128) -> int:
+def timed_pool_positions(spec: CacheSpec, positions: int, chunk: int = 512, decode: int = 128,
+                         early: int = 0) -> int:
     """Positions of K/V for the pool of a timed fill: up to POOL_BYTES (at most ``positions``),
     and at least enough that no timed append gets an input twice (see ``Pool``): one slice
     of ``chunk`` per layer and chunk of the prefill-style fill, one of 1 per layer and
-    position of the last ``decode`` positions."""
+    position of the first ``early`` and the last ``decode`` positions."""
     per_position = 2 * spec.n_kv_heads * spec.head_dim * 4
     chunk = max(1, min(chunk, positions))
-    prefill_calls = spec.n_layers * -(-max(0, positions - decode) // chunk)
-    needed = max(prefill_calls + 2 * chunk, spec.n_layers * decode + 1)
+    prefill_calls = spec.n_layers * -(-max(0, positions - decode - early) // chunk)
+    needed = max(prefill_calls + 2 * chunk, spec.n_layers * (decode + early) + 1)
     return max(1, min(positions, max(1024, POOL_BYTES // per_position)), needed)
 
 
@@ -114,26 +115,37 @@ def fill_traffic(spec: CacheSpec) -> int:
 
 @dataclass
 class TimedFill:
-    """A cache filled prefill-style then decode-style, with each step's seconds."""
+    """A cache filled prefill-style then decode-style, with each step's seconds.
+
+    ``early_seconds`` are decode-style steps at the first positions: against
+    ``decode_seconds`` (the same step at the last positions of the same cache) they
+    show whether an append costs more the longer the cache is.
+    """
 
     fill: Fill
     chunk: int
     prefill_seconds: List[float] = field(default_factory=list)
     decode_seconds: List[float] = field(default_factory=list)
+    early_seconds: List[float] = field(default_factory=list)
 
 
-def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decode: int) -> TimedFill:
-    """Chunks through all layers to max_positions − decode, then one position at a time."""
+def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decode: int,
+               early: int = 0) -> TimedFill:
+    """One position at a time for the first ``early`` positions, then chunks through all
+    layers to max_positions − decode, then one position at a time to max_positions."""
     spec = cache.spec
 
     def timer(step: Callable[[], None]) -> float:
         return timed(step, backend.synchronize)
 
     layers = range(spec.n_layers)
+    early_seconds: List[float] = []
+    record = fill(cache, pool, layers, early, 1, timer=timer, seconds=early_seconds, keep=True)
     prefill_seconds: List[float] = []
-    record = fill(cache, pool, layers, spec.max_positions - decode, chunk,
-                  timer=timer, seconds=prefill_seconds, keep=True)
-    run = TimedFill(record, chunk, prefill_seconds)
+    if record.error is None:
+        fill(cache, pool, layers, spec.max_positions - decode - early, chunk,
+             timer=timer, seconds=prefill_seconds, keep=True, into=record)
+    run = TimedFill(record, chunk, prefill_seconds, early_seconds=early_seconds)
     if record.error is None:
         fill(cache, pool, layers, decode, 1, timer=timer, seconds=run.decode_seconds, keep=True, into=record)
     return run
@@ -233,3 +245,21 @@ def time_repeated_input(backend: KVBackend, cache: KVCache, layer: int, queries:
         fresh_seconds.append(timed(lambda i=i: cache.attend(layer, queries[i:i + 1]), backend.synchronize))
         repeated_seconds.append(timed(lambda: cache.attend(layer, repeated), backend.synchronize))
     return fresh_seconds, repeated_seconds
+
+
+def time_conversion(backend: KVBackend, timed_results: List[Any], materialized: Any) -> Tuple[List[float], List[float]]:
+    """Seconds to bring each of ``timed_results`` to the host, each paired with converting
+    ``materialized`` (a native array of the same shape that surely exists).
+
+    A result whose work was deferred past its timed region (a lazy object, or a device
+    whose ``synchronize`` waits for nothing) does that work here: a conversion that costs
+    much more than the materialized one's is work the timed figure did not see.
+    """
+    def convert(x: Any) -> Callable[[], Any]:
+        return lambda: np.asarray(backend.to_numpy(x))
+
+    pending, ready = [], []
+    for result in timed_results:
+        pending.append(timed(convert(result), backend.synchronize))
+        ready.append(timed(convert(materialized), backend.synchronize))
+    return pending, ready

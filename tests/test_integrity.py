@@ -316,15 +316,17 @@ def test_pool_never_hands_out_the_same_slice_twice() -> None:
 @pytest.mark.parametrize("shape", ["qwen3-0.6b", "llama-3.1-8b", "7b-sim", TINY])
 @pytest.mark.parametrize("positions", [1024, 4096, 16384, 131072])
 def test_timed_pool_is_large_enough_for_distinct_inputs(shape: str, positions: int) -> None:
-    """Every timed append of the throughput group (prefill chunks, then one position at a
-    time through every layer) gets an input no other timed append got."""
+    """Every timed append of the throughput group (one position at a time at the start, prefill
+    chunks, then one position at a time at the end, through every layer) gets an input no
+    other timed append got."""
     spec = parse_shape(shape).replace(max_positions=positions)
     decode = min(128, positions // 2)
-    size = timed_pool_positions(spec, positions, 512, decode)
+    early = min(32, decode, (positions - decode) // 4)
+    size = timed_pool_positions(spec, positions, 512, decode, early)
     chunk = min(512, size)
-    prefill_calls = spec.n_layers * -(-(positions - decode) // chunk)
+    prefill_calls = spec.n_layers * -(-(positions - decode - early) // chunk)
     assert distinct_slices(size, chunk) >= prefill_calls
-    assert distinct_slices(size, 1) >= spec.n_layers * decode
+    assert distinct_slices(size, 1) >= spec.n_layers * (decode + early)
 
 
 @pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
