@@ -333,7 +333,10 @@ class MemoryProbe:
     def held_by(self) -> Held:
         """Bytes held now beyond the baseline, and which observer saw them: tracemalloc's
         exact count unless RSS shows more than its own noise beyond it (memory allocated
-        where tracemalloc cannot see: native code, torch, mmap)."""
+        where tracemalloc cannot see: native code, torch, mmap). Freed temporaries the C
+        allocator still holds are handed back first: they are not the cache's."""
+        if self.baseline.device is None:
+            release_free_memory()
         base, now = self.baseline, self.sample()
         if base.device is not None and now.device is not None:
             return Held(max(0, now.device - base.device), "device allocator")
