@@ -50,9 +50,9 @@ PROBE_PAIRS = 9  # fresh/repeated pairs of the memorisation probe (TEST04); a se
 EARLY_STEPS = 32  # decode-style steps at the first positions, against the same steps at the last
 # Median per-position cost of the last decode-style steps over the first ones of the same fill.
 # A correct cache is ~flat; one that copies the layer on every append grows ~linearly with the
-# length. Measured noise: the cpu backend's ratio over 36 cases (3 runs x 4 dtypes x 4096,
-# 8192, 16384 positions) ran 0.24x .. 1.54x with a numpy matmul loop beside it on a shared
-# 2-core machine; 4x leaves 2.6x headroom over the worst. CopyOnAppend gives ~290x at 4096.
+# length. Measured noise: the cpu backend's ratio over 48 cases (4 runs x 4 dtypes x 4096,
+# 8192, 16384 positions) ran 0.24x .. 1.96x with a numpy matmul loop beside it on a shared
+# 2-core machine; 4x leaves 2x headroom over the worst. CopyOnAppend gives ~290x at 4096.
 FILL_GROWTH_BOUND = 4.0
 CONVERSIONS = 5  # timed attend results converted after timing, to detect deferred work
 # A timed result may take at most this share of a timed call's seconds more to convert than a
