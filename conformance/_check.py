@@ -9,7 +9,7 @@ are only read, never written: a read-only or non-contiguous array is legitimate.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from pytest_longctx import CacheSpec, KVBackend, KVCache
 from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.metrics import Verdict, judge
-from pytest_longctx.reference import apply_rope, attention
+from pytest_longctx.reference import FREQ_ULPS, apply_rope, attention, farthest
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -79,15 +79,18 @@ def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.
 
 
 def judge_attention(got: np.ndarray, q: np.ndarray, spec: CacheSpec, k_true: np.ndarray, v_true: np.ndarray,
-                    k_plain: np.ndarray, v_plain: np.ndarray, factor: float) -> Verdict:
+                    k_plains: Sequence[np.ndarray], v_plain: np.ndarray, factor: float) -> Verdict:
     """attend() output for queries at the last positions of keys 0..L-1, against the float64
-    truth and the plain float32 yardstick (K rotated in float64 / stored as the cache stores it)."""
+    truth and the plain float32 yardstick: its envelope over the frequency offsets of
+    ``FREQ_ULPS`` (``k_plains``: stored K for each, from ``stored_k_variants``), the queries
+    rotated with the same frequencies as the keys."""
     length = k_true.shape[0]
     positions = np.arange(length - q.shape[0], length)
     truth = attention(apply_rope(q, positions, spec), k_true, v_true, spec)
     # attention() converts one key block at a time to float32; stored values are float32-exact.
-    plain = attention(apply_rope(q, positions, spec, dtype=np.float32), k_plain, v_plain, spec, dtype=np.float32)
-    return equivalence(got, truth, plain, factor, terms=length)
+    plains = [attention(apply_rope(q, positions, spec, dtype=np.float32, freq_ulps=ulps), k_plain, v_plain, spec,
+                        dtype=np.float32) for ulps, k_plain in zip(FREQ_ULPS, k_plains)]
+    return equivalence(got, truth, farthest(plains, truth), factor, terms=length)
 
 
 def equivalence(candidate: np.ndarray, reference: np.ndarray, plain: np.ndarray, factor: float,

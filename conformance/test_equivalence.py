@@ -36,7 +36,7 @@ from pytest_longctx.fixtures import opened, skip_unless_fits
 from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
 from pytest_longctx.metrics import Verdict
-from pytest_longctx.reference import apply_rope, stored_k, stored_v
+from pytest_longctx.reference import apply_rope, farthest, stored_k_variants, stored_v
 
 from ._check import attend, call, case, equivalence, fail, judge_attention, read
 
@@ -44,7 +44,9 @@ pytestmark = pytest.mark.longctx_equivalence
 
 N_Q = (1, 16)
 START = 128  # cache length of the "start" stage
-REFERENCE_BYTES_PER_VALUE = 56  # 2 x 4 (needles) + 4 x 8 (true and stored K, V) + 2 x 8 (RoPE temporaries)
+# 2 x 4 (needles) + 6 x 8 (true K and V, stored V, stored K at each of the 3 frequency offsets)
+# + 2 x 8 (RoPE temporaries)
+REFERENCE_BYTES_PER_VALUE = 72
 
 
 def stage_lengths(n: int) -> List[int]:
@@ -68,7 +70,7 @@ class EquivalenceRun:
     cache: object
     layer: int
     k_true: np.ndarray
-    k_plain: np.ndarray
+    k_plains: Tuple[np.ndarray, ...]  # stored K for each frequency offset of FREQ_ULPS
     v_true: np.ndarray
     v_plain: np.ndarray
     outcomes: List[Outcome] = field(default_factory=list)
@@ -96,13 +98,13 @@ def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
     needles = inputs.needles(spec, n, stages, targets)
     positions = np.arange(n)
     k_true = apply_rope(needles.k, positions, spec)
-    k_plain = stored_k(needles.k, positions, spec)
+    k_plains = stored_k_variants(needles.k, positions, spec)
     v_true = needles.v.astype(np.float64)
     v_plain = stored_v(needles.v, spec)
     working = 2 * k_true.nbytes  # what the comparisons still allocate
     layer = spec.n_layers - 1
     with opened(backend, spec, working_bytes=working) as cache:
-        run = EquivalenceRun(spec, needles, cache, layer, k_true, k_plain, v_true, v_plain)
+        run = EquivalenceRun(spec, needles, cache, layer, k_true, k_plains, v_true, v_plain)
         try:
             _fill_and_compare(backend, run, stages, lengths, factor)
         except pytest.fail.Exception as exc:  # reported by the tests, as failures not errors
@@ -126,7 +128,7 @@ def _fill_and_compare(backend, run: EquivalenceRun, stages, lengths, factor: flo
             q = needles.queries[stage]
             got = attend(backend, cache, layer, q)
             verdict = judge_attention(got, q, spec, run.k_true[:length], run.v_true[:length],
-                                      run.k_plain[:length], run.v_plain[:length], factor)
+                                      [k[:length] for k in run.k_plains], run.v_plain[:length], factor)
             label = f"attend with {stage[1]} quer{'y' if stage[1] == 1 else 'ies'} at positions ..{length - 1}"
             run.outcomes.append(Outcome(label + _role(run, stage, verdict), verdict))
 
@@ -156,7 +158,8 @@ def compare_read(run: EquivalenceRun, backend, factor: float, rows: np.ndarray) 
         k, v = read(backend, run.cache, run.layer, start, stop)
         span = f"positions {start}..{stop - 1}"
         outcomes.append(Outcome(f"read K at {span}", equivalence(
-            k, run.k_true[start:stop], run.k_plain[start:stop], factor)))
+            k, run.k_true[start:stop], farthest([p[start:stop] for p in run.k_plains], run.k_true[start:stop]),
+            factor)))
         outcomes.append(Outcome(f"read V at {span}", equivalence(
             v, run.v_true[start:stop], run.v_plain[start:stop], factor)))
     return outcomes

@@ -35,7 +35,7 @@ from pytest_longctx.fixtures import opened
 from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth, preflight
-from pytest_longctx.reference import apply_rope, roundtrip, stored_k, stored_v
+from pytest_longctx.reference import apply_rope, roundtrip, stored_k_variants, stored_v
 from pytest_longctx.workloads import (
     fill_traffic, native_pool, time_conversion, time_decode_attention, time_repeated_input, time_retrieve,
     timed_fill, timed_pool_positions,
@@ -330,12 +330,12 @@ def _check_sampled_attends(backend, filled, timed_calls, host_queries, settings,
     picked = rng.choice(len(of_layer), size=min(SAMPLED_ATTENDS, len(of_layer)), replace=False)
     k, v = (x[:, kv_head:kv_head + 1] for x in filled.fill.values(backend, layer, 0, n))
     positions = np.arange(n)
-    k_true, k_plain, v_plain = apply_rope(k, positions, one), stored_k(k, positions, one), stored_v(v, one)
+    k_true, k_plains, v_plain = apply_rope(k, positions, one), stored_k_variants(k, positions, one), stored_v(v, one)
     for index in sorted(int(i) for i in picked):
         timed_call = of_layer[index]
         what = f"timed decode attention of layer {layer}, KV head {kv_head} (token {timed_call.token})"
         got = host(backend, timed_call.output, what, (1, spec.n_heads, spec.head_dim), where)[:, heads]
         q = host_queries[timed_call.query:timed_call.query + 1, heads]
-        verdict = judge_attention(got, q, one, k_true, v, k_plain, v_plain, settings.error_factor)
+        verdict = judge_attention(got, q, one, k_true, v, k_plains, v_plain, settings.error_factor)
         if not verdict.passed:
             pytest.fail(verdict.message(what, where), pytrace=False)

@@ -11,21 +11,24 @@ stores them, which is what a correct engine achieves.
 """
 
 from .attention import attend, attention
-from .plain import plain_attend, stored_k, stored_v
+from .plain import FREQ_ULPS, farthest, plain_attend, stored_k, stored_k_variants, stored_v
 from .quant import dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0, roundtrip
 from .rope import apply_rope, rope_angles
 
 __all__ = [
+    "FREQ_ULPS",
     "apply_rope",
     "attend",
     "attention",
     "dequantize_q4_0",
     "dequantize_q8_0",
+    "farthest",
     "plain_attend",
     "quantize_q4_0",
     "quantize_q8_0",
     "rope_angles",
     "roundtrip",
     "stored_k",
+    "stored_k_variants",
     "stored_v",
 ]

@@ -24,14 +24,20 @@ def _integer_positions(positions: ArrayLike) -> np.ndarray:
     return pos
 
 
-def rope_angles(positions: ArrayLike, inv_freq: ArrayLike, dtype: DTypeLike = np.float64) -> np.ndarray:
+def rope_angles(positions: ArrayLike, inv_freq: ArrayLike, dtype: DTypeLike = np.float64,
+                freq_ulps: int = 0) -> np.ndarray:
     """angle[n, j] = positions[n] * inv_freq[j], both cast to ``dtype`` first.
 
     Casting first is the point: a float32 engine rounds both operands and the
     product, and that error grows with position; float64 keeps it negligible.
+    ``freq_ulps`` moves each frequency that many units in the last place of
+    ``dtype`` after rounding: engines compute their frequencies in float32 with
+    ``pow``, 1 to 3 ulp from the correctly rounded value (transformers).
     """
     pos = _integer_positions(positions).astype(dtype)
     inv = np.asarray(inv_freq).astype(dtype)
+    if freq_ulps:
+        inv = (inv + freq_ulps * np.spacing(inv)).astype(dtype)
     return np.multiply.outer(pos, inv)
 
 
@@ -50,6 +56,7 @@ def apply_rope(
     *,
     dtype: DTypeLike = np.float64,
     inverse: bool = False,
+    freq_ulps: int = 0,
 ) -> np.ndarray:
     """Rotate x (n, heads, head_dim) at positions (n,), all arithmetic in ``dtype``.
 
@@ -57,7 +64,7 @@ def apply_rope(
     gptj: 2i with 2i+1) and the rest pass through. The attention factor scales
     both cos and sin. ``inverse`` applies the exact inverse (angle negated,
     divided by the factor), so tests can design inputs whose rotated value is
-    known.
+    known. ``freq_ulps``: see ``rope_angles``.
     """
     dtype = np.dtype(dtype)
     out = np.array(x, dtype=dtype, copy=True)
@@ -70,7 +77,7 @@ def apply_rope(
     if freqs.rotary_dim == 0:
         return out
 
-    angles = rope_angles(pos, freqs.inv_freq, dtype)
+    angles = rope_angles(pos, freqs.inv_freq, dtype, freq_ulps)
     cos, sin = np.cos(angles), np.sin(angles)
     factor = dtype.type(freqs.attention_factor)
     if inverse:

@@ -179,3 +179,33 @@ class NativeTwoCopies(NativeAllocBackend):
 
     class Cache(NativeCache):
         copies = 2
+
+
+# ----------------------------------------------------------------------------- float32 engines
+
+
+class Float32Cache(CorrectCache):
+    """RoPE the way engines compute it (transformers, vLLM, llama.cpp): inverse frequencies in
+    float32 (transformers' ``1 / base ** (arange(0, d, 2) / d)`` for the default kind, the
+    normative ones rounded to float32 and then off by up to 3 ulp, as float32 ``pow`` leaves
+    them, for the scaled kinds), float32 position x frequency, float32 cos and sin."""
+
+    def inv_freq32(self) -> np.ndarray:
+        f, rope = self.rope, self.spec.rope
+        if rope.kind in ("none", "default") and f.rotary_dim:
+            exponents = np.arange(0, f.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(f.rotary_dim)
+            return (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+        off = np.random.default_rng(f.rotary_dim).integers(-3, 4, size=f.inv_freq.shape)
+        exact = f.inv_freq.astype(np.float32)
+        return (exact + off * np.spacing(exact)).astype(np.float32)
+
+    def angles(self, start: int, n: int) -> np.ndarray:
+        positions = np.arange(start, start + n, dtype=np.float32)
+        return (positions[:, None, None] * self.inv_freq32()).astype(np.float32)
+
+
+class Float32RopeBackend(CorrectBackend):
+    """A correct engine whose RoPE is float32 throughout: it must pass every seed."""
+
+    name = "float32-rope"
+    Cache: Any = Float32Cache

@@ -253,6 +253,18 @@ def test_backend_with_foreign_arrays_passes_the_whole_suite(pytester: pytest.Pyt
     assert set(outcomes) <= {"passed", "deselected"} and outcomes.get("passed", 0) >= 20, result.stdout.str()
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_engine_with_float32_rope_passes_the_whole_suite(pytester: pytest.Pytester, seed: int) -> None:
+    """RoPE computed the way engines do (float32 frequencies off by up to 3 ulp, as
+    transformers' float32 pow leaves them; float32 angles, cos and sin) is right: no rope
+    kind may fail it, at power-of-two positions either (the yardstick's frequency envelope)."""
+    pytester.syspathinsert(TESTS_DIR)
+    result = pytester.runpytest("--longctx-backend=foreign_backends:Float32RopeBackend", f"--longctx-shape={SHAPE}",
+                                f"--longctx-positions={POSITIONS}", f"--longctx-seed={seed}", "-rfE")
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) <= {"passed", "deselected"} and outcomes.get("passed", 0) >= 30, result.stdout.str()
+
+
 @pytest.mark.parametrize(("backend", "verdict"), [("NativeAllocBackend", "passed"), ("NativeTwoCopies", "failed")])
 def test_memory_outside_tracemalloc_is_judged_whatever_the_heap_holds(pytester: pytest.Pytester, backend: str,
                                                                      verdict: str) -> None:
