@@ -90,9 +90,11 @@ def backend_of(item: pytest.Item) -> str:
     return str(params.get("longctx_backend", item.config.stash[settings_key].backends[0]))
 
 
-def record_hang(item: pytest.Item, line: str) -> None:
-    """Remember that this case's backend hung: it is not asked again in this run."""
-    item.config.stash.setdefault(hung_key, {}).setdefault(backend_of(item), f"{line.splitlines()[0]}")
+def record_hang(item: pytest.Item, seconds: float) -> None:
+    """Remember that this case's backend gave no answer in ``seconds``: it is not asked again
+    in this run, and its later cases name this one."""
+    where = f"no answer in {seconds:.3g} s in {item.nodeid.split('::')[-1]}"
+    item.config.stash.setdefault(hung_key, {}).setdefault(backend_of(item), where)
 
 
 def hung_before(item: pytest.Item) -> Optional[str]:
@@ -165,7 +167,7 @@ def _phase(item: pytest.Item, phase: str) -> Any:
 
     def expired(signum: int, frame: Optional[FrameType]) -> None:
         line = no_answer(item, given, phase, _where(frame))
-        record_hang(item, f"no answer in {given:.3g} s in {item.nodeid.split('::')[-1]}")
+        record_hang(item, given)
         raise DeadlineExceeded(line, pytrace=False)
 
     expired._longctx = True  # type: ignore[attr-defined]

@@ -225,7 +225,7 @@ class IsolatedRunner:
         except ProcessLookupError:
             pass
         child.end()
-        dl.record_hang(item, f"no answer in {deadline:.3g} s in {item.nodeid.split('::')[-1]}")
+        dl.record_hang(item, deadline)
         return (dl.no_answer(item, deadline, phase, f"still running after {elapsed:.3g} s: the process was ended"),
                 "")
 
