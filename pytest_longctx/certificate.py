@@ -225,8 +225,10 @@ def plain(value: Any) -> Any:
 
 def settings_dict(settings: Any) -> Dict[str, Any]:
     data = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "shape"}
+    # "applies": false when no case was sized by it (whole-model runtimes carry their
+    # model's geometry with each figure), so a reader does not take it for the model's.
     data["shape"] = {"text": settings.shape_text, "described": settings.shape.describe(),
-                     "spec": plain(settings.shape)}
+                     "spec": plain(settings.shape), "applies": settings.shape_applies()}
     return plain(data)
 
 

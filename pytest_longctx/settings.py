@@ -129,6 +129,20 @@ class Settings:
     # dedicated machine. None: reported, not judged.
     repeat_speedup: Optional[float] = 3.0
 
+    def shape_applies(self) -> bool:
+        """Whether --longctx-shape sizes any case: not when every backend is a whole-model
+        runtime (its geometry is the model's, read when the model is opened), nor when a
+        backend of unknown kind is given a model file. A mixed alias (cpu) counts as a cache:
+        its first choice is one."""
+        from .backends import ALIASES
+        from .registry import declared_kind
+
+        def sized(text: str) -> bool:
+            kind = declared_kind(text)
+            return kind == "cache" or (kind is None and (self.model is None or text.partition("[")[0] in ALIASES))
+
+        return any(sized(text.strip()) for text in self.backends)
+
     def deadline_for(self, positions: Optional[int], copy_gbps: Optional[float] = None) -> Optional[float]:
         """Seconds allowed to one case at ``positions`` (the largest positions value if None);
         ``copy_gbps``: the host's measured copy bandwidth, for the "auto" deadline."""

@@ -90,8 +90,14 @@ def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
     positions = ",".join(map(str, settings.positions))
     dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
     backends = ", ".join(_device(config, text) for text in settings.backends)
+    geometry = []
+    if settings.shape_applies():
+        geometry.append(f"shape {settings.shape_text} ({settings.shape.describe()})")
+    if settings.model is not None:
+        geometry.append(f"model {settings.model} (geometry read from it)")
+    where = " | ".join(geometry or ["model none given"])
     return [
-        f"longctx: backend {backends} | shape {settings.shape_text} ({settings.shape.describe()}) | "
+        f"longctx: backend {backends} | {where} | "
         f"positions {positions} | kv {dtypes} | seed {settings.seed}" + (f" | profile {profile.name}" if profile else "")
     ]
 

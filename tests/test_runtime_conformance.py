@@ -136,15 +136,19 @@ def test_without_a_model_the_runtime_groups_skip_saying_so(pytester: pytest.Pyte
 
 def test_cache_backends_and_runtimes_run_side_by_side(pytester: pytest.Pytester, toy: Path) -> None:
     """A matrix of a KV-cache backend and a runtime: each group runs on the kind it certifies."""
-    result = pytester.runpytest("--longctx-backend=cpu", "--longctx-backend=runtime_backends:ToyRuntimeBackend",
-                                f"--longctx-model={toy}", "--longctx-positions=1024",
-                                "--longctx-shape=n_layers=1,n_heads=2,n_kv_heads=1,head_dim=32",
-                                "-m", "longctx_limits", "--collect-only", "-q")
+    args = ("--longctx-backend=cpu", "--longctx-backend=runtime_backends:ToyRuntimeBackend",
+            f"--longctx-model={toy}", "--longctx-positions=1024",
+            "--longctx-shape=n_layers=1,n_heads=2,n_kv_heads=1,head_dim=32",
+            "-m", "longctx_limits", "--collect-only", "-q")
+    result = pytester.runpytest(*args)
     ids = [line for line in result.outlines if "::" in line]
     assert any("test_runtime_limits.py" in i and "ToyRuntimeBackend" in i for i in ids)
     assert any("test_limits.py" in i and "[cpu-" in i for i in ids)
     assert not any("test_runtime_limits.py" in i and "[cpu" in i for i in ids)
     assert not any("test_limits.py" in i and "ToyRuntimeBackend" in i for i in ids)
+    header = pytester.runpytest(*args[:-1])  # without -q: the header names both geometries
+    header.stdout.fnmatch_lines([f"longctx: backend cpu*, runtime_backends:ToyRuntimeBackend* | shape n_layers=1* | "
+                                 f"model {toy} (geometry read from it) | *"])
 
 
 def test_compare_logits_reads_kl_top1_and_relative_difference() -> None:
@@ -170,9 +174,15 @@ def test_tail_logits_gives_one_row_per_single_token_prefill(toy: Path) -> None:
 def test_figures_of_a_runtime_run_name_the_models_geometry_and_rerun_without_a_shape(
         pytester: pytest.Pytester, toy: Path) -> None:
     """The runtime's kv_spec is the geometry in play, not the run's --longctx-shape (issue 13.5)."""
-    result = run(pytester, "ChunkPositionsRestartBackend", toy, "-k", "chunked")
+    report = pytester.path / "cert.json"
+    result = run(pytester, "ChunkPositionsRestartBackend", toy, "-k", "chunked", f"--longctx-report={report}")
     result.stdout.fnmatch_lines(["*longctx figures*", f"model {toy.name} (8L 8h/8kv d64 *), seed 3"])
     result.stdout.no_fnmatch_line("shape *")
+    # The header and the certificate do not present the unused default shape as the geometry.
+    result.stdout.fnmatch_lines([f"longctx: backend runtime_backends:ChunkPositionsRestartBackend* | "
+                                 f"model {toy} (geometry read from it) | positions *"])
+    result.stdout.no_fnmatch_line("longctx: backend * | shape *")
+    assert json.loads(report.read_text())["settings"]["shape"]["applies"] is False
     reruns = {line for line in result.outlines if line.startswith("pytest ") and "--longctx-backend=" in line}
     assert len(reruns) == 3, result.stdout.str()
     for line in reruns:
