@@ -453,3 +453,9 @@ class QueuedAttend(CorrectBackend):
     def synchronize(self) -> None:
         while _QUEUE:
             _QUEUE.pop().join()
+
+
+# Every defect above that is one override of CorrectCache (the rest break the factory or info).
+CACHE_DEFECTS = ("Float16Angles", "SwappedPairing", "DynamicBasePerAppend", "WrongGQAMapping", "CausalOffByOne",
+                 "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk", "DoubleAllocation",
+                 "KeepsEveryInput", "WrongShape", "CopyOnAppend", "DeferredAttend")

@@ -209,3 +209,27 @@ class Float32RopeBackend(CorrectBackend):
 
     name = "float32-rope"
     Cache: Any = Float32Cache
+
+
+# The cache defects of broken_backends, each on top of the float32 engine: a defect must be
+# caught on an engine that computes the way real ones do, not only on the float64-angle
+# CorrectCache it was written against (a yardstick wide enough for float32 RoPE must still
+# be narrow enough for every bug class).
+
+
+def _on_float32_engine(defect: type) -> type:
+    """``defect`` with its one override applied to ``Float32Cache`` instead of ``CorrectCache``;
+    same name, so its diagnosis reads as the original's."""
+    cache = type("Cache", (defect.Cache, Float32Cache), {"__doc__": f"{defect.__name__}'s override on Float32Cache."})
+    return type(f"Float32{defect.__name__}", (defect,),
+                {"Cache": cache, "__doc__": f"{defect.__name__} on the float32-RoPE engine.", "__module__": __name__})
+
+
+def _defects() -> None:
+    import broken_backends
+
+    for name in broken_backends.CACHE_DEFECTS:
+        globals()[f"Float32{name}"] = _on_float32_engine(getattr(broken_backends, name))
+
+
+_defects()

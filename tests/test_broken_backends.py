@@ -34,11 +34,12 @@ ROPE_SELECTION = (*EQUIVALENCE, "-k", "4096 or none-neox or default-neox or defa
 _FAILED = re.compile(r"^(FAILED|ERROR) (?P<module>[\w/.]+?)::(?P<test>\w+)(?:\[(?P<params>[^\]]*)\])?")
 
 
-def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: str = SHAPE) -> pytest.RunResult:
-    """Run the installed suite on ``broken_backends:<backend>``, in process."""
+def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: str = SHAPE,
+              module: str = "broken_backends") -> pytest.RunResult:
+    """Run the installed suite on ``<module>:<backend>``, in process."""
     pytester.syspathinsert(TESTS_DIR)
     return pytester.runpytest(
-        f"--longctx-backend=broken_backends:{backend}",
+        f"--longctx-backend={module}:{backend}",
         f"--longctx-shape={shape}",
         f"--longctx-positions={POSITIONS}",
         "-rfE",
@@ -155,7 +156,7 @@ DEFECTS = [
         ["KV memory after 4096 positions (tracemalloc)=6*.* MiB (2.0*x analytic), but should be <= 51.2 MiB "
          "(analytic 32.0 MiB x 1.10 + 16.0 MiB working memory) "
          "[[]double-allocation float32 @ 4096 positions, 8L 8h/2kv d64 *]",
-         "broken_backends:DoubleAllocation *float32 *KV memory / analytic *MiB (2.*x, tracemalloc) FAIL"],
+         "*:*DoubleAllocation *float32 *KV memory / analytic *MiB (2.*x, tracemalloc) FAIL"],
         shape=MEMORY_SHAPE,
         outcomes={"passed": 1, "failed": 1},  # a preallocated cache stays flat while it fills
     ),
@@ -209,10 +210,18 @@ def test_queued_work_that_synchronize_waits_for_is_not_deferred(pytester: pytest
     result.stdout.no_fnmatch_line("*UNTRUSTED*")
 
 
+@pytest.mark.parametrize("engine", ["correct", "float32-rope"])
 @pytest.mark.parametrize("defect", DEFECTS, ids=[d.backend for d in DEFECTS])
-def test_suite_catches_defect(pytester: pytest.Pytester, defect: Defect) -> None:
-    """The group certifying the requirement fails, with a one-line diagnosis, and the run completes."""
-    result = run_suite(pytester, defect.backend, *defect.select, shape=defect.shape)
+def test_suite_catches_defect(pytester: pytest.Pytester, defect: Defect, engine: str) -> None:
+    """The group certifying the requirement fails, with a one-line diagnosis, and the run completes;
+    on the float64-angle CorrectCache and on the float32 engine (foreign_backends.Float32Cache,
+    RoPE computed as transformers does) alike: the yardstick that passes float32 RoPE must
+    still catch every defect."""
+    if engine == "correct":
+        result = run_suite(pytester, defect.backend, *defect.select, shape=defect.shape)
+    else:
+        result = run_suite(pytester, f"Float32{defect.backend}", *defect.select, shape=defect.shape,
+                           module="foreign_backends")
     caught = not_passed(result)
     missing = set(defect.failing) - caught
     assert not missing, f"{defect.backend} slipped through {sorted(missing)}:\n{result.stdout.str()}"
@@ -308,15 +317,10 @@ def test_broken_backends_differ_from_the_correct_one_by_one_override(monkeypatch
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     bb = importlib.import_module("broken_backends")
 
-    cache_defects: List[str] = ["Float16Angles", "SwappedPairing", "DynamicBasePerAppend", "WrongGQAMapping",
-                                "CausalOffByOne",
-                                "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk",
-                                "DoubleAllocation", "KeepsEveryInput", "WrongShape", "CopyOnAppend",
-                                "DeferredAttend"]
-    for name in cache_defects:
+    for name in bb.CACHE_DEFECTS:
         backend = getattr(bb, name)
         assert backend.__doc__ and backend.Cache is not bb.CorrectCache, name
         overridden = set(vars(backend.Cache)) - {"__module__", "__qualname__", "__doc__", "__firstlineno__",
                                                  "__static_attributes__"}
         assert len(overridden) == 1, f"{name} overrides {sorted(overridden)}"
-    assert {d.backend for d in DEFECTS} == set(cache_defects)
+    assert {d.backend for d in DEFECTS} == set(bb.CACHE_DEFECTS)
