@@ -255,6 +255,7 @@ class TorchCache:
         self.spec = spec
         self._torch = torch = backend.torch
         self._device = backend.device
+        self._use_threads = backend.use_threads
         self._sdpa = torch.nn.functional.scaled_dot_product_attention
         self._k: Optional[_Store] = _Store(torch, spec, self._device)
         self._v: Optional[_Store] = _Store(torch, spec, self._device)
@@ -283,6 +284,7 @@ class TorchCache:
 
     def append(self, layer: int, k: Any, v: Any) -> None:
         k_store, v_store = self._stores()
+        self._use_threads()
         k, v, start = C.append_inputs(self.spec, self._lengths, layer, k, v, self._as_input)
         n = k.shape[0]
         if n:
@@ -292,6 +294,7 @@ class TorchCache:
 
     def attend(self, layer: int, q: Any) -> Any:
         k_store, v_store = self._stores()
+        self._use_threads()
         C.layer(self.spec, layer)
         spec = self.spec
         q = self._as_input("q", q, spec.n_heads)
@@ -364,6 +367,7 @@ class TorchCache:
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[Any, Any]:
         k_store, v_store = self._stores()
+        self._use_threads()
         C.layer(self.spec, layer)
         C.read_range(start, stop, self._lengths[layer])
         return (k_store.get(layer, start, stop).transpose(0, 1).contiguous(),
@@ -413,12 +417,18 @@ class TorchBackend:
             raise SpecError(f"torch backend option threads={threads} applies to device=cpu, not {self.device}")
         if self.kind == "cpu":
             self.threads = threads or _available_cores()
-            torch.set_num_threads(self.threads)
+            self.use_threads()
         else:
             self.threads = None
             self.bandwidth = self._bandwidth  # the suite's roofline is this device's, not the host's
         self._module = _device_module(torch, self.kind)
         self._refused = self._probe_dtypes()
+
+    def use_threads(self) -> None:
+        """Set torch's intra-op threads to this backend's: torch keeps one number per process,
+        so two torch backends in one run (longctx-bench) would otherwise share the last one's."""
+        if self.threads and self.torch.get_num_threads() != self.threads:
+            self.torch.set_num_threads(self.threads)
 
     def _probe_dtypes(self) -> Dict[str, str]:
         """The storage dtypes this device cannot hold, with torch's one-line reason."""
@@ -449,7 +459,7 @@ class TorchBackend:
         versions = {"torch": torch.__version__, "build": _build(torch), "attention": self._attention_paths()}
         if self.kind == "cpu":
             name, vendor = cpu_name_and_vendor()
-            versions["threads"] = str(torch.get_num_threads())
+            versions["threads"] = str(self.threads)
         elif self.kind == "mps":
             name, vendor = "Apple MPS", "Apple"
         else:

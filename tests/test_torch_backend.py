@@ -269,3 +269,14 @@ def test_the_suite_catches_each_broken_torch_backend(pytester: pytest.Pytester) 
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed") == 4 and outcomes.get("passed") == 4, outcomes  # control: 2 passed
     result.stdout.fnmatch_lines([message for _, message in BROKEN.values()], consecutive=False)
+
+
+def test_two_backends_in_one_process_each_run_at_their_threads() -> None:
+    """torch's thread count is per process: each backend's cache sets its own before working."""
+    one, two = T.TorchBackend(device="cpu", threads=1), T.TorchBackend(device="cpu", threads=2)
+    cache = one.open_cache(_spec())
+    k, v = _kv(cache.spec, 8)
+    cache.append(0, one.asarray(k), one.asarray(v))
+    assert torch.get_num_threads() == 1 and one.info().versions["threads"] == "1"
+    two.open_cache(_spec()).append(0, two.asarray(k), two.asarray(v))
+    assert torch.get_num_threads() == 2 and two.info().versions["threads"] == "2"
