@@ -121,7 +121,8 @@ def test_cos_and_sin_are_transformers_float32_ones() -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, head_dim=64, max_position_embeddings=65536,
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, head_dim=64,
+                                      max_position_embeddings=65536,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     theirs = LlamaRotaryEmbedding(config)
     cos, sin = theirs(torch.zeros(1, 1, 64), torch.arange(65520, 65536)[None])
