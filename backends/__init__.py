@@ -22,6 +22,10 @@ BUILTINS = {
     "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
     "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
     "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
+    # Kind "cpu" although it runs on GPUs too: aliases take the first available built-in of a
+    # kind, so "cpu" always finds numpy first, while "gpu" would land on torch's CPU fallback
+    # when CuPy is missing. torch is reached by name; its info() says where it runs.
+    "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.
