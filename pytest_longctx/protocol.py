@@ -90,7 +90,9 @@ class KVBackend(Protocol):
         """Wait until queued device work is done, so that timers stop at the right time."""
 
     def memory_in_use(self) -> Optional[int]:
-        """Device memory in use as the device reports it; None for host backends."""
+        """Device memory this process holds, None for host backends. Count this process only
+        (an allocator's own statistics, not the device's free memory): pytest-xdist workers
+        share one device, and a device-wide count would charge a cache with its neighbours'."""
 
 
 @dataclass(frozen=True)

@@ -185,11 +185,15 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("n_q", [1, 16, 200])
+@pytest.mark.parametrize("path", ["sdpa", "matmul"])
+@pytest.mark.parametrize("n_q", [1, 8, 16, 200])
 @pytest.mark.parametrize("feature", FEATURES)
-def test_attention_matches_the_float64_truth(backend: T.TorchBackend, feature: str, n_q: int) -> None:
+def test_attention_matches_the_float64_truth(backend: T.TorchBackend, feature: str, n_q: int, path: str) -> None:
+    """Both attention paths: SDPA (the CPU's) and the matmul path accelerators take for few
+    rows (_matmul_attention), forced here so that it is checked without a GPU."""
     spec = _spec("float16", **FEATURES[feature])
     cache = backend.open_cache(spec)
+    cache._decode_by_matmul = path == "matmul"
     k, v = _kv(spec, 1100)
     cache.append(0, backend.asarray(k), backend.asarray(v))
     q = np.random.default_rng(1).standard_normal((n_q, spec.n_heads, spec.head_dim)).astype(np.float32)
