@@ -97,8 +97,8 @@ def make_plan(config: pytest.Config, text: str) -> Plan:
     step = settings.context_step
     granularity = int(getattr(info, "position_granularity", 1) or 1)
     if step % granularity:
-        raise usage_error("context-step", step, f"is not a multiple of backend {text!r}'s position "
-                          f"granularity {granularity}")
+        raise usage_error("context-step", step, f"is not a multiple of the position granularity "
+                          f"{granularity} that backend {text!r} states")
     asked = settings.max_positions or getattr(info, "max_positions", None) or MAX_POSITIONS
     asked = min(asked, MAX_POSITIONS)
     if loaded.backend is None:  # its cases fail to load at the first probe: that is the answer
@@ -348,6 +348,14 @@ def pytest_configure(config: pytest.Config) -> None:
             "result, so the search runs in one process; drop -n (use --longctx-isolate to survive crashes)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Plan before collection, so that a step the backend cannot hold is a usage error, not a
+    collection error in every module."""
+    if finding(session.config) and not hasattr(session.config, "workerinput"):
+        plans(session.config)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Leave out the cases that do not depend on length: the finder answers about length only."""
     if not finding(config):
@@ -379,6 +387,14 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     finally:
         config.pluginmanager.unregister(runner)
     return True
+
+
+def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
+    """What each backend's search will cover, and why its maximum was cut."""
+    if not finding(config) or hasattr(config, "workerinput"):
+        return None
+    return [f"longctx finder: {plan.backend}: step {plan.step}, up to {plan.maximum} positions"
+            + (f" ({plan.note})" if plan.note else "") for plan in plans(config).values()]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
