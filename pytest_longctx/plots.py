@@ -114,7 +114,8 @@ def fill_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
                 continue
             xs = [p for p, _ in points]
             ticks += xs
-            ax.plot(xs, [_number(r["value"]) for _, r in points], style, color=_color(ax, i), label=f"{label} {name} fill")
+            ax.plot(xs, [_number(r["value"]) for _, r in points], style, color=_color(ax, i),
+                    label=f"{label} {name} fill")
         points = prefill.get(label) or decode.get(label) or []
         _roofline_and_floor(ax, i, label, points, ("copy_gbps", "bytes_per_position", "copy"), "fill floor")
     return _svg(fig, ax, ticks)
@@ -160,7 +161,8 @@ def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     for i, (label, points) in enumerate(data.items()):
         xs = [p for p, _ in points]
         ticks += xs
-        ax.plot(xs, [max(_number(r["value"]), 1e-30) for _, r in points], "o-", color=_color(ax, i), label=f"{label} error")
+        ax.plot(xs, [max(_number(r["value"]), 1e-30) for _, r in points], "o-", color=_color(ax, i),
+                label=f"{label} error")
         allowed = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
         if allowed:
             ax.plot([p for p, _ in allowed], [v for _, v in allowed], "--", color=_color(ax, i),

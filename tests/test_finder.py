@@ -114,7 +114,22 @@ def test_a_hang_at_a_probe_length_is_the_first_failure_and_the_search_ends(pytes
     assert (got["certified"], got["failure"]) == ("4096", "5120")
     assert "no answer in" in got["reason"]
     assert got["tried"] == "1024, 2048, 4096, 6144 x, 5120 x"
+    # Each hang cost one deadline: the record that the backend hung is cleared between probes,
+    # so the shorter lengths were asked, and the case at 5120 names its own hang.
+    result.stdout.fnmatch_lines(["*first failure at 5120: equivalence, case *=no answer in *, but should finish "
+                                 "within its deadline (*3.75 s at 5120)*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED  # the search ended; the failures are reported
+
+
+def test_a_crash_at_a_probe_length_is_the_first_failure_under_isolation(pytester: pytest.Pytester) -> None:
+    result = find(pytester, "misbehaving_backends:SegfaultPast4096", "--longctx-max-positions=6144",
+                  "--longctx-isolate", "--longctx-report=cert.json")
+    got = answer(result)
+    assert (got["certified"], got["failure"]) == ("4096", "5120")
+    assert "process killed by SIGSEGV" in got["reason"]
+    assert got["tried"] == "1024, 2048, 4096, 6144 x, 5120 x"
+    [context] = json.loads((pytester.path / "cert.json").read_text())["context"]
+    assert context["first_failure"]["kind"] == "crash" and context["certified_positions"] == 4096
 
 
 def test_certificate_withdraws_a_certified_length_no_passing_case_backs() -> None:
