@@ -36,7 +36,8 @@ is probed twice, and within a probe the limits and memory groups read the one
 filled cache (``conformance/conftest.py``). A cache cannot be carried from
 one length to another: its ``max_positions`` is what the limits group checks.
 
-Cases that do not depend on length (no ``longctx_positions`` parameter) are
+``-x``/``--maxfail`` do not end the search: a failing probe is its answer, not a reason to
+stop. Cases that do not depend on length (no ``longctx_positions`` parameter) are
 deselected: the finder answers a question about length only.
 """
 
@@ -182,13 +183,14 @@ class Search:
             head += f"; first failure at {failure.positions}: {failure.reason}"
         elif certified == self.plan.maximum:
             head += f"; no failure up to the maximum {self.plan.maximum}"
+        if self.stopped:  # a lower bound only: the search did not finish
+            head += f"; {self.stopped} (at least this much)"
         return head
 
     def detail(self) -> str:
         tried = ", ".join(f"{p.positions}{'' if p.passed else ' x'}" for p in self.probes)
         return (f"{len(self.probes)} probes in {self.seconds:.1f} s ({tried})"
-                + (f"; {self.plan.note}" if self.plan.note else "")
-                + (f"; {self.stopped}" if self.stopped else ""))
+                + (f"; {self.plan.note}" if self.plan.note else ""))
 
     def as_dict(self) -> Dict[str, Any]:
         failure = self.first_failure
@@ -302,12 +304,11 @@ def _backend_of(item: pytest.Item) -> Optional[str]:
     return getattr(getattr(item, "callspec", None), "params", {}).get("longctx_backend")
 
 
-def run_search(session: pytest.Session, plan: Plan, runner: ProbeRunner) -> Search:
+def run_search(session: pytest.Session, plan: Plan, runner: ProbeRunner, result: Search) -> Search:
     by_length: Dict[int, List[pytest.Item]] = {}
     for item in session.items:
         if _backend_of(item) == plan.backend and _positions_of(item) in plan.rungs:
             by_length.setdefault(_positions_of(item), []).append(item)
-    result = Search(plan)
     started = time.monotonic()
 
     def probe(n: int) -> bool:
@@ -325,7 +326,11 @@ def run_search(session: pytest.Session, plan: Plan, runner: ProbeRunner) -> Sear
         search([r for r in plan.rungs if r in by_length] or list(plan.rungs), probe)
     except StopIteration:
         pass
-    result.seconds = time.monotonic() - started
+    except BaseException:  # Ctrl-C: the probes made so far still stand in the summary and certificate
+        result.stopped = result.stopped or "the search was interrupted"
+        raise
+    finally:
+        result.seconds = time.monotonic() - started
     return result
 
 
@@ -382,7 +387,8 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     try:
         searches = config.stash[searches_key] = []
         for plan in plans(config).values():
-            searches.append(run_search(session, plan, runner))
+            searches.append(Search(plan))
+            run_search(session, plan, runner, searches[-1])
             config.hook.pytest_longctx_context(config=config, search=searches[-1].as_dict())
     finally:
         config.pluginmanager.unregister(runner)

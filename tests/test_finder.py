@@ -15,6 +15,7 @@ from typing import List
 import pytest
 
 from pytest_longctx import certificate as cert
+from pytest_longctx import merge, render
 from pytest_longctx.finder import ladder, search
 
 TESTS_DIR = Path(__file__).parent
@@ -103,6 +104,9 @@ def test_nan_past_8192_is_certified_to_8192_with_the_first_failure_at_9216(pytes
     assert any("certified context: 8192 positions" in reason for reason in document["reasons"])
     page = (pytester.path / "cert.html").read_text()
     assert "Certified context" in page and 'id="plot-context"' in page
+    matrix = merge.merge([str(pytester.path / "cert.json")])  # the merged matrix carries the search
+    assert matrix["certificates"][0]["context"][0]["certified_positions"] == 8192
+    assert "certified context: 8192 positions (step 1024); first failure at 9216" in render.markdown(matrix)
 
 
 def test_a_hang_at_a_probe_length_is_the_first_failure_and_the_search_ends(pytester: pytest.Pytester) -> None:
