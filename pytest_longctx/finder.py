@@ -43,6 +43,7 @@ deselected: the finder answers a question about length only.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -248,10 +249,11 @@ def _first_line(report: pytest.TestReport) -> str:
 
 
 def _kind(line: str) -> str:
+    """hang (the deadline's "no answer in N s"), crash (an isolated child's "process killed by
+    SIGSEGV", "process exited with status 1", ...) or failed."""
     if "no answer in" in line:
         return "hang"
-    if "process killed" in line or "process exited" in line or "case call=process" in line \
-            or "case setup=process" in line:
+    if re.search(r"=process (killed|exited|ended)", line):
         return "crash"
     return "failed"
 
@@ -279,20 +281,21 @@ class ProbeRunner:
             if self.session.shouldstop:
                 break
         probe = Probe(positions, True, time.monotonic() - started, len(items))
+        failures = []  # (kind, item, line) of every case that did not pass, in the order they ran
         for item in items:
             reports = self.reports.get(item.nodeid, [])
             bad = next((r for r in reports if r.failed or (r.skipped and not hasattr(r, "wasxfail"))), None)
-            if bad is None and not reports:
-                bad_line = "not run"
-            elif bad is None:
+            if bad is None and reports:
                 continue
-            else:
-                bad_line = _first_line(bad)
+            line = "not run" if bad is None else _first_line(bad)
+            failures.append(("skipped" if bad is not None and bad.skipped else _kind(line), item, line))
+        if failures:
+            # A hang or a crash names the length before an ordinary failure beside it: the case
+            # where it happened ran first of those that name it ("not asked" comes after).
+            kind, item, line = next((f for f in failures if f[0] in ("hang", "crash")), failures[0])
             probe.passed = False
-            probe.reason = f"{question_of(item.nodeid)}, {bad_line}"
-            probe.nodeid = item.nodeid
-            probe.kind = "skipped" if bad is not None and bad.skipped else _kind(bad_line)
-            break
+            probe.reason = f"{question_of(item.nodeid)}, {line}"
+            probe.nodeid, probe.kind = item.nodeid, kind
         return probe
 
 
