@@ -250,22 +250,6 @@ class NoMaxSubtraction(CorrectBackend):
 # ----------------------------------------------------------------------------- limits
 
 
-class NaNPast8192(CorrectBackend):
-    """attend returns NaN once the cache holds more than 8192 positions.
-
-    A kernel whose tiles or split count change past a length and read an
-    uninitialised partial sum (the 16K-and-up failure classes of issue 16): every
-    short-context test passes, so only a search over length says where it stops.
-    """
-
-    name = "nan-past-8192"
-
-    class Cache(CorrectCache):
-        def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
-            out = CorrectCache.attend(self, layer, q)
-            return np.full_like(out, np.nan) if self.lengths[layer] > 8192 else out
-
-
 class Paged256(CorrectBackend):
     """Not broken: a backend whose caches come in pages of 256 positions, as it says in info()."""
 

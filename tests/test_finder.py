@@ -87,7 +87,7 @@ def test_cpu_backend_is_certified_to_the_maximum_it_was_given(pytester: pytest.P
 
 def test_nan_past_8192_is_certified_to_8192_with_the_first_failure_at_9216(pytester: pytest.Pytester) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    result = find(pytester, "broken_backends:NaNPast8192", "--longctx-max-positions=12288",
+    result = find(pytester, "misbehaving_backends:NaNAfter8K", "--longctx-max-positions=12288",
                   "--longctx-report=cert.json", "--longctx-report-html=cert.html")
     got = answer(result)
     assert (got["certified"], got["failure"]) == ("8192", "9216")
@@ -99,7 +99,7 @@ def test_nan_past_8192_is_certified_to_8192_with_the_first_failure_at_9216(pytes
     assert context["certified_positions"] == 8192 and context["step"] == 1024
     failure = context["first_failure"]
     assert (failure["positions"], failure["kind"]) == (9216, "failed")
-    assert failure["case"].endswith("test_attention_matches_reference[broken_backends:NaNPast8192-float32-9216]")
+    assert failure["case"].endswith("test_attention_matches_reference[misbehaving_backends:NaNAfter8K-float32-9216]")
     assert document["verdict"] == cert.NOT_CERTIFIED
     assert any("certified context: 8192 positions" in reason for reason in document["reasons"])
     page = (pytester.path / "cert.html").read_text()
