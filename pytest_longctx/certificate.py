@@ -234,10 +234,14 @@ def settings_dict(settings: Any) -> Dict[str, Any]:
 
 def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case], environment: Dict[str, Any],
           interrupted: bool, collect_errors: int, started: float, finished: float, exitstatus: int,
-          coverage: Dict[str, Any], unfinished: Optional[str] = None) -> Dict[str, Any]:
+          coverage: Dict[str, Any], unfinished: Optional[str] = None,
+          context: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """The certificate as the JSON document the schema describes (``unfinished``: a checkpoint
-    written while that case runs)."""
+    written while that case runs; ``context``: the context finder's searches, when it ran)."""
     verdict = verdict_of(cases, interrupted, collect_errors, unfinished, 0 if unfinished else exitstatus)
+    if context is not None:
+        context = [checked_context(search, cases) for search in context]
+        verdict["reasons"] += [f"{search['backend']}: {search['line']}" for search in context]
     from . import __version__
 
     return plain({
@@ -258,7 +262,23 @@ def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case]
         "counts": counts(cases),
         "coverage": coverage,
         "cases": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in cases],
+        "context": context,
     })
+
+
+def checked_context(search: Dict[str, Any], cases: List[Case]) -> Dict[str, Any]:
+    """A search as the certificate may state it: its certified length stands only where cases of
+    that backend ran at that length and every one of them passed, so the certificate never
+    claims more than was run (a search stopped early, a report lost)."""
+    certified = search.get("certified_positions")
+    if certified is None:
+        return search
+    there = [c for c in cases if c.backend == search["backend"] and c.positions == certified]
+    if there and all(c.verdict == "pass" for c in there):
+        return search
+    why = "no case ran there" if not there else "not every case there passed"
+    line = f"certified context: none (the search's {certified} is withdrawn: {why})"
+    return dict(search, certified_positions=None, line=line)
 
 
 def load(path: str) -> Dict[str, Any]:

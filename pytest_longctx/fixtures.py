@@ -127,7 +127,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends = [_case_param(text, _applies(state, text, kind), id=text) for text in settings.backends]
         metafunc.parametrize("longctx_backend", backends, indirect=True, scope="session")
     if "longctx_positions" in names:
-        metafunc.parametrize("longctx_positions", settings.positions, scope="session")
+        positions = settings.positions
+        if settings.find_context:  # every length the search may ask for (finder.py)
+            from .finder import lengths
+
+            positions = lengths(metafunc.config)
+        metafunc.parametrize("longctx_positions", positions, scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -39,3 +39,11 @@ def pytest_longctx_certificate(config: Any, certificate: Dict[str, Any]) -> None
     top-level keys) or read it. Called in ``pytest_sessionfinish``, after
     Ctrl-C too, before the JSON, Markdown and HTML files are written.
     """
+
+
+def pytest_longctx_context(config: Any, search: Dict[str, Any]) -> None:
+    """A ``--longctx-find-context`` search of one backend has ended (on the controller).
+
+    ``search`` is plain data, as the certificate's ``context`` field holds it: backend,
+    step, maximum, certified_positions, first_failure, every probe and the seconds taken.
+    """

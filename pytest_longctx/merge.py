@@ -56,6 +56,7 @@ def merge(paths: Sequence[str]) -> Dict[str, Any]:
             "verdict": doc["verdict"], "reasons": doc["reasons"],
             "profile": (doc.get("profile") or {}).get("name"), "shape": doc["settings"]["shape"]["text"],
             "started": doc["started"], "revision": doc["suite"].get("revision"),
+            "context": doc.get("context"),  # the context finder's searches, when it ran
         })
     return plain({"schema": MATRIX_ID, "schema_version": MATRIX_VERSION, "certificates": certificates,
                   "figures": figures, "cases": cases})

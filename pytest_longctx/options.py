@@ -20,7 +20,7 @@ from . import hookspec
 from .errors import SpecError
 from .profile import Profile, load_profile, resolve_profile
 from .registry import check_backend_name
-from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_positions
+from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_length, parse_positions
 from .shapes import DEFAULT_SHAPE, parse_shape
 
 settings_key = pytest.StashKey[Settings]()
@@ -143,6 +143,14 @@ OPTIONS = (
     _Option("repeat-speedup", "a repeated attend input may be answered at most this many times faster than "
             "fresh ones, else the backend caches answers (MLPerf TEST04; default 3; none: not judged)",
             3.0, parse_optional(float), metavar="RATIO"),
+    _Option("find-context", "search the position axis for the largest context at which every selected "
+            "group passes (doubling, then bisection), and the first failure above it", False, parse_bool,
+            ini_type="bool", flag=True),
+    _Option("context-step", "granularity of --longctx-find-context in positions: a positive multiple of "
+            "the backend's position granularity (default 1024)", 1024, int, metavar="N"),
+    _Option("max-positions", "the largest context --longctx-find-context tries (default: the backend's "
+            "claimed maximum, else 131072), cut to what the memory preflight says fits", None, parse_length,
+            metavar="N"),
 )
 
 
@@ -215,7 +223,7 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
         seed = workerinput["longctx_seed"]
     elif seed is None:
         seed = secrets.randbits(32)
-    for name in ("chunk", "repeats", "context"):
+    for name in ("chunk", "repeats", "context", "context-step"):
         if values[name] is not None and values[name] < 1:
             raise usage_error(name, values[name], "should be >= 1")
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",

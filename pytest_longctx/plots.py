@@ -8,6 +8,7 @@ Figure API is used without pyplot, so no global backend is switched.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 Series = Dict[str, List[Tuple[int, Dict[str, Any]]]]
@@ -63,6 +64,16 @@ def _svg(fig: Any, ax: Any, ticks: List[int]) -> str:
     return text[text.index("<svg"):]
 
 
+def _number(value: Any) -> float:
+    """A figure's value as a float a plot can take: the certificate keeps NaN and Infinity as
+    strings (JSON has none), which are drawn as gaps (the table marks them as failures)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return number if math.isfinite(number) else float("nan")
+
+
 def _color(ax: Any, i: int) -> str:
     return f"C{i % 10}"
 
@@ -103,7 +114,8 @@ def fill_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
                 continue
             xs = [p for p, _ in points]
             ticks += xs
-            ax.plot(xs, [r["value"] for _, r in points], style, color=_color(ax, i), label=f"{label} {name} fill")
+            ax.plot(xs, [_number(r["value"]) for _, r in points], style, color=_color(ax, i),
+                    label=f"{label} {name} fill")
         points = prefill.get(label) or decode.get(label) or []
         _roofline_and_floor(ax, i, label, points, ("copy_gbps", "bytes_per_position", "copy"), "fill floor")
     return _svg(fig, ax, ticks)
@@ -133,7 +145,7 @@ def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     for i, (label, points) in enumerate(data.items()):
         xs = [p for p, _ in points]
         ticks += xs
-        ax.plot(xs, [r["value"] for _, r in points], "o-", color=_color(ax, i), label=f"{label} measured")
+        ax.plot(xs, [_number(r["value"]) for _, r in points], "o-", color=_color(ax, i), label=f"{label} measured")
         _roofline_and_floor(ax, i, label, points, ("read_gbps", "kv_bytes", "read"), "attention floor")
     return _svg(fig, ax, ticks)
 
@@ -149,11 +161,38 @@ def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     for i, (label, points) in enumerate(data.items()):
         xs = [p for p, _ in points]
         ticks += xs
-        ax.plot(xs, [max(r["value"], 1e-30) for _, r in points], "o-", color=_color(ax, i), label=f"{label} error")
+        ax.plot(xs, [max(_number(r["value"]), 1e-30) for _, r in points], "o-", color=_color(ax, i),
+                label=f"{label} error")
         allowed = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
         if allowed:
             ax.plot([p for p, _ in allowed], [v for _, v in allowed], "--", color=_color(ax, i),
                     label=f"{label} allowed")
+    return _svg(fig, ax, ticks)
+
+
+def context_plot(context: List[Dict[str, Any]]) -> Optional[str]:
+    """The context finder's probes: seconds per probe against length, passes and failures marked,
+    the certified context and the first failure as vertical lines. None without matplotlib."""
+    if not available() or not any(search.get("probes") for search in context or ()):
+        return None
+    fig, ax = _figure("context finder: probes against length", "seconds per probe")
+    ticks: List[int] = []
+    for i, search in enumerate(context):
+        probes = sorted(search.get("probes") or (), key=lambda p: p["positions"])
+        color = _color(ax, i)
+        for passed, marker in ((True, "o"), (False, "x")):
+            points = [p for p in probes if p["passed"] is passed]
+            if points:
+                ax.plot([p["positions"] for p in points], [max(p["seconds"], 1e-3) for p in points], marker,
+                        color=color, label=f"{search['backend']} {'passed' if passed else 'failed'}")
+        if search.get("certified_positions"):
+            ax.axvline(search["certified_positions"], color=color, linestyle="--",
+                       label=f"{search['backend']} certified {search['certified_positions']}")
+        failure = search.get("first_failure")
+        if failure:
+            ax.axvline(failure["positions"], color=color, linestyle=":",
+                       label=f"{search['backend']} first failure {failure['positions']}")
+        ticks += [p["positions"] for p in probes]
     return _svg(fig, ax, ticks)
 
 

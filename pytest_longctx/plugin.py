@@ -2,8 +2,8 @@
 
 Each module is a plugin for one concern: options and settings, the fixtures
 and matrix parametrization, the terminal summary, the profile's expected
-failures, the certificate (JSON, Markdown, HTML), the deadline of a case and
-the isolation of cases in child processes.
+failures, the certificate (JSON, Markdown, HTML), the deadline of a case,
+the isolation of cases in child processes and the context finder.
 """
 
 pytest_plugins = (
@@ -15,4 +15,5 @@ pytest_plugins = (
     "pytest_longctx.report",
     "pytest_longctx.deadline",
     "pytest_longctx.isolate",
+    "pytest_longctx.finder",
 )

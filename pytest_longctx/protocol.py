@@ -29,6 +29,9 @@ class BackendInfo:
     versions: Dict[str, str] = field(default_factory=dict)
     kv_dtypes: Tuple[str, ...] = ()
     max_positions: Optional[int] = None
+    # Cache lengths the backend can hold come in multiples of this (a paged or tiled layout);
+    # --longctx-context-step must be a multiple of it.
+    position_granularity: int = 1
 
 
 @runtime_checkable

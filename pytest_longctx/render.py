@@ -23,6 +23,7 @@ class Section:
     lines: List[str] = field(default_factory=list)
     tables: List[Table] = field(default_factory=list)
     plots: bool = False
+    svgs: List[Tuple[str, str]] = field(default_factory=list)  # (name, svg) drawn for this section only
 
 
 def _fmt_bytes(n: Optional[int]) -> str:
@@ -144,7 +145,22 @@ def certificate_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
     shape = doc["settings"]["shape"]
     measured = Section("Measured figures", [geometry_line(shape["text"], shape["described"], doc["settings"]["seed"], figures)],
                        [figure_table(figures, keys)] if figures else [], plots=bool(figures))
-    return title, [head, _claim(doc), measured, _cases(doc), _coverage(doc), _environment(doc)]
+    sections = [head, _claim(doc), measured, _cases(doc), _coverage(doc), _environment(doc)]
+    if doc.get("context"):
+        sections.insert(1, _context(doc["context"]))
+    return title, sections
+
+
+def _context(context: List[Dict[str, Any]]) -> Section:
+    """The context finder's answer per backend, and every probe it made."""
+    lines = [f"`{s['backend']}`: {s['line']}; {len(s['probes'])} probes in {s['seconds']:.1f} s"
+             + (f"; {s['maximum_note']}" if s.get("maximum_note") else "") for s in context]
+    rows = [[s["backend"], str(p["positions"]), "passed" if p["passed"] else "failed", f"{p['seconds']:.2f}",
+             str(p["cases"]), p["reason"]] for s in context for p in s["probes"]]
+    svg = plots.context_plot(context)
+    return Section("Certified context", lines,
+                   [(["backend", "positions", "probe", "seconds", "cases", "first failing case"], rows)],
+                   svgs=[("context", svg)] if svg else [])
 
 
 def matrix_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
@@ -155,7 +171,12 @@ def matrix_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
                                           "started"], rows)])
     figures = doc["figures"]
     table = figure_table(figures, ("column", "shape", "kv_dtype"))
-    return title, [head, Section("Backend × device × check × positions", [], [table], plots=bool(figures))]
+    sections = [head, Section("Backend × device × check × positions", [], [table], plots=bool(figures))]
+    searches = [dict(s, backend=f"{c['source']}: {s['backend']}") for c in doc["certificates"]
+                for s in c.get("context") or ()]
+    if searches:
+        sections.insert(1, _context(searches))
+    return title, sections
 
 
 def _md_cell(text: Any) -> str:
@@ -219,6 +240,10 @@ def _html_page(title: str, sections: List[Section], figures: List[Dict[str, Any]
                 out.append("</div>")
             else:
                 out.append(f'<p class="no-plots">{_html.escape(PLOTS_MISSING)}</p>')
+        if section.svgs:
+            out.append('<div class="plots">')
+            out += [f'<figure class="plot" id="plot-{name}">{svg}</figure>' for name, svg in section.svgs]
+            out.append("</div>")
         for headers, rows in section.tables:
             out.append("<table><thead><tr>" + "".join(f"<th>{_html.escape(str(h))}</th>" for h in headers)
                        + "</tr></thead><tbody>")

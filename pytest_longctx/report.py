@@ -262,6 +262,12 @@ class CertificateCollector:
                 case.message = "the run ended while this case was running: no result was reported"
             if case.outcome == "running":  # setup passed, the call never reported
                 case.outcome = "not run"
+        from . import finder  # not at import: the plugin modules are imported in plugin.py's order
+
+        searches = self.config.stash.get(finder.searches_key, None)
+        if searches is not None:  # the finder ran: a length it never asked for is no case of this run
+            asked = self.config.stash.get(finder.asked_key, set())
+            cases = [c for c in cases if c.nodeid in asked or c.outcome not in ("not run",)]
         environment = self.environment()
         claimed = {b["backend"]: b["kv_dtypes"] for b in environment["backends"] if b.get("available")}
         return cert.build(
@@ -269,6 +275,7 @@ class CertificateCollector:
             environment=environment, interrupted=self.interrupted, collect_errors=self.collect_errors,
             started=self.started, finished=time.time(), exitstatus=exitstatus,
             coverage=coverage(cases, settings, claimed), unfinished=unfinished,
+            context=None if searches is None else [search.as_dict() for search in searches],
         )
 
     @pytest.hookimpl(trylast=True)

@@ -48,6 +48,14 @@ def parse_positions(text: str) -> Tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+def parse_length(text: str) -> int:
+    """One positions value (``16k`` or ``16384``), 1 ≤ p ≤ 131072."""
+    values = parse_positions(text)
+    if len(values) != 1:
+        raise SpecError("should be one positions value, such as 65536 or 64k")
+    return values[0]
+
+
 def parse_kv_dtypes(text: str) -> Tuple[str, ...]:
     dtypes = tuple(d.strip() for d in str(text).split(",") if d.strip())
     unknown = [d for d in dtypes if d not in KV_DTYPES]
@@ -128,6 +136,12 @@ class Settings:
     # 1.48x at most in 160 rounds under two memory-bandwidth hogs. MLPerf's 10% needs a quiet,
     # dedicated machine. None: reported, not judged.
     repeat_speedup: Optional[float] = 3.0
+    # --longctx-find-context (finder.py): search the position axis, in steps of context_step,
+    # up to max_positions (None: the backend's claimed maximum, else MAX_POSITIONS), for the
+    # largest context at which every selected group passes.
+    find_context: bool = False
+    context_step: int = 1024
+    max_positions: Optional[int] = None
 
     def shape_applies(self) -> bool:
         """Whether --longctx-shape sizes any case: not when every backend is a whole-model

@@ -88,6 +88,8 @@ def pytest_report_header(config: pytest.Config) -> Optional[List[str]]:
     if settings is None or not (config.getoption("longctx_backend") or config.getini("longctx_backend") or profile):
         return None
     positions = ",".join(map(str, settings.positions))
+    if settings.find_context:  # the lengths are the search's (finder.py says which, below)
+        positions = "searched by --longctx-find-context"
     dtypes = ",".join(settings.kv_dtypes) if settings.kv_dtypes else "as claimed"
     backends = ", ".join(_device(config, text) for text in settings.backends)
     geometry = []

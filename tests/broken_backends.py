@@ -250,6 +250,15 @@ class NoMaxSubtraction(CorrectBackend):
 # ----------------------------------------------------------------------------- limits
 
 
+class Paged256(CorrectBackend):
+    """Not broken: a backend whose caches come in pages of 256 positions, as it says in info()."""
+
+    name = "paged-256"
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(name=self.name, device_kind="cpu", kv_dtypes=self.kv_dtypes, position_granularity=256)
+
+
 class RingBuffer(CorrectBackend):
     """A full cache wraps around and overwrites position 0 instead of raising.
 

@@ -37,6 +37,19 @@ class Segfault(CorrectBackend):
             raise AssertionError("unreachable")
 
 
+class SegfaultPast4096(CorrectBackend):
+    """attend dereferences NULL once the cache holds more than 4096 positions (an index past a
+    fixed-size table in native code): short contexts pass, longer ones kill the process."""
+
+    name = "segfault-past-4096"
+
+    class Cache(CorrectCache):
+        def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+            if self.lengths[layer] > 4096:
+                ctypes.string_at(0)
+            return CorrectCache.attend(self, layer, q)
+
+
 class Aborts(CorrectBackend):
     """attend calls abort(), as a failed assertion in a C++ runtime does: SIGABRT."""
 
