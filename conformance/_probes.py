@@ -41,10 +41,10 @@ def boundaries_below(n: int) -> List[int]:
 
 
 def boundary_rows(n: int) -> List[int]:
-    """Positions read at each boundary b (b-1, b, b+1: a rounded or wrapped index shows on
-    the odd ones) below ``n``; the last position where there is no boundary."""
+    """Positions read: b-1, b and b+1 at each boundary b below ``n`` (a rounded or wrapped
+    index shows on the odd ones), and the last one."""
     rows = {p for b in boundaries_below(n) for p in (b - 1, b, b + 1) if p < n}
-    return sorted(rows) or [n - 1]
+    return sorted(rows | {n - 1})
 
 
 def overflow_length(value: float, threshold: float = FLOAT16_OVERFLOW) -> int:

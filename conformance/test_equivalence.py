@@ -295,13 +295,14 @@ def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, lo
     n = max(longctx_settings.positions)
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
     bounds = boundaries_below(n)
-    lengths = [b + 1 for b in bounds] or [n]  # a decode query at b; the whole cache is the shape's check
+    lengths = sorted({b + 1 for b in bounds} | {n})  # a decode query at each b and at the last position
     appends = [min(n, b + 2) for b in bounds]  # b+1 is read too
     targets = tuple(p for b in bounds for p in (b - 1, b))
     with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, lengths,
                          targets=targets, appends=appends, n_qs=(1,)) as run:
-        outcomes = [] if run.error else compare_read(run, longctx_backend, longctx_settings.error_factor,
-                                                     np.array(boundary_rows(n)))
+        outcomes = [] if run.error else [
+            outcome for row in boundary_rows(n)  # one by one: a failure names its position
+            for outcome in compare_read(run, longctx_backend, longctx_settings.error_factor, np.array([row]))]
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, "positions at boundaries", run.error)
 
 
