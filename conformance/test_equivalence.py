@@ -20,6 +20,12 @@ scaling variant and both pairings; the variants and the attention features
 (window, softcap, scale) do not depend on the storage type and run at the
 backend's most precise kv dtype, while the shape's own RoPE is checked at
 every dtype and positions value.
+
+Long-length probes put a check where a bug class starts (``_probes``): K read
+and queries attending at and past every power of two from 256 (a 16-bit index
+wraps at 32768), flat attention over same-sign V (a float16 accumulator
+overflows at a length its docstring computes), and dynamic NTK and LongRoPE
+on a cache filled in many chunks across the original context.
 """
 
 from __future__ import annotations
@@ -323,7 +329,7 @@ def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_d
     n = max(longctx_settings.positions)
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
     keys = visible_keys(n, spec)
-    k, _ = longctx_inputs.kv(n, spec)
+    k = longctx_inputs.normal(n, spec.n_kv_heads, spec.head_dim)  # no score depends on it
     v = flat_values(n, spec)
     q = np.zeros((1, spec.n_heads, spec.head_dim), np.float32)
     with opened(longctx_backend, spec, working_bytes=k.nbytes + v.nbytes) as cache:
