@@ -70,6 +70,19 @@ def read(backend: KVBackend, cache: KVCache, layer: int, start: int, stop: int) 
             host(backend, v, f"read V of layer {layer}", shape, where))
 
 
+def append(backend: KVBackend, cache: KVCache, layer: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
+    """Append host K/V for positions start.. to a layer; what the backend raises fails the case."""
+    __tracebackhide__ = True
+    native = [call("asarray", backend.asarray, x) for x in (k, v)]
+    try:
+        cache.append(layer, *native)
+    except BaseException as exc:
+        if is_run_control(exc):
+            raise
+        fail(f"append of positions {start}..{start + len(k) - 1}", describe(exc), "no error",
+             case(backend, cache.spec))
+
+
 def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
     spec = cache.spec
     native = call(f"asarray(queries for layer {layer})", backend.asarray, q)

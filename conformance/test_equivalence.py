@@ -20,6 +20,12 @@ scaling variant and both pairings; the variants and the attention features
 (window, softcap, scale) do not depend on the storage type and run at the
 backend's most precise kv dtype, while the shape's own RoPE is checked at
 every dtype and positions value.
+
+Long-length probes put a check where a bug class starts (``_probes``): K read
+and queries attending at and past every power of two from 256 (a 16-bit index
+wraps at 32768), flat attention over same-sign V (a float16 accumulator
+overflows at a length its docstring computes), and dynamic NTK and LongRoPE
+on a cache filled in many chunks across the original context.
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ import pytest
 
 from pytest_longctx import CacheSpec, RopeSpec
 from pytest_longctx.fixtures import opened, skip_unless_fits
-from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
 from pytest_longctx.metrics import Verdict
 from pytest_longctx.reference import apply_rope, farthest, stored_k_variants, stored_v
 
-from ._check import attend, call, case, equivalence, fail, judge_attention, read
+from ._check import append, attend, case, equivalence, judge_attention, read
+from ._probes import (FLOAT16_OVERFLOW, boundaries_below, boundary_rows, chunk_ends, flat_value, flat_values,
+                      overflow_length, visible_keys)
 
 pytestmark = pytest.mark.longctx_equivalence
 
@@ -88,13 +95,17 @@ def _role(run: EquivalenceRun, stage: Tuple[int, int], verdict: Verdict) -> str:
 
 @contextlib.contextmanager
 def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
-                    lengths: Sequence[int], targets: Sequence[int] = ()):
-    """Fill the last layer stage by stage, comparing attend() at each stage."""
-    n = spec.max_positions
+                    lengths: Sequence[int], targets: Sequence[int] = (), appends: Sequence[int] = (),
+                    n_qs: Sequence[int] = N_Q):
+    """Fill the last layer stage by stage, comparing attend() at each stage.
+
+    ``lengths`` are where attend() is compared; ``appends`` are further lengths where an
+    append ends (a cache filled in many chunks). The fill stops at the largest of both."""
+    n = max((*lengths, *appends))
     # Checked before the references are made: needles' K/V (float32), K and V true and as
     # stored (float64), RoPE's temporaries.
     skip_unless_fits(backend, spec, REFERENCE_BYTES_PER_VALUE * n * spec.n_kv_heads * spec.head_dim)
-    stages = [(length, n_q) for length in lengths for n_q in N_Q if n_q <= length]
+    stages = [(length, n_q) for length in lengths for n_q in n_qs if n_q <= length]
     needles = inputs.needles(spec, n, stages, targets)
     positions = np.arange(n)
     k_true = apply_rope(needles.k, positions, spec)
@@ -106,23 +117,17 @@ def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
     with opened(backend, spec, working_bytes=working) as cache:
         run = EquivalenceRun(spec, needles, cache, layer, k_true, k_plains, v_true, v_plain)
         try:
-            _fill_and_compare(backend, run, stages, lengths, factor)
+            _fill_and_compare(backend, run, stages, sorted({*lengths, *appends}), factor)
         except pytest.fail.Exception as exc:  # reported by the tests, as failures not errors
             run.error = str(exc)
         yield run
 
 
-def _fill_and_compare(backend, run: EquivalenceRun, stages, lengths, factor: float) -> None:
+def _fill_and_compare(backend, run: EquivalenceRun, stages, ends: Sequence[int], factor: float) -> None:
     spec, needles, cache, layer = run.spec, run.case, run.cache, run.layer
     held = 0
-    for length in sorted(set(lengths)):
-        k, v = (call("asarray", backend.asarray, x[held:length]) for x in (needles.k, needles.v))
-        try:
-            cache.append(layer, k, v)
-        except BaseException as exc:
-            if is_run_control(exc):
-                raise
-            fail(f"append of positions {held}..{length - 1}", describe(exc), "no error", case(backend, spec))
+    for length in ends:
+        append(backend, cache, layer, needles.k[held:length], needles.v[held:length], held)
         held = length
         for stage in [s for s in stages if s[0] == length]:
             q = needles.queries[stage]
@@ -197,8 +202,9 @@ def test_read_matches_reference(longctx_backend, longctx_settings, longctx_measu
 def rope_variant(shape: CacheSpec, kind: str, style: str, positions: int) -> RopeSpec:
     """The shape's RoPE, or a realistic configuration of another scaling kind.
 
-    Dynamic NTK's original context is at most a quarter of ``positions``, so that the cache
-    always grows past it (else its base is the plain one and a wrong base cannot show)."""
+    Dynamic NTK's and LongRoPE's original context is at most a quarter of ``positions``, so
+    that the cache always grows past it (else its base is the plain one, its factors the
+    short ones, and a choice made per append cannot show)."""
     base = shape.rope
     if base.kind == kind:
         return RopeSpec(**{**base.__dict__, "style": style})
@@ -210,7 +216,8 @@ def rope_variant(shape: CacheSpec, kind: str, style: str, positions: int) -> Rop
         "linear": dict(factor=4.0),
         "dynamic": dict(factor=4.0, original_max_positions=max(1, min(4096, positions // 4))),
         "yarn": dict(factor=4.0, original_max_positions=32768),  # Qwen's recommended YaRN
-        "longrope": dict(original_max_positions=4096, short_factor=tuple(np.linspace(1.0, 3.0, half)),
+        "longrope": dict(original_max_positions=max(1, min(4096, positions // 4)),
+                         short_factor=tuple(np.linspace(1.0, 3.0, half)),
                          long_factor=tuple(np.geomspace(1.0, 64.0, half))),
         "llama3": dict(factor=8.0, original_max_positions=8192, low_freq_factor=1.0, high_freq_factor=4.0),
     }
@@ -230,6 +237,9 @@ def variant_spec(settings, kv_dtype: str, positions: int) -> CacheSpec:
 ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
+# Kinds whose frequencies depend on the cache's length: fixed once per cache by the contract.
+PER_CACHE_KINDS = ("dynamic", "longrope")
+
 ROPE_CASES = [(kind, style) for kind in ROPE_KINDS for style in ("neox", "gptj") if (kind, style) != ("none", "gptj")]
 
 
@@ -240,12 +250,20 @@ def test_rope_matches_reference_at_long_positions(longctx_backend, longctx_kv_dt
     n = max(longctx_settings.positions)
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n).replace(
         rope=rope_variant(longctx_settings.shape, kind, style, n))
-    checks = np.array([p for p in CHECK_POSITIONS if p < n] + [n - 1])
-    # Dynamic NTK's base is fixed per cache: keys appended before the cache grew past the
-    # original context must get it too (a base taken from the length at each append does not).
-    lengths = sorted({spec.rope.original_max_positions, n}) if kind == "dynamic" else [n]
+    checks = [p for p in CHECK_POSITIONS if p < n] + [n - 1]
+    lengths, appends = [n], []
+    if kind in PER_CACHE_KINDS:
+        # Dynamic NTK's base and LongRoPE's factors are fixed per cache: a cache filled in many
+        # chunks, the first ending within the original context, must get them on every chunk
+        # (chosen from the length at each append, vLLM #3488 and #27414, it does not). Keys
+        # from before the crossing are read; dynamic also attends there.
+        orig = spec.rope.original_max_positions
+        lengths = sorted({orig, n}) if kind == "dynamic" else [n]
+        appends = chunk_ends(n, longctx_settings.chunk, keep=(orig,))
+        checks = [0, orig - 1] + checks
+    checks = np.unique(checks)
     with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, lengths,
-                         targets=tuple(int(p) for p in checks)) as run:
+                         targets=tuple(int(p) for p in checks), appends=appends) as run:
         outcomes = [] if run.error else compare_read(run, longctx_backend, longctx_settings.error_factor, checks)
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}", run.error)
 
@@ -269,3 +287,63 @@ def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, l
     with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor,
                          stage_lengths(n)) as run:
         report(run.outcomes, spec, longctx_backend, longctx_measure, f"attention {feature}", run.error)
+
+
+@pytest.mark.longctx_storage_independent
+def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, longctx_kv_dtype, longctx_settings,
+                                                             longctx_inputs, longctx_measure):
+    """Position indices at and past every power of two b >= 256 the cache holds: K read at
+    b-1, b and b+1, queries attending at b (a cache of b+1 positions, needles at b-1 and b).
+
+    A position kept in 16 bits wraps at 32768 (signed) or 65536 (unsigned) and one kept in
+    bfloat16 or float16 rounds odd positions past 256 or 2048 (candle PR #3520: 15962 became
+    15936): the cache then rotates K and the query at another position than its own."""
+    n = max(longctx_settings.positions)
+    spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
+    bounds = boundaries_below(n)
+    lengths = sorted({b + 1 for b in bounds} | {n})  # a decode query at each b and at the last position
+    appends = [min(n, b + 2) for b in bounds]  # b+1 is read too
+    targets = tuple(p for b in bounds for p in (b - 1, b))
+    with equivalence_run(longctx_backend, spec, longctx_inputs, longctx_settings.error_factor, lengths,
+                         targets=targets, appends=appends, n_qs=(1,)) as run:
+        outcomes = [] if run.error else [
+            outcome for row in boundary_rows(n)  # one by one: a failure names its position
+            for outcome in compare_read(run, longctx_backend, longctx_settings.error_factor, np.array([row]))]
+        report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, "positions at boundaries", run.error)
+
+
+def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_dtype, longctx_settings,
+                                                   longctx_inputs, longctx_measure):
+    """A query with zero scores over n keys that all hold the same value a (2, or 127/64 where
+    the cache cannot store 2 exactly): the output is a.
+
+    Random mean-zero V never shows a float16 accumulator; same-sign V does, at a length the
+    arithmetic gives. Flat weights are all exp(0) = 1, so the unnormalised output is the sum
+    n·a and the denominator n. float16 rounds a sum to +Inf from 65504 + 32/2 = 65520 on: a
+    float16 accumulator of the output overflows at n = ceil(65520 / a) keys (32760 for a = 2,
+    33018 for 127/64), one of the denominator at n = 65520 keys (llama.cpp PR #17746, Metal PR
+    #13975). Below that, float16 holds the sum 2n exactly for every n up to 2048 and every n
+    that is a multiple of 16, so there the first failure is the overflow; float32 holds n·a
+    exactly (a has 7 significant bits) up to 2^17 keys, in any order of summation. With
+    equal weights the reference is the mean of the visible V."""
+    n = max(longctx_settings.positions)
+    spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
+    keys = visible_keys(n, spec)
+    k = longctx_inputs.normal(n, spec.n_kv_heads, spec.head_dim)  # no score depends on it
+    v = flat_values(n, spec)
+    q = np.zeros((1, spec.n_heads, spec.head_dim), np.float32)
+    with opened(longctx_backend, spec, working_bytes=k.nbytes + v.nbytes) as cache:
+        for start in range(0, n, longctx_settings.chunk):
+            stop = min(n, start + longctx_settings.chunk)
+            append(longctx_backend, cache, 0, k[start:stop], v[start:stop], start)
+        got = attend(longctx_backend, cache, 0, q)
+    # Equal weights: attention is the mean of the visible V, summed in float64 (the truth) and
+    # in float32 over V as the cache stores it (the plain yardstick), for each query head's KV head.
+    heads, seen = np.arange(spec.n_heads) // spec.group_size, slice(n - keys, n)
+    truth = np.mean(v[seen], axis=0, dtype=np.float64)[heads][None]
+    plain = np.mean(stored_v(v[seen], spec).astype(np.float32), axis=0, dtype=np.float32)[heads][None]
+    verdict = equivalence(got, truth, plain, longctx_settings.error_factor, terms=keys)
+    value = flat_value(spec.kv_dtype)
+    what = (f"attend with a flat query over {keys} keys of v={value:g} (a float16 sum of them overflows "
+            f"{FLOAT16_OVERFLOW:g} at {overflow_length(value)} keys)")
+    report([Outcome(what, verdict)], spec, longctx_backend, longctx_measure, "flat attention")

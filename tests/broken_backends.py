@@ -35,13 +35,15 @@ class CorrectCache:
     """A float32 cache holding K rotated at absolute positions (the minimal example)."""
 
     alloc_factor = 1  # how many caches' worth of storage is allocated
+    storage: Dict[str, Any] = {"float32": np.float32}  # kv dtype -> the NumPy type that holds it
 
     def __init__(self, spec: CacheSpec) -> None:
-        if spec.kv_dtype != "float32":
-            raise NotSupported(f"only float32, not {spec.kv_dtype}")
+        if spec.kv_dtype not in self.storage:
+            raise NotSupported(f"only {', '.join(self.storage)}, not {spec.kv_dtype}")
         self.spec, self.rope = spec, rope_frequencies(spec)
         shape = (spec.n_layers, self.alloc_factor * spec.max_positions, spec.n_kv_heads, spec.head_dim)
-        self.k, self.v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        dtype = self.storage[spec.kv_dtype]
+        self.k, self.v = np.empty(shape, dtype), np.empty(shape, dtype)
         self.lengths = [0] * spec.n_layers
 
     # The steps broken backends override.
@@ -61,8 +63,12 @@ class CorrectCache:
         return (keys <= pos) & ((keys > pos - window) if window else True)
 
     def softmax(self, scores: np.ndarray) -> np.ndarray:
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        return weights / weights.sum(-1, keepdims=True)
+        """The softmax's numerators exp(score - max), each at most 1: normalised after the sum."""
+        return np.exp(scores - scores.max(-1, keepdims=True))
+
+    def weighted_sum(self, weights: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """The unnormalised output sum_k weight·V (n_q, n_heads, d), accumulated in float32."""
+        return np.einsum("hqk,khd->qhd", weights, v, dtype=np.float32)
 
     # The contract.
 
@@ -99,7 +105,9 @@ class CorrectCache:
             scores = s.softcap * np.tanh(scores / s.softcap)
         pos, keys = np.arange(length - n_q, length)[:, None], np.arange(length)[None, :]
         scores = np.where(self.visible(pos, keys), scores, -np.inf).astype(np.float32)
-        return np.einsum("hqk,khd->qhd", self.softmax(scores), v)
+        weights = self.softmax(scores)  # (n_heads, n_q, keys)
+        with np.errstate(over="ignore", invalid="ignore"):  # a broken step's Inf/NaN reaches the output
+            return self.weighted_sum(weights, v) / weights.sum(-1, dtype=np.float32).T[..., None]
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         return self.k[layer, start:stop], self.v[layer, start:stop]
@@ -153,6 +161,21 @@ class Float16Angles(CorrectBackend):
             return product.astype(np.float64)
 
 
+class Int16Positions(CorrectBackend):
+    """Positions held in int16: past 32767 they wrap to -32768 and K is rotated there.
+
+    Bug class of TPU inference PR #2756 (71 to 95% of the output "concentrated at end of
+    prompt"): every position below 32768 is right, so only a cache longer than that shows it.
+    """
+
+    name = "int16-positions"
+
+    class Cache(CorrectCache):
+        def angles(self, start: int, n: int) -> np.ndarray:
+            positions = np.arange(start, start + n).astype(np.int16)  # wraps modulo 2^16
+            return positions[:, None, None] * self.rope.inv_freq
+
+
 class SwappedPairing(CorrectBackend):
     """neox (first half with second half) and gptj (even with odd) pairing swapped.
 
@@ -185,6 +208,67 @@ class DynamicBasePerAppend(CorrectBackend):
             grown = max(start + n, self.spec.rope.original_max_positions)
             inv_freq = rope_frequencies(self.spec.replace(max_positions=grown)).inv_freq
             return np.arange(start, start + n)[:, None, None] * inv_freq
+
+
+class LongRopeFactorsPerAppend(CorrectBackend):
+    """LongRoPE's short or long factors chosen at each append from the length so far.
+
+    vLLM issue 27414, llama.cpp issue 24823: a prompt prefilled in chunks gets the short
+    factors on the chunks that end within original_max_positions and the long ones on the
+    rest. The contract fixes them once per cache, from its max_positions; a cache filled in
+    one append past the original context cannot show the difference.
+    """
+
+    name = "longrope-factors-per-append"
+
+    class Cache(CorrectCache):
+        def angles(self, start: int, n: int) -> np.ndarray:
+            if self.spec.rope.kind != "longrope":
+                return super().angles(start, n)
+            so_far = rope_frequencies(self.spec.replace(max_positions=start + n)).inv_freq
+            return np.arange(start, start + n)[:, None, None] * so_far
+
+
+class CorrectFloat16Cache(CorrectCache):
+    """The correct cache storing K and V in float16 too; scores and sums stay float32."""
+
+    storage = {"float32": np.float32, "float16": np.float16}
+
+
+class CorrectFloat16Backend(CorrectBackend):
+    """Not broken: the correct backend with a float16 cache, the one that the float16
+    accumulator departs from."""
+
+    name = "correct-float16"
+    Cache: Any = CorrectFloat16Cache
+    kv_dtypes = ("float32", "float16")
+
+
+# Keys per block of an attention kernel: each block's sum is float32, the running total is not.
+KERNEL_BLOCK = 256
+
+
+class Float16OutputAccumulator(CorrectFloat16Backend):
+    """For float16 caches, the unnormalised output is accumulated in float16, block by block.
+
+    llama.cpp PR #17746, Metal PR #13975 ("overflows F16 at large context (more than 32k)"):
+    random mean-zero V keeps the sum small; same-sign V drives it past float16's 65504, and
+    from then on the output is Inf or NaN.
+    """
+
+    name = "float16-accumulator"
+
+    class Cache(CorrectFloat16Cache):
+        def weighted_sum(self, weights: np.ndarray, v: np.ndarray) -> np.ndarray:
+            if self.spec.kv_dtype != "float16":
+                return super().weighted_sum(weights, v)
+            total = np.zeros((weights.shape[1], weights.shape[0], v.shape[-1]), np.float16)
+            for start in range(0, v.shape[0], KERNEL_BLOCK):
+                block = slice(start, start + KERNEL_BLOCK)
+                part = np.einsum("hqk,khd->qhd", weights[..., block], v[block], dtype=np.float32)
+                with np.errstate(over="ignore"):
+                    total = (total + part).astype(np.float16)  # rounded to float16, Inf past 65504
+            return total.astype(np.float32)
 
 
 class WrongGQAMapping(CorrectBackend):
@@ -242,9 +326,8 @@ class NoMaxSubtraction(CorrectBackend):
 
     class Cache(CorrectCache):
         def softmax(self, scores: np.ndarray) -> np.ndarray:
-            with np.errstate(over="ignore", invalid="ignore"):
-                weights = np.exp(scores)
-                return weights / weights.sum(-1, keepdims=True)
+            with np.errstate(over="ignore"):
+                return np.exp(scores)
 
 
 # ----------------------------------------------------------------------------- limits
@@ -465,6 +548,7 @@ class QueuedAttend(CorrectBackend):
 
 
 # Every defect above that is one override of CorrectCache (the rest break the factory or info).
-CACHE_DEFECTS = ("Float16Angles", "SwappedPairing", "DynamicBasePerAppend", "WrongGQAMapping", "CausalOffByOne",
+CACHE_DEFECTS = ("Float16Angles", "Int16Positions", "SwappedPairing", "DynamicBasePerAppend",
+                 "LongRopeFactorsPerAppend", "Float16OutputAccumulator", "WrongGQAMapping", "CausalOffByOne",
                  "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk", "DoubleAllocation",
                  "KeepsEveryInput", "WrongShape", "CopyOnAppend", "DeferredAttend")

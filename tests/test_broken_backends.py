@@ -35,13 +35,13 @@ _FAILED = re.compile(r"^(FAILED|ERROR) (?P<module>[\w/.]+?)::(?P<test>\w+)(?:\[(
 
 
 def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: str = SHAPE,
-              module: str = "broken_backends") -> pytest.RunResult:
-    """Run the installed suite on ``<module>:<backend>``, in process."""
+              positions: str = POSITIONS) -> pytest.RunResult:
+    """Run the installed suite on ``broken_backends:<backend>`` (or ``module:Name``), in process."""
     pytester.syspathinsert(TESTS_DIR)
     return pytester.runpytest(
-        f"--longctx-backend={module}:{backend}",
+        f"--longctx-backend={backend if ':' in backend else 'broken_backends:' + backend}",
         f"--longctx-shape={shape}",
-        f"--longctx-positions={POSITIONS}",
+        f"--longctx-positions={positions}",
         "-rfE",
         *args,
     )
@@ -70,6 +70,7 @@ class Defect:
     shape: str = SHAPE
     outcomes: Dict[str, int] = field(default_factory=dict)  # at least this many of each outcome
     absent: Sequence[str] = ()  # fnmatch patterns no line may match
+    positions: str = POSITIONS
 
 
 CASE = "[[]{name} float32 @ 4096 positions, *]"  # fnmatch: "[" must be escaped
@@ -102,6 +103,34 @@ DEFECTS = [
         ["attend with 1 query at positions ..1023, worst at *: max|error|=*, but should be <= * "
          + CASE.format(name="dynamic-base-per-append")],
         outcomes={"failed": 2},
+    ),
+    # The long-length probes, each at the first length where its defect exists.
+    Defect(
+        "Int16Positions", (*EQUIVALENCE, "-k", "index_boundaries"),
+        [("test_equivalence.py", "test_positions_at_index_boundaries_read_and_attend_right[float32]")],
+        ["attend with 1 query at positions ..32768, worst at *: max|error|=*, but should be <= * "
+         "[[]int16-positions float32 @ 32769 positions, *]",
+         "read K at positions 32768..32768: max|error|=*, but should be <= * [[]int16-positions float32 @ 32769 *]"],
+        positions="32769", outcomes={"failed": 1},
+        absent=["read K at positions 32767..32767:*", "attend with 1 query at positions ..16384*"],
+    ),
+    Defect(
+        "Float16OutputAccumulator", (*EQUIVALENCE, "-k", "flat_attention"),
+        [("test_equivalence.py", "test_flat_attention_over_large_values_is_exact[float16]")],
+        ["attend with a flat query over 32760 keys of v=2 (a float16 sum of them overflows 65520 at 32760 keys): "
+         "has * NaN/Inf values, the first at index (0, 0, 0), but should have none "
+         "[[]float16-accumulator float16 @ 32760 positions, *]"],
+        positions="32760", outcomes={"passed": 1, "failed": 1},  # float32 caches accumulate in float32
+    ),
+    Defect(
+        "LongRopeFactorsPerAppend", (*EQUIVALENCE, "-k", "longrope-neox or longrope-gptj or dynamic-neox"),
+        [("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-longrope-neox]"),
+         ("test_equivalence.py", "test_rope_matches_reference_at_long_positions[float32-longrope-gptj]")],
+        # The chunks that ended within the original context (1024) got the short factors.
+        ["read K at positions 1023..1023: max|error|=*, but should be <= * "
+         "[[]longrope-factors-per-append float32 @ 4096 positions, * rope=longrope/neox]"],
+        outcomes={"passed": 1, "failed": 2},
+        absent=["read K at positions 2047..2048:*", "read K at positions 4095..4095:*"],
     ),
     Defect(
         "WrongGQAMapping", (*EQUIVALENCE, "-k", "4096"),
@@ -194,6 +223,11 @@ DEFECTS = [
     ),
 ]
 
+# Every defect on CorrectCache; the numerical ones (the equivalence group, whose yardstick was
+# widened for float32 frequencies) also on the float32-RoPE engine.
+ENGINE_CASES = [(d, "correct") for d in DEFECTS] + [
+    (d, "float32-rope") for d in DEFECTS if {module for module, _ in d.failing} == {"test_equivalence.py"}]
+
 
 def test_deferred_attend_results_are_right(pytester: pytest.Pytester) -> None:
     """Deferred work is a timing defect only: the equivalence group passes its results."""
@@ -210,18 +244,13 @@ def test_queued_work_that_synchronize_waits_for_is_not_deferred(pytester: pytest
     result.stdout.no_fnmatch_line("*UNTRUSTED*")
 
 
-@pytest.mark.parametrize("engine", ["correct", "float32-rope"])
-@pytest.mark.parametrize("defect", DEFECTS, ids=[d.backend for d in DEFECTS])
+@pytest.mark.parametrize(("defect", "engine"), ENGINE_CASES, ids=[f"{d.backend}-{e}" for d, e in ENGINE_CASES])
 def test_suite_catches_defect(pytester: pytest.Pytester, defect: Defect, engine: str) -> None:
     """The group certifying the requirement fails, with a one-line diagnosis, and the run completes;
-    on the float64-angle CorrectCache and on the float32 engine (foreign_backends.Float32Cache,
-    RoPE computed as transformers does) alike: the yardstick that passes float32 RoPE must
-    still catch every defect."""
-    if engine == "correct":
-        result = run_suite(pytester, defect.backend, *defect.select, shape=defect.shape)
-    else:
-        result = run_suite(pytester, f"Float32{defect.backend}", *defect.select, shape=defect.shape,
-                           module="foreign_backends")
+    for the numerical defects also on the float32 engine (foreign_backends.Float32Cache, RoPE
+    computed as transformers does): the yardstick widened for float32 RoPE must still catch them."""
+    backend = defect.backend if engine == "correct" else f"foreign_backends:Float32{defect.backend}"
+    result = run_suite(pytester, backend, *defect.select, shape=defect.shape, positions=defect.positions)
     caught = not_passed(result)
     missing = set(defect.failing) - caught
     assert not missing, f"{defect.backend} slipped through {sorted(missing)}:\n{result.stdout.str()}"
@@ -236,6 +265,41 @@ def test_suite_catches_defect(pytester: pytest.Pytester, defect: Defect, engine:
     # The diagnosis is the failure's first line: no traceback into the suite.
     result.stdout.no_fnmatch_line("*conformance/_check.py:*")
     result.stdout.no_fnmatch_line("E   *")
+
+
+@pytest.mark.parametrize(("backend", "select", "positions"), [
+    ("Int16Positions", "index_boundaries", "32768"),  # positions 0..32767 fit in int16
+    ("Float16OutputAccumulator", "flat_attention", "32752"),  # 2 x 32752 = 65504, float16's largest
+], ids=["Int16Positions", "Float16OutputAccumulator"])
+def test_long_length_defect_passes_below_its_length(pytester: pytest.Pytester, backend: str, select: str,
+                                                    positions: str) -> None:
+    """A defect that starts at a length is invisible below it: the probe that catches it one
+    step later (see DEFECTS) passes there, so it blames the length, not the backend at large."""
+    result = run_suite(pytester, backend, *EQUIVALENCE, "-k", select, positions=positions)
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"passed", "deselected"} and outcomes["passed"] >= 1, result.stdout.str()
+
+
+@pytest.mark.parametrize(("backend", "select"), [
+    ("CorrectFloat16Backend", "flat_attention"),  # float32 sums of a float16 cache
+    ("foreign_backends:Float32RopeBackend", "index_boundaries"),  # float32 angles past 32768
+], ids=["CorrectFloat16Backend", "Float32RopeBackend"])
+def test_correct_backends_pass_the_long_length_probes(pytester: pytest.Pytester, backend: str, select: str) -> None:
+    """Past the lengths where the defects above start (32768 positions, 32760 flat keys),
+    correct backends pass the probes; the chunked RoPE fills pass in the whole-suite runs."""
+    result = run_suite(pytester, backend, *EQUIVALENCE, "-k", select, positions="32769")
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"passed", "deselected"} and outcomes["passed"] >= 1, result.stdout.str()
+
+
+def test_correct_float16_backend_passes_at_float16(pytester: pytest.Pytester) -> None:
+    """The float16 cache the accumulator defect departs from is right: the shape's own
+    attention and read at float16, and the flat probe."""
+    result = run_suite(pytester, "CorrectFloat16Backend", *EQUIVALENCE, "-k", "float16-4096 or flat_attention")
+    outcomes = result.parseoutcomes()
+    assert set(outcomes) == {"passed", "deselected"} and outcomes["passed"] >= 4, result.stdout.str()
+    result.stdout.fnmatch_lines(["*CorrectFloat16Backend*float16*attention error*",
+                                 "*CorrectFloat16Backend*float16*flat attention*0 <= *"])
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
