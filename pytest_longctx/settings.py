@@ -21,8 +21,12 @@ MAX_POSITIONS = 131072
 # The slowest work the suite asks at its own floors is the whole 16384-position fill at 125
 # positions/s, 131 s, for a 7B cache whose float64 KV (34 GB) streams in 2.9 s there: 45x.
 # A margin of 1000 leaves 20x over that (a loaded or slower host measures its own lower
-# bandwidth and gets a longer deadline); a tiny 2-layer shape at 8192 positions gets the
-# floor, which covers what costs the same at any size (opening, loading, the reference).
+# bandwidth and gets a longer deadline); a tiny 2-layer shape gets the floor, which covers
+# the work that does not stream the cache (opening, the float64 reference's queries). That
+# work grows with positions too: on the 2-core host under load 7-11 (the case's process had
+# 18% of a core), the tiny shape's fill-and-reference fixture at 65536 positions took over
+# 60 s. So the floor is AUTO_DEADLINE_FLOOR_S per FLOOR_POSITIONS positions, never below it:
+# 60 s up to 16384, 240 s at 65536, 480 s at 131072.
 AUTO = "auto"
 AUTO_DEADLINE_MARGIN = 1000.0
 AUTO_DEADLINE_FLOOR_S = 60.0
@@ -166,7 +170,8 @@ class Settings:
         if self.deadline == AUTO:
             float64_kv = 2 * self.shape.replace(kv_dtype="float32", max_positions=n).kv_bytes(n)
             streamed = float64_kv / ((copy_gbps or ASSUMED_COPY_GBPS) * 1e9)
-            return max(AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_MARGIN * streamed)
+            floor = AUTO_DEADLINE_FLOOR_S * max(1.0, n / FLOOR_POSITIONS)
+            return max(floor, AUTO_DEADLINE_MARGIN * streamed)
         return float(self.deadline) * max(n, FLOOR_POSITIONS // 4) / FLOOR_POSITIONS
 
     def whole_cache_floor(self, base: Optional[float], positions: int) -> Optional[float]:

@@ -360,6 +360,9 @@ def test_auto_deadline_follows_the_work_of_the_case() -> None:
 
     tiny = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
     assert auto(tiny, 8192, 11.7) == auto(tiny, 4096, 11.7) == 60.0
+    # The reference's work grows with positions: the floor does too (a tiny shape's case at
+    # 65536 positions took over 60 s on the loaded 2-core host).
+    assert auto(tiny, 65536, 11.7) == 240.0 and auto(tiny, 131072, 11.7) == 480.0
     assert 600 < auto("llama-3.1-8b", 16384, 11.7) < 800  # 8.6 GB of float64 KV
     assert auto("7b-sim", 16384, 11.7) > 20 * 131  # 20x the seed's whole fill at its floor
     assert auto("llama-3.1-8b", 16384, 2.0) > 5 * auto("llama-3.1-8b", 16384, 11.7)
