@@ -46,7 +46,7 @@ from ._check import call, case, equivalence, fail, host, judge_attention, read
 pytestmark = pytest.mark.longctx_throughput
 
 SAMPLED_ATTENDS = 2  # timed attend outputs checked against the reference (TEST01)
-PROBE_PAIRS = 9  # fresh/repeated pairs of the memorisation probe (TEST04); a second round confirms
+PROBE_PAIRS = 9  # fresh/repeated/fresh triplets of the memorisation probe (TEST04); a second round confirms
 EARLY_STEPS = 32  # decode-style steps at the first positions, against the same steps at the last
 # Median per-position cost of the last decode-style steps over the first ones of the same fill.
 # A correct cache is ~flat; one that copies the layer on every append grows ~linearly with the
@@ -244,7 +244,7 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
         pytest.skip(f"too large for this machine: the reference of one layer {reason} ({spec.describe()}, {n} positions)")
     inputs = Inputs(settings.seed, f"attention-{spec.kv_dtype}-{n}")
     host_queries = inputs.q(spec.n_layers * (settings.repeats + 1), spec)
-    probe_queries = inputs.q(2 * PROBE_PAIRS + 1, spec)
+    probe_queries = inputs.q(4 * PROBE_PAIRS + 1, spec)
     rng = np.random.default_rng([settings.seed, n])
     probe_layer = int(rng.integers(spec.n_layers))
     with _longctx_lock.exclusive():
@@ -252,13 +252,13 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
             seconds, timed_calls = time_decode_attention(
                 longctx_backend, cache, longctx_backend.asarray(host_queries), settings.repeats)
             probe = time_repeated_input(longctx_backend, cache, probe_layer,
-                                        longctx_backend.asarray(probe_queries[:PROBE_PAIRS + 1]), PROBE_PAIRS)
-            speedup = _speedup(*probe)
+                                        longctx_backend.asarray(probe_queries[:2 * PROBE_PAIRS + 1]), PROBE_PAIRS)
+            speedup, noise = probe.speedup(), probe.noise()
             if settings.repeat_speedup is not None and speedup > settings.repeat_speedup:
                 # A noisy machine can fake a speed-up once; a cache of answers shows it every time.
-                again = np.concatenate([probe_queries[:1], probe_queries[PROBE_PAIRS + 1:]])
-                speedup = min(speedup, _speedup(*time_repeated_input(
-                    longctx_backend, cache, probe_layer, longctx_backend.asarray(again), PROBE_PAIRS)))
+                again = time_repeated_input(longctx_backend, cache, probe_layer, longctx_backend.asarray(
+                    np.concatenate([probe_queries[:1], probe_queries[2 * PROBE_PAIRS + 1:]])), PROBE_PAIRS)
+                speedup, noise = min(speedup, again.speedup()), max(noise, again.noise())
         except BaseException as exc:
             if is_run_control(exc):
                 raise
@@ -291,26 +291,27 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
         gbps=gbps, fraction_of_read=fraction, spread=tokens.spread, threshold=floor,
         fraction_threshold=fraction_floor, read_gbps=bandwidth.read_gbps, kv_bytes=spec.kv_bytes(n),
     )
+    # The bar is the setting times what the machine alone did to two fresh calls in the same
+    # triplets: a cache of answers is hundreds of times faster (761x on the tests' small
+    # shape), while under load 7-11 on 2 cores a correct backend's repeated query came out
+    # 3.1x and 4.5x faster, and the fresh-vs-fresh control moved with it.
     allowed = settings.repeat_speedup
-    memorises = allowed is not None and speedup > allowed
+    bar = None if allowed is None else allowed * noise
+    memorises = bar is not None and speedup > bar
+    noisy = f", machine noise {noise:.2f}x" if noise > 1.1 else ""
     longctx_measure.record(
-        "repeated input", speedup, "x", bound="" if allowed is None else f"<= {allowed:g}x", passed=not memorises,
-        cell=f"{speedup:.2f}x faster" + ("" if allowed is None else f" (<= {allowed:g}x)"), threshold=allowed,
-        pairs=PROBE_PAIRS, layer=probe_layer,
+        "repeated input", speedup, "x", bound="" if bar is None else f"<= {bar:.3g}x", passed=not memorises,
+        cell=f"{speedup:.2f}x faster" + ("" if bar is None else f" (<= {bar:.3g}x{noisy})"), threshold=bar,
+        pairs=PROBE_PAIRS, layer=probe_layer, noise=noise,
     )
     _check_sampled_attends(longctx_backend, filled, timed_calls, host_queries, settings, rng, where)
     if memorises:
         fail(f"attend of a repeated query on layer {probe_layer}",
-             f"{speedup:.1f}x faster than fresh queries (median of {PROBE_PAIRS} pairs, measured twice)",
-             f"at most {allowed:g}x: the backend answers from a cache of earlier answers (MLPerf TEST04)", where)
+             f"{speedup:.1f}x faster than fresh queries (median of {PROBE_PAIRS} triplets, measured twice)",
+             f"at most {allowed:g}x x {noise:.2f} (two fresh queries' own ratio): the backend answers from a "
+             "cache of earlier answers (MLPerf TEST04)", where)
     _check_floor("decode attention through all layers", tokens.median, "tokens/s", floor, where)
     _check_fraction("decode attention through all layers", fraction, fraction_floor, "streaming-read", where)
-
-
-def _speedup(fresh, repeated):
-    """How much faster a repeated input was answered: the median of per-pair ratios, which
-    resists load that comes and goes on a shared machine (each pair runs back to back)."""
-    return statistics.median(f / max(r, 1e-9) for f, r in zip(fresh, repeated))
 
 
 def _check_sampled_attends(backend, filled, timed_calls, host_queries, settings, rng, where):

@@ -7,6 +7,8 @@ can say at which position a backend failed.
 
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -230,21 +232,41 @@ def time_decode_attention(backend: KVBackend, cache: KVCache, queries: Any,
     return seconds, kept
 
 
-def time_repeated_input(backend: KVBackend, cache: KVCache, layer: int, queries: Any,
-                        pairs: int) -> Tuple[List[float], List[float]]:
-    """MLPerf TEST04's probe: attend on ``layer`` with a fresh query and with one query
-    already answered, in ``pairs`` interleaved pairs (so that load on a shared machine
-    hits both alike). ``queries[0]`` is the repeated one; ``queries[1:pairs + 1]`` are fresh.
+@dataclass
+class RepeatProbe:
+    """Seconds of the TEST04 probe, triplet by triplet: a fresh query, the repeated one, and a
+    second fresh query (the control: how much two fresh calls differ on this machine now)."""
 
-    Returns (fresh seconds, repeated seconds), pair by pair.
+    fresh: List[float]
+    repeated: List[float]
+    control: List[float]
+
+    def speedup(self) -> float:
+        """How much faster the repeated query was answered: median of per-triplet ratios."""
+        return statistics.median(f / max(r, 1e-9) for f, r in zip(self.fresh, self.repeated))
+
+    def noise(self) -> float:
+        """How far apart two fresh calls were (>= 1): a speed-up up to this factor is the machine's."""
+        ratio = statistics.median(f / max(c, 1e-9) for f, c in zip(self.fresh, self.control))
+        return max(ratio, 1 / max(ratio, 1e-9))
+
+
+def time_repeated_input(backend: KVBackend, cache: KVCache, layer: int, queries: Any,
+                        triplets: int) -> RepeatProbe:
+    """MLPerf TEST04's probe: attend on ``layer`` with a query already answered, each time
+    beside two fresh ones, in ``triplets`` triplets whose order rotates (so that whatever a
+    place in the sequence gains on a shared machine, each kind of call has it as often).
+    ``queries[0]`` is the repeated one; ``queries[1:2 * triplets + 1]`` are fresh.
     """
     repeated = queries[0:1]
     cache.attend(layer, repeated)  # answered once: a cache of answers now holds it
-    fresh_seconds, repeated_seconds = [], []
-    for i in range(1, pairs + 1):
-        fresh_seconds.append(timed(lambda i=i: cache.attend(layer, queries[i:i + 1]), backend.synchronize))
-        repeated_seconds.append(timed(lambda: cache.attend(layer, repeated), backend.synchronize))
-    return fresh_seconds, repeated_seconds
+    probe = RepeatProbe([], [], [])
+    for i in range(triplets):
+        calls = [(probe.fresh, queries[1 + 2 * i:2 + 2 * i]), (probe.repeated, repeated),
+                 (probe.control, queries[2 + 2 * i:3 + 2 * i])]
+        for seconds, query in calls[i % 3:] + calls[:i % 3]:
+            seconds.append(timed(lambda query=query: cache.attend(layer, query), backend.synchronize))
+    return probe
 
 
 def time_conversion(backend: KVBackend, timed_results: List[Any], materialized: Any) -> Tuple[List[float], List[float]]:
