@@ -22,6 +22,7 @@ BUILTINS = {
     "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
     "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
     "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
+    "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.
