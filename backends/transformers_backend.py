@@ -159,6 +159,7 @@ class TransformersBackend:
     (transformers' progress bars and warnings while loading, default false)."""
 
     name = "transformers"
+    runtime_class: type = None  # type: ignore[assignment]  # TransformersRuntime, set below the class
 
     def __init__(self, *, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
                  attn: str = "sdpa", n_batch: Optional[int] = None, verbose: bool = False) -> None:
@@ -193,7 +194,7 @@ class TransformersBackend:
         device = _device(self._torch, settings["device"]) if "device" in options else self.device
         if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
             raise SpecError(f"context={context!r}, but should be a positive integer")
-        return TransformersRuntime(self._torch, self._transformers, os.fspath(model), context, settings, device)
+        return self.runtime_class(self._torch, self._transformers, os.fspath(model), context, settings, device)
 
 
 def _check_model_dir(path: str) -> Dict[str, Any]:
@@ -280,8 +281,10 @@ def spec_of(config: Any, context: int, kv_dtype: str, path: str) -> CacheSpec:
     if "sliding_attention" in types and len(types) > 1:
         raise NotSupported(f"model {path!r} mixes sliding-window and full-attention layers "
                            f"({', '.join(sorted(types))}); the contract's CacheSpec has one window")
-    if "sliding_attention" in types or (getattr(config, "use_sliding_window", False) and
-                                        getattr(config, "sliding_window", None)):
+    # layer_types (transformers 5.x) says which layers use the window; older configs say it with
+    # use_sliding_window alone.
+    sliding = "sliding_attention" in types if types else bool(getattr(config, "use_sliding_window", False))
+    if sliding and getattr(config, "sliding_window", None):
         window = int(config.sliding_window)
     return CacheSpec(
         n_layers=int(n_layers), n_heads=int(n_heads), n_kv_heads=int(n_kv), head_dim=int(head_dim),
@@ -344,12 +347,16 @@ class TransformersRuntime:
         return context
 
     def _check_room(self) -> None:
-        """The static cache's bytes against what the device has free, before anything is allocated."""
-        need = self.kv_spec.kv_bytes(self.context_limit)
+        """The weights (their bytes on disk, a lower bound when loaded in a wider dtype) and the
+        static cache against what the device has free, before anything is allocated."""
+        cache = self.kv_spec.kv_bytes(self.context_limit)
+        weights = _weight_bytes(self.model_path)
         free, place = _free_memory(self._torch, self.device)
-        if free is not None and need > free:
-            raise NotSupported(f"a static KV cache of {self.context_limit} positions for {self.model_path!r} "
-                               f"needs {need / 2**30:.2f} GiB, but {place} has {free / 2**30:.2f} GiB free")
+        if free is not None and cache + weights > free:
+            raise NotSupported(f"model {self.model_path!r} needs at least {(cache + weights) / 2**30:.2f} GiB "
+                               f"(weights {weights / 2**30:.2f} GiB on disk, static KV cache of "
+                               f"{self.context_limit} positions {cache / 2**30:.2f} GiB), but {place} has "
+                               f"{free / 2**30:.2f} GiB free")
 
     def _load_model(self, transformers: Any) -> Any:
         torch = self._torch
@@ -461,6 +468,11 @@ class TransformersRuntime:
             raise ValueError(f"token ids span {ids.min()}..{ids.max()}, but should be in 0..{self.vocab_size - 1}")
         return ids.astype(np.int64)
 
+    def _positions_of(self, at: int, n: int) -> Dict[str, Any]:
+        """Extra forward arguments placing the tokens: none, transformers takes the positions
+        from the cache's length (a broken variant in the tests overrides this)."""
+        return {}
+
     def _forward(self, ids: np.ndarray, call: str, began_at: int) -> np.ndarray:
         """One forward pass extending the cache by ``ids``; the last position's logits.
 
@@ -473,7 +485,7 @@ class TransformersRuntime:
             with torch.inference_mode():
                 tokens = torch.as_tensor(ids, device=self.device).unsqueeze(0)
                 out = self._model(input_ids=tokens, use_cache=True, logits_to_keep=1,
-                                  **{self._cache_kwarg: self._cache})
+                                  **self._positions_of(at, len(ids)), **{self._cache_kwarg: self._cache})
                 logits = out.logits[0, -1].float().cpu().numpy()
         except Exception as exc:
             for layer, length in zip(self._cache.layers, lengths):
@@ -485,6 +497,9 @@ class TransformersRuntime:
             ) from None
         self._logits = logits
         return logits
+
+
+TransformersBackend.runtime_class = TransformersRuntime
 
 
 def _length(layer: Any) -> Any:
@@ -504,6 +519,16 @@ def _cache_keyword(model: Any) -> str:
     """The forward pass's name for the cache: ``cache`` (transformers 5.x) or ``past_key_values`` (4.x)."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _weight_bytes(path: str) -> int:
+    """Bytes of the weight files in a model directory (safetensors or PyTorch pickles)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if entry.is_file() and entry.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                total += entry.stat().st_size
+    return total
 
 
 def _free_memory(torch: Any, device: Any) -> Tuple[Optional[int], str]:
