@@ -31,8 +31,9 @@ What it reports and why:
   counter kept beside it, so it tells the truth after any failure.
 
 Written against transformers 5.x (the forward pass takes ``cache=``; 4.x's
-``past_key_values=`` is used where the model's forward still names it) and
-tested with transformers 5.25.0 and torch 2.13.0 (CPU). torch and
+``past_key_values=`` is used where the model's forward still names it); its
+tests pass with transformers 4.56.0, 4.57.6, 5.0.0, 5.12.1 and 5.25.0 on
+torch 2.13.0 (CPU), and an older transformers is refused at start. torch and
 transformers are imported when the backend is constructed: without them the
 backend is unavailable, with the install command.
 """
@@ -43,6 +44,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -61,6 +63,9 @@ OPTIONS = ("device", "dtype", "threads", "attn", "n_batch", "verbose")
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager")
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+# The oldest transformers the tests passed on (4.55 has neither StaticCache(config, max_cache_len)
+# nor from_pretrained(dtype=)); also tested: 4.57.6, 5.0.0, 5.12.1, 5.25.0.
+MIN_TRANSFORMERS = (4, 56)
 
 
 def _import_torch() -> Tuple[Any, Any]:
@@ -80,7 +85,19 @@ def _import_torch() -> Tuple[Any, Any]:
             f"transformers with StaticCache is not importable ({one_line(exc)}); "
             f"pip install 'pytest-longctx[transformers]'"
         ) from None
+    if _release(transformers.__version__) < MIN_TRANSFORMERS:
+        raise BackendUnavailable(
+            f"transformers {transformers.__version__} is older than {'.'.join(map(str, MIN_TRANSFORMERS))}, the "
+            f"first release with the StaticCache(config, max_cache_len) and from_pretrained(dtype=) this backend "
+            f"uses; pip install -U 'transformers>={'.'.join(map(str, MIN_TRANSFORMERS))}'"
+        )
     return torch, transformers
+
+
+def _release(version: str) -> Tuple[int, int]:
+    """(major, minor) of a version string such as 4.57.6 or 5.0.0rc1."""
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
 
 
 def _option_error(key: str, value: Any, expected: str) -> SpecError:
@@ -489,7 +506,7 @@ class TransformersRuntime:
                 logits = out.logits[0, -1].float().cpu().numpy()
         except Exception as exc:
             for layer, length in zip(self._cache.layers, lengths):
-                _set_length(layer, length)
+                _set_length(layer, length, at, len(ids))
             raise RuntimeFailure(
                 f"transformers failed in {call} of {len(ids)} tokens at position {at} of {self.model_path!r} "
                 f"({type(exc).__name__}: {one_line(exc)}); the context holds {self.positions()} positions "
@@ -508,11 +525,16 @@ def _length(layer: Any) -> Any:
     return value.clone() if hasattr(value, "clone") else value
 
 
-def _set_length(layer: Any, value: Any) -> None:
+def _set_length(layer: Any, value: Any, at: int, n: int) -> None:
+    """Put a layer's length back to ``value`` after a failed pass that wrote ``n`` slots from ``at``."""
     if hasattr(value, "clone"):
         layer.cumulative_length.copy_(value)
     elif value is not None:
         layer.cumulative_length = value
+    else:  # transformers 5.0's static layer has no counter: its length is its count of non-zero key slots
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                tensor[:, :, at:at + n].zero_()
 
 
 def _cache_keyword(model: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -308,3 +309,12 @@ def test_the_runtime_groups_catch_a_broken_variant(pytester: pytest.Pytester, mo
     result.stdout.fnmatch_lines([message])
     result.stdout.no_fnmatch_line("E   *")  # one-line diagnoses
     assert "errors" not in result.parseoutcomes()
+
+
+def test_a_transformers_older_than_the_static_cache_api_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The module the backend imports now: an in-process pytester run before may have replaced it.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.55.4")
+    with pytest.raises(BackendUnavailable, match=r"transformers 4.55.4 is older than 4.56, .*"
+                                                 r"pip install -U 'transformers>=4.56'"):
+        T.TransformersBackend()
+    assert T._release("5.0.0rc1") == (5, 0) and T._release("4.57.6") == (4, 57)
