@@ -26,6 +26,7 @@ BUILTINS = {
     # kind, so "cpu" always finds numpy first, while "gpu" would land on torch's CPU fallback
     # when CuPy is missing. torch is reached by name; its info() says where it runs.
     "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
+    "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.

@@ -118,7 +118,8 @@ OPTIONS = (
             "(default none)", None, float, metavar="FRACTION"),
     _Option("attention-fraction-floor", "minimum decode attention traffic as a fraction of the probed "
             "streaming-read bandwidth (default none)", None, float, metavar="FRACTION"),
-    _Option("model", "model file a whole-model runtime backend loads (rkllm, llamacpp)", None, metavar="PATH"),
+    _Option("model", "model file a whole-model runtime backend loads (rkllm, llamacpp; "
+                     "a model directory for transformers)", None, metavar="PATH"),
     _Option("context", "context a runtime is asked to hold (default: the model's own limit)", None, int,
             metavar="N"),
     _Option("reference-logits", "golden logits of the same model and tokens, written by longctx-logits "
