@@ -18,14 +18,13 @@ head_dim on first use and cached on disk by CuPy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError
-from pytest_longctx.protocol import BackendInfo
+from pytest_longctx.protocol import BackendInfo, DeviceBandwidth
 from pytest_longctx.spec import CacheSpec
 
 from . import _checks as C
@@ -63,16 +62,6 @@ def _option_int(name: str, value: Any, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise SpecError(f"cupy backend option {name}={value!r}, but should be an integer >= {low}")
     return value
-
-
-@dataclass(frozen=True)
-class DeviceBandwidth:
-    """What ``bandwidth()`` measured: the suite's roofline for this device."""
-
-    copy_gbps: float
-    read_gbps: float
-    nbytes: int
-    method: str
 
 
 class _Kernels:

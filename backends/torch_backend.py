@@ -27,13 +27,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError
-from pytest_longctx.protocol import BackendInfo
+from pytest_longctx.protocol import BackendInfo, DeviceBandwidth
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
 
@@ -143,16 +142,6 @@ def resolve_device(torch: Any, device: Any) -> Any:
         raise SpecError(f"torch backend option device={device!r}, but this machine has {count} {found.type} "
                         f"device(s): {found.type}:0..{found.type}:{count - 1}")
     return torch.device(found.type, index)
-
-
-@dataclass(frozen=True)
-class DeviceBandwidth:
-    """What ``bandwidth()`` measured on an accelerator: the suite's roofline for it."""
-
-    copy_gbps: float
-    read_gbps: float
-    nbytes: int
-    method: str
 
 
 class RopeRows:

@@ -99,6 +99,17 @@ class KVBackend(Protocol):
 
 
 @dataclass(frozen=True)
+class DeviceBandwidth:
+    """What a device backend's optional ``bandwidth()`` measured: the suite's roofline for it
+    (copy counts bytes read and written; read is a streaming read)."""
+
+    copy_gbps: float
+    read_gbps: float
+    nbytes: int
+    method: str
+
+
+@dataclass(frozen=True)
 class RuntimeStats:
     """What a runtime counted since it was opened (``reset()`` does not clear it)."""
 
