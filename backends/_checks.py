@@ -5,7 +5,9 @@ They run before anything is written, so a refused call changes nothing.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import numpy as np
 
 from pytest_longctx.errors import ContextLimitExceeded
 from pytest_longctx.spec import CacheSpec
@@ -49,3 +51,17 @@ def queries(n_q: int, length: int) -> None:
 def read_range(start: int, stop: int, length: int) -> None:
     if not 0 <= start <= stop <= length:
         raise ValueError(f"read({start}, {stop}), but should satisfy 0 <= start <= stop <= {length}")
+
+
+def token_ids(ids: Sequence[int], vocab_size: Optional[int], dtype: Any) -> np.ndarray:
+    """A runtime's prompt: a non-empty 1-D sequence of integers in 0..vocab_size-1 (or what
+    ``dtype`` holds when the vocabulary is not known), as a contiguous ``dtype`` array."""
+    array = np.asarray(ids)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"token_ids has shape {array.shape}, but should be a non-empty 1-D sequence")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"token_ids are {array.dtype}, but should be integers")
+    top = int(np.iinfo(dtype).max) + 1 if vocab_size is None else vocab_size
+    if array.min() < 0 or array.max() >= top:
+        raise ValueError(f"token ids span {array.min()}..{array.max()}, but should be in 0..{top - 1}")
+    return np.ascontiguousarray(array, dtype=dtype)

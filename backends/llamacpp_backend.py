@@ -70,6 +70,7 @@ from pytest_longctx.errors import (
 from pytest_longctx.protocol import BackendInfo, RuntimeStats
 from pytest_longctx.spec import KV_DTYPES, CacheSpec, RopeSpec
 
+from . import _checks as C
 from ._host import cpu_name, one_line
 
 OPTIONS = ("kv_type", "type_k", "type_v", "flash_attn", "n_threads", "n_batch", "n_ubatch", "verbose")
@@ -551,12 +552,7 @@ class LlamaCppRuntime:
 
     def _ids(self, token_ids: Sequence[int]) -> np.ndarray:
         self._check_open()
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"token_ids has shape {ids.shape}, but should be a non-empty 1-D sequence")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token_ids are {ids.dtype}, but should be integers")
-        return ids.astype(np.int32)
+        return C.token_ids(token_ids, None, np.int32)  # llama_decode itself refuses an id past the vocabulary
 
     def _decode(self, chunk: np.ndarray, position: int) -> int:
         """One llama_decode of ``chunk`` at ``position``, with the logits of its last token."""

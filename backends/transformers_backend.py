@@ -57,6 +57,7 @@ from pytest_longctx.errors import (
 from pytest_longctx.protocol import BackendInfo, RuntimeStats
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
+from . import _checks as C
 from ._host import cpu_name_and_vendor, one_line
 
 OPTIONS = ("device", "dtype", "threads", "attn", "n_batch", "verbose")
@@ -476,14 +477,7 @@ class TransformersRuntime:
 
     def _ids(self, token_ids: Sequence[int]) -> np.ndarray:
         self._check_open()
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"token_ids has shape {ids.shape}, but should be a non-empty 1-D sequence")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token_ids are {ids.dtype}, but should be integers")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids span {ids.min()}..{ids.max()}, but should be in 0..{self.vocab_size - 1}")
-        return ids.astype(np.int64)
+        return C.token_ids(token_ids, self.vocab_size, np.int64)
 
     def _positions_of(self, at: int, n: int) -> Dict[str, Any]:
         """Extra forward arguments placing the tokens: none, transformers takes the positions
