@@ -602,3 +602,68 @@ def test_one_row_of_logits_seen_lifts_the_guard(library: str, model: str, monkey
         rt.prefill(tokens(8))  # one row for 8 tokens: the runtime returns the last row only
         monkeypatch.setattr(R.psutil, "virtual_memory", lambda: type("vm", (), {"available": 2 << 20})())
         assert rt.prefill(tokens(2048)).shape == (MODEL.vocab_size,)
+
+
+# --- 1.3's per-run sampling, max_new_tokens and ignore_eos_token; models the runtime refuses ---------
+
+
+def last_run(rt: R.RkllmRuntime) -> tuple:
+    out = (ctypes.c_int * 4)()
+    assert ctypes.CDLL(rt.library.path).rkllm_standin_last_run(rt._live(), out) == 0  # stand-in only
+    return tuple(out)
+
+
+def test_native_generate_on_13_is_greedy_per_run_and_bounded(standin_dir: Path, model: str) -> None:
+    backend = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE)
+    with backend.open_runtime(model, generate="native", vocab_size=MODEL.vocab_size) as rt:
+        prompt = tokens(32)
+        rt.prefill(prompt)
+        assert rt.generate(6) == S.greedy(prompt, 6)
+        top_k, max_new, from_run, ignore_eos = last_run(rt)
+        assert (top_k, max_new, from_run, ignore_eos) == (1, 6, 1, 1)
+
+
+def test_an_eos_token_ends_native_generate_on_12_but_not_on_13(standin_dir: Path) -> None:
+    prompt = [int(t) for t in tokens(16)]
+    decoded = S.greedy(prompt, 8)
+    eos = decoded[4]  # the runtime shows it as the 5th token after the first
+    assert eos not in decoded[:4]
+    eos_model = S.StandinModel(eos_token=eos)
+    path = str(S.write_model(standin_dir, "standin-eos-ctx4096.rkllm", eos_model))
+    old = R.RkllmBackend(library=standin(standin_dir, "1.2.1"), shape=SHAPE, generate="native")
+    with old.open_runtime(path, vocab_size=MODEL.vocab_size) as rt:
+        rt.prefill(prompt)
+        with pytest.raises(RuntimeFailure, match=r"finished after showing 3 of the 8 tokens asked for \(an end-of-"
+                                                 r"sequence token: RKLLM 1\.2 has no ignore_eos_token, 1\.3 has\)"):
+            rt.generate(8)
+    new = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE, generate="native")
+    with new.open_runtime(path, vocab_size=MODEL.vocab_size) as rt:
+        rt.prefill(prompt)
+        assert rt.generate(8) == decoded and rt.positions() == 24
+
+
+@pytest.mark.parametrize("version", ABIS)
+def test_a_model_of_another_toolkit_version_is_one_line_found_vs_expected(standin_dir: Path, version: str) -> None:
+    other = "1.2.1" if version.startswith("1.3") else "1.3.0"
+    path = S.write_model(standin_dir, f"standin-tk{other}-ctx4096.rkllm", S.StandinModel(toolkit_version=other))
+    backend = R.RkllmBackend(library=standin(standin_dir, version), shape=SHAPE)
+    with pytest.raises(SpecError) as info:
+        backend.open_runtime(str(path))
+    message = str(info.value)
+    assert message.startswith(f"model file {path}: converted by rkllm-toolkit {other}, but the runtime is RKLLM "
+                              f"{version}, which expects a model converted by rkllm-toolkit {version[:3]}.x"), message
+    assert "model version" in message and "\n" not in message
+    same = S.write_model(standin_dir, f"standin-tk{version}-ctx4096.rkllm", S.StandinModel(toolkit_version=version))
+    with backend.open_runtime(str(same), vocab_size=MODEL.vocab_size) as rt:
+        assert rt.positions() == 0
+
+
+def test_a_model_for_another_platform_is_one_line_found_vs_expected(standin_dir: Path) -> None:
+    path = S.write_model(standin_dir, "standin-ctx4096.rkllm", S.StandinModel(target_platform="RK3576"))
+    backend = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE)
+    with pytest.raises(SpecError) as info:
+        backend.open_runtime(str(path))
+    message = str(info.value)
+    assert message.startswith(f"model file {path}: converted for RK3576, but this board is RK3588: convert it with "
+                              "target_platform=rk3588"), message
+    assert "\n" not in message
