@@ -550,9 +550,9 @@ def test_a_closed_runtime_says_so(backend: R.RkllmBackend, model: str) -> None:
 # --- the runtime conformance groups, unchanged, on the stand-in -------------------------------
 
 
-def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str) -> pytest.RunResult:
+def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str, options: str = "") -> pytest.RunResult:
     shape = S.write_shape(pytester.path)
-    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}]",
+    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}{options}]",
                               f"--longctx-model={model}", "--longctx-positions=1024,2048,4096",
                               "--longctx-seed=5", "-rfEs", *args)
 
@@ -565,19 +565,31 @@ def test_runtime_suite_passes_on_the_standin(pytester: pytest.Pytester, library:
         result.stdout.str()
 
 
-def test_runtime_suite_reports_a_half_applied_prompt(pytester: pytest.Pytester, library: str, model: str,
+def test_runtime_suite_passes_with_13s_own_greedy_decode(pytester: pytest.Pytester, standin_dir: Path,
+                                                        model: str) -> None:
+    """On 1.3 the runtime's decode loop is exact (per-run greedy sampling, max_new_tokens,
+    ignore_eos_token), so the rate and limit groups can time the runtime's own decode."""
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, options=",generate=native")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 20 and "failed" not in outcomes and "errors" not in outcomes, \
+        result.stdout.str()
+
+
+# The suite's verdicts on faults, run once on the current release's ABI: the binding's handling
+# of the same faults is tested on both ABIs above.
+def test_runtime_suite_reports_a_half_applied_prompt(pytester: pytest.Pytester, standin_dir: Path, model: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "limit-half")
-    result = run_suite(pytester, library, model, "-m", "longctx_limits")
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, "-m", "longctx_limits")
     result.assert_outcomes(passed=4, failed=1, deselected=result.parseoutcomes()["deselected"])
     result.stdout.fnmatch_lines(["*prefill of 520 tokens at position 3584 (limit 4096)=half-applied: took * of 520 "
                                  "tokens before raising ContextLimitExceeded*"])
 
 
-def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: pytest.Pytester, library: str,
+def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: pytest.Pytester, standin_dir: Path,
                                                                     model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "error-state@7")
-    result = run_suite(pytester, library, model, "-m", "longctx_memory")
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, "-m", "longctx_memory")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 1 and outcomes.get("failed", 0) >= 1, result.stdout.str()
     result.stdout.fnmatch_lines(["*raised RuntimeFailure: *ERROR*"])
