@@ -1,30 +1,34 @@
-"""The RKLLM runtime's C ABI (librkllmrt.so 1.2.1 to 1.2.x) in ctypes, and the check that a
-library is of that ABI before any struct crosses to it.
+"""The RKLLM runtime's C ABI (librkllmrt.so 1.2.1 to 1.2.x, and 1.3.x) in ctypes, and the check
+that decides which ABI a library speaks before any struct crosses to it.
 
-Layouts follow the public ``rkllm.h`` of 1.2.1/1.2.2 field by field; the sizes are those of
-``../shared/notes/rkllm-abi.md`` (LP64: extend param 120 bytes, RKLLMParam 208 with
-extend_param at 88, RKLLMInput 64, RKLLMInferParam 32, RKLLMResult 72 with perf at 48), and
-the tests check them against ctypes and against a C compiler's layout of the same structs.
+Layouts follow the public ``rkllm.h`` of each release field by field (airockchip/rknn-llm,
+``rkllm-runtime/Linux/librkllm_api/include/rkllm.h`` at v1.2.1 and at v1.3.0; v1.2.2 and
+v1.2.3 have the 1.2.1 layouts). The tests pin every size and offset worked out from those
+field lists and compare them with ctypes and with a C compiler's layout of the same structs.
+
+1.3.0 exports the same names as 1.2.x but is another ABI: RKLLMParam lost
+img_start/img_end/img_content and gained ignore_eos_token (184 bytes, not 208),
+RKLLMInput's multimodal member grew image and video parts (160 bytes, not 64),
+RKLLMInferParam gained a sampling-params pointer and max_new_tokens (40 bytes, not 32), and
+``rkllm_init`` takes a pointer to an RKLLMCallback struct instead of a function. A binding of
+one ABI on the other corrupts memory at its first ``rkllm_init`` (rknn-llm #509).
 
 Which version a library is, and the evidence:
 
-- 1.2.0 has no ``rkllm_get_kv_cache_size`` (and a void callback, no perf in the result):
-  refused when that symbol is missing.
-- 1.3.0 exports the same names as 1.2.x, but RKLLMParam lost img_start/img_end/img_content
-  and gained ignore_eos_token (184 bytes), RKLLMInferParam gained a sampling-params pointer
-  and max_new_tokens, and ``rkllm_init`` takes a struct of callbacks instead of a function:
-  a 1.2 binding's first ``rkllm_init`` on it corrupts memory. The symbols cannot tell 1.2
-  from 1.3; the version the runtime names can. It prints
+- The symbols cannot tell 1.2 from 1.3; the version the runtime names can. It prints
   ``I rkllm: rkllm-runtime version: 1.2.1, rknpu driver version: 0.9.7, platform: RK3588``
   at ``rkllm_init`` (users' logs), so the library *file* is searched for
-  ``rkllm-runtime version: X.Y.Z`` before it is even loaded. A binary that keeps the number
-  apart from that text (printed through ``%s``) gives nothing to find: it is refused unless
-  the user states the version it prints (option ``runtime_version=``), and the runtime's own
-  line, captured at ``rkllm_init``, must then agree.
+  ``rkllm-runtime version: X.Y.Z`` before it is even loaded, and that version alone picks
+  the ABI. A binary that keeps the number apart from that text (printed through ``%s``)
+  gives nothing to find: it is refused unless the user states the version it prints (option
+  ``runtime_version=``), and the runtime's own line, captured at ``rkllm_init``, must then
+  agree (a wrong statement is caught only after that first call: the documented risk).
+- 1.2.0 has no ``rkllm_get_kv_cache_size`` (and a void callback, no perf in the result):
+  refused when that symbol is missing, whatever the text says.
 
-Only 1.2.1 and later 1.2.x are accepted. The refusal is ``BackendUnavailable``: which
-runtime is installed is a fact of the machine, like its absence, so every case is skipped
-with the one-line reason (and a certificate with skipped cases is never "certified").
+Any other version is refused. The refusal is ``BackendUnavailable``: which runtime is
+installed is a fact of the machine, like its absence, so every case is skipped with the
+one-line reason (and a certificate with skipped cases is never "certified").
 """
 
 from __future__ import annotations
@@ -65,26 +69,40 @@ class RKLLMExtendParam(ctypes.Structure):
     ]
 
 
-class RKLLMParam(ctypes.Structure):
-    _fields_ = [
-        ("model_path", ctypes.c_char_p),
-        ("max_context_len", ctypes.c_int32),
-        ("max_new_tokens", ctypes.c_int32),
-        ("top_k", ctypes.c_int32),
-        ("n_keep", ctypes.c_int32),
-        ("top_p", ctypes.c_float),
-        ("temperature", ctypes.c_float),
-        ("repeat_penalty", ctypes.c_float),
-        ("frequency_penalty", ctypes.c_float),
-        ("presence_penalty", ctypes.c_float),
-        ("mirostat", ctypes.c_int32),
-        ("mirostat_tau", ctypes.c_float),
-        ("mirostat_eta", ctypes.c_float),
-        ("skip_special_token", ctypes.c_bool),
+# RKLLMParam up to skip_special_token is the same in both ABIs; 1.3 inserts ignore_eos_token
+# after it and drops img_start/img_end/img_content, which moves extend_param from 88 to 60.
+_PARAM_HEAD = [
+    ("model_path", ctypes.c_char_p),
+    ("max_context_len", ctypes.c_int32),
+    ("max_new_tokens", ctypes.c_int32),
+    ("top_k", ctypes.c_int32),
+    ("n_keep", ctypes.c_int32),
+    ("top_p", ctypes.c_float),
+    ("temperature", ctypes.c_float),
+    ("repeat_penalty", ctypes.c_float),
+    ("frequency_penalty", ctypes.c_float),
+    ("presence_penalty", ctypes.c_float),
+    ("mirostat", ctypes.c_int32),
+    ("mirostat_tau", ctypes.c_float),
+    ("mirostat_eta", ctypes.c_float),
+    ("skip_special_token", ctypes.c_bool),
+]
+
+
+class RKLLMParam12(ctypes.Structure):
+    _fields_ = _PARAM_HEAD + [
         ("is_async", ctypes.c_bool),
         ("img_start", ctypes.c_char_p),
         ("img_end", ctypes.c_char_p),
         ("img_content", ctypes.c_char_p),
+        ("extend_param", RKLLMExtendParam),
+    ]
+
+
+class RKLLMParam13(ctypes.Structure):
+    _fields_ = _PARAM_HEAD + [
+        ("ignore_eos_token", ctypes.c_bool),
+        ("is_async", ctypes.c_bool),
         ("extend_param", RKLLMExtendParam),
     ]
 
@@ -97,7 +115,7 @@ class RKLLMTokenInput(ctypes.Structure):
     _fields_ = [("input_ids", ctypes.POINTER(ctypes.c_int32)), ("n_tokens", ctypes.c_size_t)]
 
 
-class RKLLMMultiModelInput(ctypes.Structure):
+class RKLLMMultiModelInput12(ctypes.Structure):
     _fields_ = [
         ("prompt", ctypes.c_char_p),
         ("image_embed", ctypes.POINTER(ctypes.c_float)),
@@ -108,23 +126,59 @@ class RKLLMMultiModelInput(ctypes.Structure):
     ]
 
 
-class _RKLLMInputUnion(ctypes.Union):
+class RKLLMImageInput13(ctypes.Structure):
+    """1.3's ``image`` part of the multimodal input (an unnamed struct in rkllm.h)."""
+
     _fields_ = [
+        ("image_embed", ctypes.POINTER(ctypes.c_float)),
+        ("n_image_tokens", ctypes.c_size_t),
+        ("n_image", ctypes.c_size_t),
+        ("image_start", ctypes.c_char_p),
+        ("image_end", ctypes.c_char_p),
+        ("image_content", ctypes.c_char_p),
+        ("image_width", ctypes.c_size_t),
+        ("image_height", ctypes.c_size_t),
+    ]
+
+
+class RKLLMVideoInput13(ctypes.Structure):
+    """1.3's ``video`` part of the multimodal input (an unnamed struct in rkllm.h)."""
+
+    _fields_ = [
+        ("video_embed", ctypes.POINTER(ctypes.c_float)),
+        ("n_frame_tokens", ctypes.c_size_t),
+        ("n_frame_per_video", ctypes.c_size_t),
+        ("n_video", ctypes.c_size_t),
+        ("video_start", ctypes.c_char_p),
+        ("video_end", ctypes.c_char_p),
+        ("video_content", ctypes.c_char_p),
+        ("frame_width", ctypes.c_size_t),
+        ("frame_height", ctypes.c_size_t),
+    ]
+
+
+class RKLLMMultiModalInput13(ctypes.Structure):
+    _fields_ = [("prompt", ctypes.c_char_p), ("image", RKLLMImageInput13), ("video", RKLLMVideoInput13)]
+
+
+def _input_struct(name: str, multimodal: type) -> type:
+    """RKLLMInput of one ABI: the union's size follows its multimodal member (48 or 144 bytes)."""
+    union = type(f"_{name}Union", (ctypes.Union,), {"_fields_": [
         ("prompt_input", ctypes.c_char_p),
         ("embed_input", RKLLMEmbedInput),
         ("token_input", RKLLMTokenInput),
-        ("multimodal_input", RKLLMMultiModelInput),
-    ]
-
-
-class RKLLMInput(ctypes.Structure):
-    _anonymous_ = ("_u",)
-    _fields_ = [
+        ("multimodal_input", multimodal),
+    ]})
+    return type(name, (ctypes.Structure,), {"_anonymous_": ("_u",), "_fields_": [
         ("role", ctypes.c_char_p),
         ("enable_thinking", ctypes.c_bool),
         ("input_type", ctypes.c_int),
-        ("_u", _RKLLMInputUnion),
-    ]
+        ("_u", union),
+    ]})
+
+
+RKLLMInput12 = _input_struct("RKLLMInput12", RKLLMMultiModelInput12)
+RKLLMInput13 = _input_struct("RKLLMInput13", RKLLMMultiModalInput13)
 
 
 class RKLLMLoraParam(ctypes.Structure):
@@ -135,12 +189,39 @@ class RKLLMPromptCacheParam(ctypes.Structure):
     _fields_ = [("save_prompt_cache", ctypes.c_int), ("prompt_cache_path", ctypes.c_char_p)]
 
 
-class RKLLMInferParam(ctypes.Structure):
+class RKLLMSamplingParam(ctypes.Structure):
+    """1.3 only: sampling for one run, overriding RKLLMParam's."""
+
+    _fields_ = [
+        ("top_k", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("frequency_penalty", ctypes.c_float),
+        ("presence_penalty", ctypes.c_float),
+        ("mirostat", ctypes.c_int32),
+        ("mirostat_tau", ctypes.c_float),
+        ("mirostat_eta", ctypes.c_float),
+    ]
+
+
+class RKLLMInferParam12(ctypes.Structure):
     _fields_ = [
         ("mode", ctypes.c_int),
         ("lora_params", ctypes.POINTER(RKLLMLoraParam)),
         ("prompt_cache_params", ctypes.POINTER(RKLLMPromptCacheParam)),
         ("keep_history", ctypes.c_int),
+    ]
+
+
+class RKLLMInferParam13(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int),
+        ("lora_params", ctypes.POINTER(RKLLMLoraParam)),
+        ("prompt_cache_params", ctypes.POINTER(RKLLMPromptCacheParam)),
+        ("sampling_params", ctypes.POINTER(RKLLMSamplingParam)),
+        ("keep_history", ctypes.c_int),
+        ("max_new_tokens", ctypes.c_int32),  # <= 0: RKLLMParam's
     ]
 
 
@@ -165,6 +246,8 @@ class RKLLMPerfStat(ctypes.Structure):
 
 
 class RKLLMResult(ctypes.Structure):
+    """The same in 1.2.1-1.2.x and 1.3.x."""
+
     _fields_ = [
         ("text", ctypes.c_char_p),
         ("token_id", ctypes.c_int32),
@@ -178,16 +261,55 @@ class RKLLMResult(ctypes.Structure):
 LLMResultCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(RKLLMResult), ctypes.c_void_p, ctypes.c_int)
 LLMHandle = ctypes.c_void_p
 
-# The facts of ../shared/notes/rkllm-abi.md, checked by the tests against these classes.
-LAYOUT = {
-    "sizeof(RKLLMExtendParam)": 120,
-    "sizeof(RKLLMParam)": 208,
-    "offsetof(RKLLMParam, extend_param)": 88,
-    "sizeof(RKLLMInput)": 64,
-    "sizeof(RKLLMInferParam)": 32,
-    "sizeof(RKLLMResult)": 72,
-    "offsetof(RKLLMResult, perf)": 48,
-}
+
+class RKLLMCallback13(ctypes.Structure):
+    """1.3's rkllm_init takes a pointer to this instead of the result callback itself; the
+    tokenizer and embedding callbacks are for models without their own (NULL here)."""
+
+    _fields_ = [
+        ("result_callback", LLMResultCallback),
+        ("result_userdata", ctypes.c_void_p),
+        ("tokenizer_callback", ctypes.c_void_p),
+        ("tokenizer_userdata", ctypes.c_void_p),
+        ("embed_callback", ctypes.c_void_p),
+        ("embed_userdata", ctypes.c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class Abi:
+    """The structs of one RKLLM ABI; which one a library gets is decided by its version only."""
+
+    name: str  # "1.2" or "1.3"
+    versions: str  # what it covers, for messages
+    param: type
+    input: type
+    infer: type
+    callbacks: Optional[type]  # 1.3: the struct rkllm_init takes; 1.2: None (a bare function)
+    header: str  # the public rkllm.h the layouts follow
+
+    @property
+    def per_run_sampling(self) -> bool:
+        return self.callbacks is not None
+
+
+_HEADER = "airockchip/rknn-llm rkllm-runtime/Linux/librkllm_api/include/rkllm.h"
+ABI_1_2 = Abi("1.2", "1.2.1-1.2.x", RKLLMParam12, RKLLMInput12, RKLLMInferParam12, None,
+              f"{_HEADER} of release v1.2.1 (d546a0f9; v1.2.2 and v1.2.3 have the same layouts)")
+ABI_1_3 = Abi("1.3", "1.3.x", RKLLMParam13, RKLLMInput13, RKLLMInferParam13, RKLLMCallback13,
+              f"{_HEADER} of release v1.3.0 (878f9361)")
+ABIS = (ABI_1_2, ABI_1_3)
+SUPPORTED = "1.2.1-1.2.x or 1.3.x"
+
+def abi_for(version: str) -> Optional[Abi]:
+    """The ABI of a runtime version: 1.2.1-1.2.x or 1.3.x; None for any other."""
+    major, minor, patch = (int(x) for x in version.split(".")[:3])
+    if (major, minor) == (1, 2) and patch >= 1:
+        return ABI_1_2
+    if (major, minor) == (1, 3):
+        return ABI_1_3
+    return None
+
 
 REQUIRED = ("rkllm_createDefaultParam", "rkllm_init", "rkllm_run", "rkllm_destroy", "rkllm_clear_kv_cache",
             "rkllm_get_kv_cache_size", "rkllm_set_chat_template")
@@ -203,6 +325,7 @@ class Library:
     lib: ctypes.CDLL
     path: str
     version: str  # "1.2.1"
+    abi: Abi
     evidence: str  # how the version is known, one line
     banner: str = ""  # the text found beside the version in the binary, if any
 
@@ -226,7 +349,8 @@ def find_library(option: Optional[str]) -> Tuple[str, str]:
         path, source = DEFAULT_LIBRARY, "default path"
     if not os.path.isfile(path):
         raise BackendUnavailable(
-            f"no RKLLM runtime library at {path} (from the {source}); looked at: {'; '.join(looked)}"
+            f"no RKLLM runtime library at {path} (from the {source}; expected librkllmrt.so {SUPPORTED}); "
+            f"looked at: {'; '.join(looked)}"
         )
     return path, source
 
@@ -251,21 +375,13 @@ def versions_in_file(path: str) -> List[Tuple[str, str]]:
     return found
 
 
-def _accepted(version: str) -> bool:
-    major, minor, patch = (int(x) for x in version.split(".")[:3])
-    return (major, minor) == (1, 2) and patch >= 1
-
-
 def _refusal(path: str, version: str, evidence: str) -> BackendUnavailable:
     major, minor, patch = (int(x) for x in version.split(".")[:3])
-    if (major, minor) >= (1, 3):
-        why = ("1.3 changed RKLLMParam, RKLLMInferParam and rkllm_init's callback argument; this binding "
-               "speaks the 1.2.1-1.2.x ABI and would corrupt memory")
-    elif (major, minor, patch) == (1, 2, 0):
+    if (major, minor, patch) == (1, 2, 0):
         why = "1.2.0 has no rkllm_get_kv_cache_size, no perf statistics and a void callback"
     else:
-        why = "this binding speaks the 1.2.1-1.2.x ABI only"
-    return BackendUnavailable(f"{path} is RKLLM runtime {version} ({evidence}): refused, {why}")
+        why = "no rkllm.h of that version was checked, and a struct of the wrong layout corrupts memory"
+    return BackendUnavailable(f"{path} is RKLLM runtime {version} ({evidence}), expected {SUPPORTED}: refused, {why}")
 
 
 def check_version(path: str, stated: Optional[str] = None) -> Tuple[str, str, str]:
@@ -294,9 +410,9 @@ def check_version(path: str, stated: Optional[str] = None) -> Tuple[str, str, st
     else:
         raise BackendUnavailable(
             f"{path}: no \"rkllm-runtime version: X.Y.Z\" text in the binary, and 1.2 and 1.3 export the same "
-            "symbols, so its ABI is unknown: refused rather than risk memory corruption; if it is 1.2.1-1.2.x, "
-            "give runtime_version= with the version its rkllm_init prints")
-    if not _accepted(version):
+            "symbols, so its ABI is unknown: refused rather than risk memory corruption; if it is "
+            f"{SUPPORTED}, give runtime_version= with the version its rkllm_init prints")
+    if abi_for(version) is None:
         raise _refusal(path, version, evidence)
     return version, evidence, banner
 
@@ -312,18 +428,23 @@ def open_library(path: str, stated: Optional[str] = None) -> Library:
     if "rkllm_get_kv_cache_size" in missing:
         raise BackendUnavailable(
             f"{path} has no rkllm_get_kv_cache_size, so it is RKLLM 1.2.0 or older whatever it says ({evidence}): "
-            "refused, this binding speaks the 1.2.1-1.2.x ABI")
+            f"refused, expected {SUPPORTED}")
     if missing:
         raise BackendUnavailable(f"{path} is not an RKLLM runtime: it lacks {', '.join(missing)}")
-    _declare(lib)
-    return Library(lib, path, version, evidence, banner)
+    abi = abi_for(version)
+    assert abi is not None  # check_version refused every other version
+    _declare(lib, abi)
+    return Library(lib, path, version, abi, evidence, banner)
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _declare(lib: ctypes.CDLL, abi: Abi) -> None:
+    """Every struct-taking function declared with that ABI's structs: ctypes then refuses a
+    struct of the other ABI at the call instead of passing it."""
     i, handle = ctypes.c_int, LLMHandle
-    lib.rkllm_createDefaultParam.argtypes, lib.rkllm_createDefaultParam.restype = [], RKLLMParam
-    lib.rkllm_init.argtypes = [ctypes.POINTER(handle), ctypes.POINTER(RKLLMParam), LLMResultCallback]
-    lib.rkllm_run.argtypes = [handle, ctypes.POINTER(RKLLMInput), ctypes.POINTER(RKLLMInferParam), ctypes.c_void_p]
+    lib.rkllm_createDefaultParam.argtypes, lib.rkllm_createDefaultParam.restype = [], abi.param
+    third = ctypes.POINTER(abi.callbacks) if abi.callbacks is not None else LLMResultCallback
+    lib.rkllm_init.argtypes = [ctypes.POINTER(handle), ctypes.POINTER(abi.param), third]
+    lib.rkllm_run.argtypes = [handle, ctypes.POINTER(abi.input), ctypes.POINTER(abi.infer), ctypes.c_void_p]
     lib.rkllm_destroy.argtypes = [handle]
     lib.rkllm_clear_kv_cache.argtypes = [handle, i, ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.rkllm_get_kv_cache_size.argtypes = [handle, ctypes.POINTER(i)]

@@ -4,7 +4,8 @@ as a whole-model RuntimeBackend through ctypes (no extra package).
 The library is the ``library=`` option, else ``$LONGCTX_RKLLM_LIBRARY``, else
 ``/usr/lib/librkllmrt.so``; the first of these that is given decides, and a machine without
 it makes the backend unavailable, naming every place looked. Its version is checked before
-anything is called (``_rkllm_abi``): 1.2.1 to 1.2.x only.
+anything is called (``_rkllm_abi``): 1.2.1 to 1.2.x or 1.3.x, and that version alone picks
+the ABI (the structs ``rkllm_init`` and ``rkllm_run`` are declared with).
 
 How the contract maps onto the runtime:
 
@@ -18,7 +19,11 @@ How the contract maps onto the runtime:
   runtime's own decode loop (RKLLM_INFER_GENERATE, top_k=1, penalties off) with the argmax of
   the context as input, and the callback pauses the run (returns 1) when it is shown token
   n+1; it assumes the runtime feeds a token after showing it, checks that through the
-  context's size, and says so when that is not how the runtime behaves.
+  context's size, and says so when that is not how the runtime behaves. On 1.3 each run also
+  carries greedy RKLLMSamplingParam (so greedy does not rest on the init parameters alone),
+  native generate passes ``max_new_tokens=n`` (a runtime that does not pause stops there, not
+  at the end of the context) and ``ignore_eos_token`` is set, so an end-of-sequence token does
+  not end a decode early; 1.2 has none of these (its native generate can stop at EOS).
 - Context limits are the runtime's, not the binding's: a prompt is passed to the runtime
   whatever its length, and what the runtime did is reported. A prompt that passes the limit
   raises ContextLimitExceeded saying whether the runtime refused it (context unchanged), took
@@ -76,6 +81,14 @@ DEFAULT_KV_DTYPE = "float16"  # assumed: RKLLM does not state how it stores K/V
 GENERATE_MODES = ("logits", "native")
 _CTX = re.compile(r"(?<![a-z0-9])ctx[-_]?(\d+)(k?)(?![0-9])", re.IGNORECASE)
 _LIMIT_SAID = re.compile(r"max_context_limit(?:\[|:\s*)(\d+)")
+# A model the runtime will not load: users' logs say "The model version is too old, please use
+# the latest toolkit to reconvert the model!" and "The model target_platform does not match!".
+_MODEL_VERSION = re.compile(r"model version|reconvert", re.IGNORECASE)
+_FOUND_VERSION = re.compile(r"(?:model version|toolkit)\D{0,20}?v?(\d+\.\d+\.\d+)", re.IGNORECASE)
+_PLATFORM = re.compile(r"target[_ ]platform", re.IGNORECASE)
+_FOUND_PLATFORM = re.compile(r"target[_ ]platform\W{0,3}(r[kv]\d{4}\w*)", re.IGNORECASE)
+_NAME_PLATFORM = re.compile(r"(?<![a-z0-9])(r[kv]\d{4}[a-z]?)(?![a-z0-9])", re.IGNORECASE)
+_BOARD = re.compile(r"(?<!target_)platform:\s*(R[KV]\d{4}\w*)")
 
 
 def context_from_name(model: str) -> Tuple[int, str]:
@@ -152,7 +165,7 @@ def _check_settings(settings: Dict[str, Any]) -> None:
 
 
 class RkllmBackend:
-    """RKLLM 1.2.x on a Rockchip NPU: ``--longctx-backend=rkllm[library=/path/librkllmrt.so]``.
+    """RKLLM 1.2.x or 1.3.x on a Rockchip NPU: ``--longctx-backend=rkllm[library=/path/librkllmrt.so]``.
 
     Options (also per ``open_runtime``, but ``library`` and ``runtime_version``):
     ``library``, ``runtime_version`` (only for a library whose binary does not name its
@@ -175,7 +188,8 @@ class RkllmBackend:
 
     def info(self) -> BackendInfo:
         lib = self.library
-        versions = {"rkllm-runtime": lib.version, "library": lib.path, "version evidence": lib.evidence}
+        versions = {"rkllm-runtime": lib.version, "rkllm-abi": lib.abi.name, "library": lib.path,
+                    "version evidence": lib.evidence}
         driver = _driver_version()
         if driver:
             versions["rknpu-driver"] = driver
@@ -243,6 +257,9 @@ class RkllmRuntime:
         self._lock = threading.RLock()
         self._capture = abi.OutputCapture()
         self._callback = abi.LLMResultCallback(self._on_result)
+        self._callbacks: Any = None  # 1.3's RKLLMCallback, alive as long as the handle
+        self._greedy = abi.RKLLMSamplingParam(top_k=1, top_p=1.0, temperature=1.0, repeat_penalty=1.0,
+                                              frequency_penalty=0.0, presence_penalty=0.0, mirostat=0)
         self._handle: Optional[ctypes.c_void_p] = None
         self._run_state: Optional[_Run] = None
         self._next_token: Optional[int] = None
@@ -279,9 +296,14 @@ class RkllmRuntime:
         param.is_async = False
         if not 1 <= param.extend_param.n_batch <= 100:
             param.extend_param.n_batch = 1
+        callback: Any = self._callback
+        if self.library.abi.callbacks is not None:  # 1.3: a struct of callbacks, kept alive with the handle
+            param.ignore_eos_token = True  # a decode of n tokens is n tokens, whatever they are
+            self._callbacks = self.library.abi.callbacks(result_callback=self._callback)
+            callback = ctypes.byref(self._callbacks)
         handle = abi.LLMHandle()
         with self._capture() as said:
-            status = self._lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), self._callback)
+            status = self._lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), callback)
         log = "".join(said)
         if status != 0 or not handle.value:
             if handle.value:
@@ -306,6 +328,9 @@ class RkllmRuntime:
                                                                  f"{abi.said(log, 1)}"), stacklevel=4)
                 return self._open_exactly(limit)
             words = abi.said(log)
+            wrong = self._wrong_model(log)
+            if wrong:
+                raise SpecError(f"model file {self.model}: {wrong}" + (f"; the runtime said {words}" if words else ""))
             raise SpecError(
                 f"model file {self.model}: rkllm_init returned {status} with max_context_len={context} (not a model "
                 f"this runtime loads, or one it could not load)" + (f"; the runtime said {words}" if words else ""))
@@ -324,6 +349,25 @@ class RkllmRuntime:
                 "so the converted context may be larger than that, or the runtime does not check"), stacklevel=4)
             return self._open_exactly(limit)
         return context
+
+    def _wrong_model(self, log: str) -> Optional[str]:
+        """Found vs expected for a model the runtime refused as of another toolkit version or
+        platform (what it printed decides; the file name fills in what it did not name)."""
+        version = self.library.version
+        if _MODEL_VERSION.search(log):
+            found = _FOUND_VERSION.search(log)
+            seen = f"converted by rkllm-toolkit {found.group(1)}" if found else "of another version (the runtime " \
+                                                                                 "does not say which)"
+            series = ".".join(version.split(".")[:2])
+            return (f"{seen}, but the runtime is RKLLM {version}, which expects a model converted by rkllm-toolkit "
+                    f"{series}.x: reconvert it")
+        if _PLATFORM.search(log):
+            found = _FOUND_PLATFORM.search(log) or _NAME_PLATFORM.search(os.path.basename(self.model))
+            seen = f"converted for {found.group(1).upper()}" if found else "converted for another platform"
+            board = _BOARD.search(log)
+            here = board.group(1) if board else _device_name()
+            return f"{seen}, but this board is {here}: convert it with target_platform={here.lower()}"
+        return None
 
     def _adopt_runtime_limit(self, said: int, name_limit: int) -> None:
         """The runtime printed the model's max_context_limit: it read it from the model, so it wins."""
@@ -410,15 +454,19 @@ class RkllmRuntime:
 
     def _run(self, ids: np.ndarray, mode: int, pause_after: Optional[int] = None) -> _Run:
         handle = self._live()
-        inp = abi.RKLLMInput()
+        layout = self.library.abi
+        inp = layout.input()
         inp.role = b"user"
         inp.enable_thinking = False
         inp.input_type = abi.INPUT_TOKEN
         inp.token_input.input_ids = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         inp.token_input.n_tokens = int(ids.shape[0])
-        infer = abi.RKLLMInferParam()
+        infer = layout.infer()
         infer.mode = mode
         infer.keep_history = 1
+        if layout.per_run_sampling:  # 1.3: greedy for this run whatever init set; at most n new tokens
+            infer.sampling_params = ctypes.pointer(self._greedy)
+            infer.max_new_tokens = pause_after or 0  # <= 0: the init value
         run = _Run(pause_after=pause_after)
         self._run_state = run
         try:
@@ -562,8 +610,10 @@ class RkllmRuntime:
         if run.failed:
             raise RuntimeFailure(f"{where}: {run.failure(call)}; the context holds {after} (was {before})")
         if not run.paused:
+            why = ("an end-of-sequence token, or max_new_tokens" if self.library.abi.per_run_sampling else
+                   "an end-of-sequence token: RKLLM 1.2 has no ignore_eos_token, 1.3 has")
             raise RuntimeFailure(f"{where}: the runtime finished after showing {len(run.tokens)} of the {n} tokens "
-                                 "asked for (an end-of-sequence token, or max_new_tokens); use generate=logits")
+                                 f"asked for ({why}); use generate=logits")
         if after != before + n:
             raise RuntimeFailure(
                 f"{where}: paused when shown token {n + 1}, the context holds {after} positions, not {before}+{n}: "

@@ -1,8 +1,8 @@
 """The rkllm (NPU) backend's ctypes binding, tested for real against the RKLLM stand-in.
 
 The stand-in (tests/rkllm_standin/rkllm_standin.c) is a C library compiled here with the
-system compiler; it exports librkllmrt.so's symbols with the 1.2.1 struct layouts and a tiny
-deterministic model. It is not the RKLLM runtime: these tests certify the binding (layouts,
+system compiler; it exports librkllmrt.so's symbols with the 1.2.1 or the 1.3.0 struct layouts
+(one build each; the tests that load a model run against both) and a tiny deterministic model. It is not the RKLLM runtime: these tests certify the binding (layouts,
 the callback, error states, context limits, logits extraction), not an NPU.
 """
 
@@ -54,9 +54,12 @@ def standin(directory: Path, variant: str = "1.2.1") -> str:
     return str(_built[variant])
 
 
-@pytest.fixture(scope="session")
-def library(standin_dir: Path) -> str:
-    return standin(standin_dir)
+ABIS = ("1.2.1", "1.3.0")  # one stand-in build per RKLLM ABI
+
+
+@pytest.fixture(scope="session", params=ABIS, ids=lambda v: f"abi{v[:3]}")
+def library(standin_dir: Path, request: pytest.FixtureRequest) -> str:
+    return standin(standin_dir, request.param)
 
 
 @pytest.fixture(scope="session")
@@ -88,37 +91,93 @@ def faulty(monkeypatch: pytest.MonkeyPatch, backend: R.RkllmBackend, model: str,
 # --- the ABI ---------------------------------------------------------------------------------
 
 
-def test_ctypes_layouts_are_the_notes_sizes() -> None:
-    got = {
-        "sizeof(RKLLMExtendParam)": ctypes.sizeof(abi.RKLLMExtendParam),
-        "sizeof(RKLLMParam)": ctypes.sizeof(abi.RKLLMParam),
-        "offsetof(RKLLMParam, extend_param)": abi.RKLLMParam.extend_param.offset,
-        "sizeof(RKLLMInput)": ctypes.sizeof(abi.RKLLMInput),
-        "sizeof(RKLLMInferParam)": ctypes.sizeof(abi.RKLLMInferParam),
-        "sizeof(RKLLMResult)": ctypes.sizeof(abi.RKLLMResult),
-        "offsetof(RKLLMResult, perf)": abi.RKLLMResult.perf.offset,
-    }
-    assert got == abi.LAYOUT == {
-        "sizeof(RKLLMExtendParam)": 120, "sizeof(RKLLMParam)": 208, "offsetof(RKLLMParam, extend_param)": 88,
-        "sizeof(RKLLMInput)": 64, "sizeof(RKLLMInferParam)": 32, "sizeof(RKLLMResult)": 72,
-        "offsetof(RKLLMResult, perf)": 48,
-    }
+# Sizes and offsets (LP64) worked out by hand from the field lists of the public rkllm.h:
+# airockchip/rknn-llm rkllm-runtime/Linux/librkllm_api/include/rkllm.h at v1.2.1 (commit
+# d546a0f975d62469cf1306f98103c737ff933506) and at v1.3.0 (878f9361fd3afa7e167b7079918918f78d2c1c2a).
+# A field out of order or of the wrong type moves one of these.
+HEADER_LAYOUT = {
+    "1.2.1": {
+        "sizeof(RKLLMExtendParam)": 120, "offsetof(RKLLMExtendParam, n_batch)": 12,
+        "sizeof(RKLLMParam)": 208, "offsetof(RKLLMParam, skip_special_token)": 56,
+        "offsetof(RKLLMParam, is_async)": 57, "offsetof(RKLLMParam, img_start)": 64,
+        "offsetof(RKLLMParam, img_content)": 80, "offsetof(RKLLMParam, extend_param)": 88,
+        "sizeof(RKLLMMultiModalInput)": 48, "offsetof(RKLLMMultiModalInput, image_height)": 40,
+        "sizeof(RKLLMInput)": 64, "offsetof(RKLLMInput, input_type)": 12, "offsetof(RKLLMInput, token_input)": 16,
+        "sizeof(RKLLMInferParam)": 32, "offsetof(RKLLMInferParam, keep_history)": 24,
+        "sizeof(RKLLMResult)": 72, "offsetof(RKLLMResult, logits)": 32, "offsetof(RKLLMResult, perf)": 48,
+    },
+    "1.3.0": {
+        "sizeof(RKLLMExtendParam)": 120, "offsetof(RKLLMExtendParam, n_batch)": 12,
+        "sizeof(RKLLMParam)": 184, "offsetof(RKLLMParam, skip_special_token)": 56,
+        "offsetof(RKLLMParam, ignore_eos_token)": 57, "offsetof(RKLLMParam, is_async)": 58,
+        "offsetof(RKLLMParam, extend_param)": 60,
+        "sizeof(RKLLMMultiModalInput)": 144, "offsetof(RKLLMMultiModalInput, image.image_start)": 32,
+        "offsetof(RKLLMMultiModalInput, video)": 72, "offsetof(RKLLMMultiModalInput, video.frame_height)": 136,
+        "sizeof(RKLLMSamplingParam)": 36, "offsetof(RKLLMSamplingParam, mirostat_eta)": 32,
+        "sizeof(RKLLMInput)": 160, "offsetof(RKLLMInput, input_type)": 12, "offsetof(RKLLMInput, token_input)": 16,
+        "sizeof(RKLLMInferParam)": 40, "offsetof(RKLLMInferParam, sampling_params)": 24,
+        "offsetof(RKLLMInferParam, keep_history)": 32, "offsetof(RKLLMInferParam, max_new_tokens)": 36,
+        "sizeof(RKLLMCallback)": 48, "offsetof(RKLLMCallback, embed_userdata)": 40,
+        "sizeof(RKLLMResult)": 72, "offsetof(RKLLMResult, logits)": 32, "offsetof(RKLLMResult, perf)": 48,
+    },
+}
 
 
-def test_ctypes_layouts_match_the_c_compiler(library: str) -> None:
-    lib = ctypes.CDLL(library)
-    out = (ctypes.c_long * 16)()
-    count = lib.rkllm_standin_layout(out, 16)  # stand-in only: the binding never calls it
-    c_side = list(out[:count])
-    python_side = [
-        ctypes.sizeof(abi.RKLLMExtendParam), ctypes.sizeof(abi.RKLLMParam), abi.RKLLMParam.extend_param.offset,
-        ctypes.sizeof(abi.RKLLMInput), ctypes.sizeof(abi.RKLLMInferParam), ctypes.sizeof(abi.RKLLMResult),
-        abi.RKLLMResult.perf.offset, abi.RKLLMResult.logits.offset,
-        abi.RKLLMParam.extend_param.offset + abi.RKLLMExtendParam.n_batch.offset,
-        abi.RKLLMInput._u.offset + abi._RKLLMInputUnion.token_input.offset,
-        abi.RKLLMInferParam.keep_history.offset,
-    ]
-    assert c_side == python_side
+def ctypes_layout(version: str, keys) -> Dict[str, int]:
+    """The binding's ctypes figure for each "sizeof(S)" / "offsetof(S, a.b)" key."""
+    layout = abi.abi_for(version)
+    multimodal = abi.RKLLMMultiModalInput13 if layout is abi.ABI_1_3 else abi.RKLLMMultiModelInput12
+    classes = {"RKLLMExtendParam": abi.RKLLMExtendParam, "RKLLMParam": layout.param, "RKLLMInput": layout.input,
+               "RKLLMMultiModalInput": multimodal, "RKLLMSamplingParam": abi.RKLLMSamplingParam,
+               "RKLLMInferParam": layout.infer, "RKLLMCallback": layout.callbacks, "RKLLMResult": abi.RKLLMResult}
+    out = {}
+    for key in keys:
+        kind, _, inside = key.partition("(")
+        names = [x.strip() for x in inside.rstrip(")").split(",")]
+        cls = classes[names[0]]
+        if kind == "sizeof":
+            out[key] = ctypes.sizeof(cls)
+            continue
+        offset = 0
+        if cls is layout.input and names[1] not in ("role", "enable_thinking", "input_type"):
+            offset, cls = cls._u.offset, cls._fields_[-1][1]  # the anonymous union
+        for part in names[1].split("."):
+            field = getattr(cls, part)
+            offset += field.offset
+            cls = dict(cls._fields_)[part]
+        out[key] = offset
+    return out
+
+
+@pytest.mark.parametrize("version", ABIS)
+def test_ctypes_layouts_are_the_headers(version: str) -> None:
+    expected = HEADER_LAYOUT[version]
+    assert ctypes_layout(version, expected) == expected
+
+
+@pytest.mark.parametrize("version", ABIS)
+def test_ctypes_layouts_match_the_c_compiler(standin_dir: Path, version: str) -> None:
+    lib = ctypes.CDLL(standin(standin_dir, version))
+    names, values = (ctypes.c_char_p * 64)(), (ctypes.c_long * 64)()
+    count = lib.rkllm_standin_layout(names, values, 64)  # stand-in only: the binding never calls it
+    c_side = {names[i].decode(): values[i] for i in range(count)}
+    assert c_side == HEADER_LAYOUT[version] == ctypes_layout(version, c_side)
+
+
+def test_each_version_gets_its_abi_and_no_other() -> None:
+    assert [abi.abi_for(v) for v in ("1.2.1", "1.2.3", "1.3.0", "1.3.7")] == [abi.ABI_1_2] * 2 + [abi.ABI_1_3] * 2
+    assert [abi.abi_for(v) for v in ("1.2.0", "1.1.4", "1.4.0", "2.0.0")] == [None] * 4
+    assert abi.ABI_1_2.param is not abi.ABI_1_3.param and abi.ABI_1_2.infer is not abi.ABI_1_3.infer
+
+
+def test_a_struct_of_the_other_abi_is_refused_by_ctypes(standin_dir: Path) -> None:
+    """Functions are declared with their ABI's structs: passing the other ABI's is a TypeError, no call."""
+    lib = abi.open_library(standin(standin_dir, "1.3.0")).lib
+    wrong = abi.RKLLMParam12()
+    with pytest.raises(ctypes.ArgumentError):
+        lib.rkllm_init(ctypes.byref(abi.LLMHandle()), ctypes.byref(wrong), None)
+    with pytest.raises(ctypes.ArgumentError):
+        lib.rkllm_run(None, ctypes.byref(abi.RKLLMInput12()), ctypes.byref(abi.RKLLMInferParam12()), None)
 
 
 # --- finding and refusing libraries ------------------------------------------------------------
@@ -132,6 +191,7 @@ def test_no_library_is_unavailable_naming_every_place_looked(monkeypatch: pytest
         R.RkllmBackend()
     message = str(info.value)
     assert "library=" in message and abi.ENV_LIBRARY in message and default in message, message
+    assert "expected librkllmrt.so 1.2.1-1.2.x or 1.3.x" in message and "\n" not in message
     # Through the registry and the npu alias, as the suite loads it: a skip reason, not a crash.
     with pytest.raises(BackendUnavailable, match="no npu backend is available .*rkllm: no RKLLM runtime library"):
         load_backend("npu")
@@ -148,10 +208,12 @@ def test_environment_variable_names_the_library(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("variant, stated, reason", [
-    ("1.3.0", None, r"is RKLLM runtime 1\.3\.0 \(\"rkllm-runtime version: 1\.3\.0 .*refused, 1\.3 changed RKLLMParam"),
+    ("1.4.0", None, r"is RKLLM runtime 1\.4\.0 \(\"rkllm-runtime version: 1\.4\.0 .*\), expected 1\.2\.1-1\.2\.x or "
+                    r"1\.3\.x: refused, no rkllm\.h of that version was checked"),
     ("1.3.0-split-version", None, r"no \"rkllm-runtime version: X\.Y\.Z\" text in the binary.*runtime_version="),
-    ("1.3.0-split-version", "1.3.0", r"is RKLLM runtime 1\.3\.0 \(stated by runtime_version=.*refused"),
-    ("1.2.0", None, r"is RKLLM runtime 1\.2\.0 .*refused, 1\.2\.0 has no rkllm_get_kv_cache_size"),
+    ("1.3.0-split-version", "1.4.0", r"is RKLLM runtime 1\.4\.0 \(stated by runtime_version=.*expected .*refused"),
+    ("1.3.0", "1.2.1", r"runtime_version=1\.2\.1 was given, but .* says \"rkllm-runtime version: 1\.3\.0"),
+    ("1.2.0", None, r"is RKLLM runtime 1\.2\.0 .*expected .*refused, 1\.2\.0 has no rkllm_get_kv_cache_size"),
     ("1.2.0-split-version", "1.2.1", r"has no rkllm_get_kv_cache_size, so it is RKLLM 1\.2\.0 or older"),
     ("1.2.1-split-version", None, r"no \"rkllm-runtime version: X\.Y\.Z\" text"),
     ("1.2.1", "1.2.2", r"runtime_version=1\.2\.2 was given, but .* says \"rkllm-runtime version: 1\.2\.1"),
@@ -163,12 +225,24 @@ def test_a_library_of_another_abi_is_refused_before_any_call(standin_dir: Path, 
     assert path in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_stated_version_is_checked_against_what_rkllm_init_prints(standin_dir: Path, model: str) -> None:
-    path = standin(standin_dir, "1.2.1-split-version")
-    backend = R.RkllmBackend(library=path, runtime_version="1.2.1", shape=SHAPE)
-    assert backend.info().versions["version evidence"].startswith("stated by runtime_version=")
+@pytest.mark.parametrize("version", ABIS)
+def test_a_banner_of_a_supported_version_picks_its_abi(standin_dir: Path, model: str, version: str) -> None:
+    backend = R.RkllmBackend(library=standin(standin_dir, version), shape=SHAPE)
+    versions = backend.info().versions
+    assert (versions["rkllm-runtime"], versions["rkllm-abi"]) == (version, version[:3])
+    assert backend.library.abi is abi.abi_for(version)
     with backend.open_runtime(model, vocab_size=MODEL.vocab_size) as rt:
-        assert rt.runtime_said_version == "1.2.1"
+        assert rt.runtime_said_version == version and rt.positions() == 0
+
+
+def test_a_stated_version_is_checked_against_what_rkllm_init_prints(standin_dir: Path, model: str) -> None:
+    for version in ABIS:
+        path = standin(standin_dir, f"{version}-split-version")
+        backend = R.RkllmBackend(library=path, runtime_version=version, shape=SHAPE)
+        assert backend.info().versions["version evidence"].startswith("stated by runtime_version=")
+        with backend.open_runtime(model, vocab_size=MODEL.vocab_size) as rt:
+            assert rt.runtime_said_version == version and rt.library.abi is abi.abi_for(version)
+    path = standin(standin_dir, "1.2.1-split-version")
     wrong = R.RkllmBackend(library=path, runtime_version="1.2.2", shape=SHAPE)
     with pytest.raises(BackendUnavailable, match=r"rkllm_init printed rkllm-runtime version 1\.2\.1, but the binding "
                                                  r"took it for 1\.2\.2"):
@@ -187,7 +261,7 @@ def test_the_backend_through_the_registry_with_options(library: str) -> None:
     assert isinstance(backend, RuntimeBackend)
     info = backend.info()
     assert info.name == "rkllm" and info.device_kind == "npu" and info.kv_dtypes == ("float16",)
-    assert info.versions["rkllm-runtime"] == "1.2.1" and "stand-in" in info.versions["version evidence"]
+    assert info.versions["rkllm-runtime"] in ABIS and "stand-in" in info.versions["version evidence"]
 
 
 def test_bad_options_are_refused_with_the_field(library: str) -> None:
@@ -476,9 +550,9 @@ def test_a_closed_runtime_says_so(backend: R.RkllmBackend, model: str) -> None:
 # --- the runtime conformance groups, unchanged, on the stand-in -------------------------------
 
 
-def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str) -> pytest.RunResult:
+def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str, options: str = "") -> pytest.RunResult:
     shape = S.write_shape(pytester.path)
-    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}]",
+    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}{options}]",
                               f"--longctx-model={model}", "--longctx-positions=1024,2048,4096",
                               "--longctx-seed=5", "-rfEs", *args)
 
@@ -491,19 +565,31 @@ def test_runtime_suite_passes_on_the_standin(pytester: pytest.Pytester, library:
         result.stdout.str()
 
 
-def test_runtime_suite_reports_a_half_applied_prompt(pytester: pytest.Pytester, library: str, model: str,
+def test_runtime_suite_passes_with_13s_own_greedy_decode(pytester: pytest.Pytester, standin_dir: Path,
+                                                        model: str) -> None:
+    """On 1.3 the runtime's decode loop is exact (per-run greedy sampling, max_new_tokens,
+    ignore_eos_token), so the rate and limit groups can time the runtime's own decode."""
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, options=",generate=native")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 20 and "failed" not in outcomes and "errors" not in outcomes, \
+        result.stdout.str()
+
+
+# The suite's verdicts on faults, run once on the current release's ABI: the binding's handling
+# of the same faults is tested on both ABIs above.
+def test_runtime_suite_reports_a_half_applied_prompt(pytester: pytest.Pytester, standin_dir: Path, model: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "limit-half")
-    result = run_suite(pytester, library, model, "-m", "longctx_limits")
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, "-m", "longctx_limits")
     result.assert_outcomes(passed=4, failed=1, deselected=result.parseoutcomes()["deselected"])
     result.stdout.fnmatch_lines(["*prefill of 520 tokens at position 3584 (limit 4096)=half-applied: took * of 520 "
                                  "tokens before raising ContextLimitExceeded*"])
 
 
-def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: pytest.Pytester, library: str,
+def test_runtime_suite_fails_an_error_state_in_one_line_and_goes_on(pytester: pytest.Pytester, standin_dir: Path,
                                                                     model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RKLLM_STANDIN_FAULTS", "error-state@7")
-    result = run_suite(pytester, library, model, "-m", "longctx_memory")
+    result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, "-m", "longctx_memory")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 1 and outcomes.get("failed", 0) >= 1, result.stdout.str()
     result.stdout.fnmatch_lines(["*raised RuntimeFailure: *ERROR*"])
@@ -528,3 +614,68 @@ def test_one_row_of_logits_seen_lifts_the_guard(library: str, model: str, monkey
         rt.prefill(tokens(8))  # one row for 8 tokens: the runtime returns the last row only
         monkeypatch.setattr(R.psutil, "virtual_memory", lambda: type("vm", (), {"available": 2 << 20})())
         assert rt.prefill(tokens(2048)).shape == (MODEL.vocab_size,)
+
+
+# --- 1.3's per-run sampling, max_new_tokens and ignore_eos_token; models the runtime refuses ---------
+
+
+def last_run(rt: R.RkllmRuntime) -> tuple:
+    out = (ctypes.c_int * 4)()
+    assert ctypes.CDLL(rt.library.path).rkllm_standin_last_run(rt._live(), out) == 0  # stand-in only
+    return tuple(out)
+
+
+def test_native_generate_on_13_is_greedy_per_run_and_bounded(standin_dir: Path, model: str) -> None:
+    backend = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE)
+    with backend.open_runtime(model, generate="native", vocab_size=MODEL.vocab_size) as rt:
+        prompt = tokens(32)
+        rt.prefill(prompt)
+        assert rt.generate(6) == S.greedy(prompt, 6)
+        top_k, max_new, from_run, ignore_eos = last_run(rt)
+        assert (top_k, max_new, from_run, ignore_eos) == (1, 6, 1, 1)
+
+
+def test_an_eos_token_ends_native_generate_on_12_but_not_on_13(standin_dir: Path) -> None:
+    prompt = [int(t) for t in tokens(16)]
+    decoded = S.greedy(prompt, 8)
+    eos = decoded[4]  # the runtime shows it as the 5th token after the first
+    assert eos not in decoded[:4]
+    eos_model = S.StandinModel(eos_token=eos)
+    path = str(S.write_model(standin_dir, "standin-eos-ctx4096.rkllm", eos_model))
+    old = R.RkllmBackend(library=standin(standin_dir, "1.2.1"), shape=SHAPE, generate="native")
+    with old.open_runtime(path, vocab_size=MODEL.vocab_size) as rt:
+        rt.prefill(prompt)
+        with pytest.raises(RuntimeFailure, match=r"finished after showing 3 of the 8 tokens asked for \(an end-of-"
+                                                 r"sequence token: RKLLM 1\.2 has no ignore_eos_token, 1\.3 has\)"):
+            rt.generate(8)
+    new = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE, generate="native")
+    with new.open_runtime(path, vocab_size=MODEL.vocab_size) as rt:
+        rt.prefill(prompt)
+        assert rt.generate(8) == decoded and rt.positions() == 24
+
+
+@pytest.mark.parametrize("version", ABIS)
+def test_a_model_of_another_toolkit_version_is_one_line_found_vs_expected(standin_dir: Path, version: str) -> None:
+    other = "1.2.1" if version.startswith("1.3") else "1.3.0"
+    path = S.write_model(standin_dir, f"standin-tk{other}-ctx4096.rkllm", S.StandinModel(toolkit_version=other))
+    backend = R.RkllmBackend(library=standin(standin_dir, version), shape=SHAPE)
+    with pytest.raises(SpecError) as info:
+        backend.open_runtime(str(path))
+    message = str(info.value)
+    assert message.startswith(f"model file {path}: converted by rkllm-toolkit {other}, but the runtime is RKLLM "
+                              f"{version}, which expects a model converted by rkllm-toolkit {version[:3]}.x"), message
+    assert "model version" in message and "\n" not in message
+    same = S.write_model(standin_dir, f"standin-tk{version}-ctx4096.rkllm", S.StandinModel(toolkit_version=version))
+    with backend.open_runtime(str(same), vocab_size=MODEL.vocab_size) as rt:
+        assert rt.positions() == 0
+
+
+def test_a_model_for_another_platform_is_one_line_found_vs_expected(standin_dir: Path) -> None:
+    path = S.write_model(standin_dir, "standin-ctx4096.rkllm", S.StandinModel(target_platform="RK3576"))
+    backend = R.RkllmBackend(library=standin(standin_dir, "1.3.0"), shape=SHAPE)
+    with pytest.raises(SpecError) as info:
+        backend.open_runtime(str(path))
+    message = str(info.value)
+    assert message.startswith(f"model file {path}: converted for RK3576, but this board is RK3588: convert it with "
+                              "target_platform=rk3588"), message
+    assert "\n" not in message

@@ -1,5 +1,6 @@
 """The RKLLM stand-in: a small C library (rkllm_standin.c) that exports librkllmrt.so's symbols
-with the 1.2.1 struct layouts and a tiny deterministic model, so that the rkllm backend's
+with the struct layouts of RKLLM 1.2.1 or of 1.3.0 (a compile-time define) and a tiny
+deterministic model, so that the rkllm backend's
 ctypes binding is tested without an NPU. It is a stand-in, not the RKLLM runtime: see the C
 file's header for what it copies from the real runtime and what it cannot know.
 
@@ -32,6 +33,7 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "1.2.1-split-version": ("-DSTANDIN_SPLIT_VERSION",),
     "1.3.0": ("-DSTANDIN_ABI_1_3",),
     "1.3.0-split-version": ("-DSTANDIN_ABI_1_3", "-DSTANDIN_SPLIT_VERSION"),
+    "1.4.0": ("-DSTANDIN_ABI_1_3", '-DSTANDIN_VERSION="1.4.0"'),
     "1.2.0": ("-DSTANDIN_ABI_1_2_0",),
     "1.2.0-split-version": ("-DSTANDIN_ABI_1_2_0", "-DSTANDIN_SPLIT_VERSION"),
 }
@@ -82,6 +84,9 @@ class StandinModel:
     vocab_size: int = 512
     max_context: int = 4096
     seed: int = 7
+    toolkit_version: Optional[str] = None  # the runtime refuses another major.minor
+    target_platform: Optional[str] = None  # the runtime (an RK3588) refuses another
+    eos_token: Optional[int] = None  # ends a native decode unless 1.3's ignore_eos_token
 
     def shape(self, separator: str = ";") -> str:
         """The shape option text: ``n_layers=4;n_heads=8;n_kv_heads=4;head_dim=64``."""
@@ -96,6 +101,7 @@ def write_model(directory: os.PathLike, name: Optional[str] = None, model: Stand
     path = Path(directory) / (name or f"rkllm-standin-model-ctx{model.max_context}.rkllm")
     fields = asdict(model)
     fields.pop("n_heads")
+    fields = {k: v for k, v in fields.items() if v is not None}
     path.write_text("RKLLM-STANDIN-MODEL 1\n" + "".join(f"{k}={v}\n" for k, v in fields.items()))
     return path
 

@@ -2,8 +2,8 @@
  * rkllm_standin.c: a STAND-IN for Rockchip's librkllmrt.so (RKLLM runtime 1.2.x), for tests.
  *
  * This is not the RKLLM runtime and runs no language model. It exports the runtime's symbols
- * with the struct layouts of the 1.2.1/1.2.2 rkllm.h (sizes and offsets asserted below, from
- * ../shared/notes/rkllm-abi.md) and runs a tiny deterministic "model" behind them, so that
+ * with the struct layouts of the public rkllm.h of 1.2.1 (the default build) or of 1.3.0
+ * (-DSTANDIN_ABI_1_3), field by field (sizes and offsets asserted below) and runs a tiny deterministic "model" behind them, so that
  * pytest-longctx's ctypes binding (backends/rkllm_backend.py) is exercised for real: structs
  * crossing the boundary, the result callback (including one that pauses), error states,
  * context limits and logits.
@@ -11,7 +11,11 @@
  * The stand-in model. A model file is a text header (see write_model in __init__.py):
  *     RKLLM-STANDIN-MODEL 1
  *     n_layers=4 n_kv_heads=4 head_dim=64 value_bytes=2 vocab_size=512 max_context=4096 seed=7
- * (one key=value a line). A file without that first line is refused by rkllm_init with -1,
+ * (one key=value a line; optional: toolkit_version=1.2.1, target_platform=RK3576, eos_token=N).
+ * A model whose toolkit_version is of another major.minor than the runtime, or whose
+ * target_platform is not RK3588 (the stand-in's platform), is refused by rkllm_init with -1,
+ * naming what it found. eos_token ends a GENERATE run, unless 1.3's ignore_eos_token is set.
+ * A file without that first line is refused by rkllm_init with -1,
  * as the real runtime refuses a file that is not a model. The state after each token is a
  * 64-bit hash of the token sequence so far; the logits of a position are a fixed function of
  * its state, so a prompt given whole or in chunks, or again after a reset, gives the same
@@ -47,8 +51,11 @@
  *
  * Build variants (the tests compile each with the system C compiler):
  *   (none)                 the 1.2.1 ABI; the binary holds "rkllm-runtime version: 1.2.1"
- *   -DSTANDIN_ABI_1_3      the 1.3.0 layouts (RKLLMParam without img_*, ignore_eos_token;
- *                          rkllm_init takes a struct of callbacks); version 1.3.0
+ *   -DSTANDIN_ABI_1_3      the 1.3.0 ABI, working: RKLLMParam without img_*, ignore_eos_token;
+ *                          image and video parts in the multimodal input; RKLLMInferParam
+ *                          with sampling_params and max_new_tokens (both honoured per run);
+ *                          rkllm_init takes an RKLLMCallback*; version 1.3.0
+ *   -DSTANDIN_VERSION='"1.4.0"' another version text (a release no binding knows)
  *   -DSTANDIN_ABI_1_2_0    no rkllm_get_kv_cache_size, as in 1.2.0; version 1.2.0
  *   -DSTANDIN_SPLIT_VERSION the version is printed through "%s", so the binary holds no
  *                          "rkllm-runtime version: X.Y.Z" string
@@ -60,17 +67,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
-#if defined(STANDIN_ABI_1_3)
+#if defined(STANDIN_VERSION)
+/* given on the command line: a library of a version no binding knows (1.4.0) */
+#elif defined(STANDIN_ABI_1_3)
 #define STANDIN_VERSION "1.3.0"
 #elif defined(STANDIN_ABI_1_2_0)
 #define STANDIN_VERSION "1.2.0"
 #else
 #define STANDIN_VERSION "1.2.1"
 #endif
+#define STANDIN_PLATFORM "RK3588"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -121,6 +132,32 @@ typedef struct {
 
 typedef struct { float *embed; size_t n_tokens; } RKLLMEmbedInput;
 typedef struct { int32_t *input_ids; size_t n_tokens; } RKLLMTokenInput;
+#if defined(STANDIN_ABI_1_3)
+typedef struct {
+    char *prompt;
+    struct {
+        float *image_embed;
+        size_t n_image_tokens;
+        size_t n_image;
+        const char *image_start;
+        const char *image_end;
+        const char *image_content;
+        size_t image_width;
+        size_t image_height;
+    } image;
+    struct {
+        float *video_embed;
+        size_t n_frame_tokens;
+        size_t n_frame_per_video;
+        size_t n_video;
+        const char *video_start;
+        const char *video_end;
+        const char *video_content;
+        size_t frame_width;
+        size_t frame_height;
+    } video;
+} RKLLMMultiModelInput;
+#else
 typedef struct {
     char *prompt;
     float *image_embed;
@@ -129,6 +166,7 @@ typedef struct {
     size_t image_width;
     size_t image_height;
 } RKLLMMultiModelInput;
+#endif
 
 typedef struct {
     const char *role;
@@ -146,11 +184,23 @@ typedef struct { const char *lora_adapter_name; } RKLLMLoraParam;
 typedef struct { int save_prompt_cache; const char *prompt_cache_path; } RKLLMPromptCacheParam;
 
 typedef struct {
+    int32_t top_k;
+    float top_p;
+    float temperature;
+    float repeat_penalty;
+    float frequency_penalty;
+    float presence_penalty;
+    int32_t mirostat;
+    float mirostat_tau;
+    float mirostat_eta;
+} RKLLMSamplingParam; /* 1.3 only; declared in both builds, passed only in 1.3 */
+
+typedef struct {
     RKLLMInferMode mode;
     RKLLMLoraParam *lora_params;
     RKLLMPromptCacheParam *prompt_cache_params;
 #if defined(STANDIN_ABI_1_3)
-    void *sampling_params;
+    RKLLMSamplingParam *sampling_params;
     int keep_history;
     int32_t max_new_tokens;
 #else
@@ -182,9 +232,9 @@ typedef int (*LLMResultCallback)(RKLLMResult *result, void *userdata, LLMCallSta
 typedef struct {
     LLMResultCallback result_callback;
     void *result_userdata;
-    void *tokenizer_callback;
+    int (*tokenizer_callback)(void *userdata, const char *text, int32_t text_len, int32_t *tokens, int32_t n_max);
     void *tokenizer_userdata;
-    void *embed_callback;
+    int (*embed_callback)(void *userdata, int32_t *tokens, uint64_t num_tokens, void *embed, uint64_t len);
     void *embed_userdata;
 } RKLLMCallback;
 #endif
@@ -206,6 +256,11 @@ _Static_assert(sizeof(RKLLMPerfStat) == 20, "RKLLMPerfStat is 20 bytes");
 #else
 _Static_assert(sizeof(RKLLMParam) == 184, "1.3.0 RKLLMParam is 184 bytes");
 _Static_assert(offsetof(RKLLMParam, extend_param) == 60, "1.3.0 extend_param at 60");
+_Static_assert(sizeof(RKLLMInput) == 160, "1.3.0 RKLLMInput is 160 bytes");
+_Static_assert(sizeof(RKLLMInferParam) == 40, "1.3.0 RKLLMInferParam is 40 bytes");
+_Static_assert(offsetof(RKLLMInferParam, max_new_tokens) == 36, "1.3.0 max_new_tokens at 36");
+_Static_assert(sizeof(RKLLMCallback) == 48, "1.3.0 RKLLMCallback is 48 bytes");
+_Static_assert(sizeof(RKLLMResult) == 72, "RKLLMResult is 72 bytes");
 #endif
 
 /* What a binding can find in the binary without calling it: the runtime prints this line
@@ -223,6 +278,12 @@ enum { FAULT_LIMIT_HALF = 1, FAULT_LIMIT_SHIFT = 2, FAULT_LOGITS_LAST_ROW = 4, F
 
 typedef struct {
     LLMResultCallback callback;
+    void *callback_userdata; /* 1.3: RKLLMCallback.result_userdata; 1.2: rkllm_run's */
+    int eos;                 /* <0: none */
+    bool ignore_eos;
+    int top_k;               /* RKLLMParam's; 1.3 runs may override */
+    int last_top_k, last_max_new_tokens, last_sampling_from_run;
+    char toolkit[32], target_platform[32];
     int n_layers, n_kv_heads, head_dim, value_bytes, vocab, model_context;
     uint64_t seed;
     int context;        /* max_context_len in force */
@@ -266,6 +327,17 @@ static int argmax(uint64_t state, int vocab) {
         if (x > top) { top = x; best = v; }
     }
     return best;
+}
+
+static int sampled(uint64_t state, int vocab) {
+    int best = -1;
+    float top = 0.0f;
+    for (int v = 0; v < vocab; v++) {
+        if (!(mix(state ^ (uint64_t)v) & 1)) continue;
+        float x = logit(state, v);
+        if (best < 0 || x > top) { top = x; best = v; }
+    }
+    return best < 0 ? 0 : best;
 }
 
 static void write_position(Standin *s, int p, uint64_t state) {
@@ -361,10 +433,15 @@ __attribute__((unused)) static int parse_model(Standin *s, const char *path) {
     s->n_layers = s->n_kv_heads = s->head_dim = s->vocab = s->model_context = 0;
     s->value_bytes = 2;
     s->seed = 1;
+    s->eos = -1;
     while (fgets(line, sizeof line, f)) {
-        char key[64];
+        char key[64], text[32];
         unsigned long long value;
-        if (sscanf(line, "%63[a-z_]=%llu", key, &value) != 2) continue;
+        if (sscanf(line, "%63[a-z_]=%31s", key, text) != 2) continue;
+        if (!strcmp(key, "toolkit_version")) { snprintf(s->toolkit, sizeof s->toolkit, "%s", text); continue; }
+        if (!strcmp(key, "target_platform")) { snprintf(s->target_platform, sizeof s->target_platform, "%s", text); continue; }
+        if (!strcmp(key, "eos_token")) { s->eos = atoi(text); continue; }
+        value = strtoull(text, NULL, 10);
         if (!strcmp(key, "n_layers")) s->n_layers = (int)value;
         else if (!strcmp(key, "n_kv_heads")) s->n_kv_heads = (int)value;
         else if (!strcmp(key, "head_dim")) s->head_dim = (int)value;
@@ -405,25 +482,16 @@ static void destroy(Standin *s) {
     free(s);
 }
 
-#if defined(STANDIN_ABI_1_3)
-EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback) {
-    (void)param;
-    (void)callback;
-    if (handle) *handle = NULL;
-    fprintf(stderr, "E rkllm-standin: this is the 1.3.0-ABI build of the stand-in; it runs nothing\n");
-    return -1;
-}
-#else
-EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback) {
+static int init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback, void *userdata) {
     Standin *s;
     int status;
     char message[512];
     if (!handle || !param || !param->model_path) return -1;
     *handle = NULL;
 #if defined(STANDIN_SPLIT_VERSION)
-    fprintf(stdout, "I rkllm-standin: rkllm-runtime version: %s (stand-in), platform: none\n", standin_version);
+    fprintf(stdout, "I rkllm-standin: rkllm-runtime version: %s (stand-in), platform: " STANDIN_PLATFORM "\n", standin_version);
 #else
-    fprintf(stdout, "I rkllm-standin: %s, platform: none\n", standin_banner);
+    fprintf(stdout, "I rkllm-standin: %s, platform: " STANDIN_PLATFORM "\n", standin_banner);
 #endif
     fflush(stdout);
     if (param->extend_param.n_batch < 1 || param->extend_param.n_batch > 100) {
@@ -448,6 +516,20 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
         free(s);
         return -1;
     }
+    /* What users report the runtime prints for a model of another toolkit version or platform
+     * ("The model version is too old, please use the latest toolkit to reconvert the model!",
+     * "The model target_platform does not match!"); the stand-in names what it found. */
+    if (s->toolkit[0] && strncmp(s->toolkit, STANDIN_VERSION, 4) != 0) {
+        fprintf(stderr, "E rkllm-standin: model version %s does not match the runtime, please use rkllm-toolkit "
+                "%.4sx to reconvert the model!\n", s->toolkit, STANDIN_VERSION);
+        free(s);
+        return -1;
+    }
+    if (s->target_platform[0] && strcasecmp(s->target_platform, STANDIN_PLATFORM) != 0) {
+        fprintf(stderr, "E rkllm-standin: The model target_platform %s does not match!\n", s->target_platform);
+        free(s);
+        return -1;
+    }
     if (param->max_context_len > s->model_context) {
         snprintf(message, sizeof message, "max_context[%d] must be less than the model's max_context_limit[%d]",
                  param->max_context_len, s->model_context);
@@ -462,6 +544,11 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
         fflush(stdout);
     }
     s->callback = callback;
+    s->callback_userdata = userdata;
+    s->top_k = param->top_k;
+#if defined(STANDIN_ABI_1_3)
+    s->ignore_eos = param->ignore_eos_token;
+#endif
     s->context = param->max_context_len > 0 ? param->max_context_len : s->model_context;
     s->n_keep = param->n_keep;
     s->max_new_tokens = param->max_new_tokens;
@@ -477,6 +564,20 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     }
     *handle = s;
     return 0;
+}
+
+#if defined(STANDIN_ABI_1_3)
+EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback) {
+    if (!callback || !callback->result_callback) {
+        if (handle) *handle = NULL;
+        fprintf(stderr, "E rkllm-standin: rkllm_init needs an RKLLMCallback with a result_callback\n");
+        return -1;
+    }
+    return init(handle, param, callback->result_callback, callback->result_userdata);
+}
+#else
+EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback) {
+    return init(handle, param, callback, NULL);
 }
 #endif
 
@@ -513,6 +614,18 @@ EXPORT int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     memset(&result, 0, sizeof result);
     if (!s || !input) return -1;
     s->runs++;
+    int top_k = s->top_k, max_new_tokens = s->max_new_tokens;
+    s->last_sampling_from_run = 0;
+#if defined(STANDIN_ABI_1_3)
+    userdata = s->callback_userdata; /* 1.3 hands the callback RKLLMCallback.result_userdata */
+    if (infer && infer->sampling_params) {
+        top_k = infer->sampling_params->top_k;
+        s->last_sampling_from_run = 1;
+    }
+    if (infer && infer->max_new_tokens > 0) max_new_tokens = infer->max_new_tokens;
+#endif
+    s->last_top_k = top_k;
+    s->last_max_new_tokens = max_new_tokens;
     if (s->error_return_at == s->runs) {
         fprintf(stderr, "E rkllm-standin: run %d: injected failure (error-return@%d)\n", s->runs, s->runs);
         return -1;
@@ -572,13 +685,16 @@ EXPORT int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         return 0;
     }
 
-    /* GENERATE: greedy whatever top_k says; the token shown to the callback is fed only
-     * when the callback returns 0. */
+    /* GENERATE: greedy with top_k 1, else the best of a pseudo-random half of the vocabulary
+     * (a stand-in for sampling); the token shown to the callback is fed only when the callback
+     * returns 0; the model's eos_token ends the run (FINISH, not fed) unless 1.3's
+     * ignore_eos_token is set. */
     double generate_start = now_ms();
     int produced = 0;
     for (;;) {
-        if (s->max_new_tokens > 0 && produced >= s->max_new_tokens) break;
-        int token = argmax(last_state(s), s->vocab);
+        if (max_new_tokens > 0 && produced >= max_new_tokens) break;
+        int token = top_k == 1 ? argmax(last_state(s), s->vocab) : sampled(last_state(s), s->vocab);
+        if (token == s->eos && !s->ignore_eos) break;
         snprintf(s->text, sizeof s->text, "<%d>", token);
         result.text = s->text;
         result.token_id = token;
@@ -654,17 +770,64 @@ EXPORT int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt,
 }
 EXPORT int rkllm_set_cross_attn_params(LLMHandle handle, void *params) { (void)handle; (void)params; return -1; }
 
-/* Stand-in only (no such symbol in librkllmrt.so; the binding never calls it): the layout as
- * this compiler lays it out, for the tests to compare with ctypes. */
-EXPORT int rkllm_standin_layout(long *out, int n) {
-    long values[] = {
-        (long)sizeof(RKLLMExtendParam), (long)sizeof(RKLLMParam), (long)offsetof(RKLLMParam, extend_param),
-        (long)sizeof(RKLLMInput), (long)sizeof(RKLLMInferParam), (long)sizeof(RKLLMResult),
-        (long)offsetof(RKLLMResult, perf), (long)offsetof(RKLLMResult, logits),
-        (long)offsetof(RKLLMParam, extend_param) + (long)offsetof(RKLLMExtendParam, n_batch),
-        (long)offsetof(RKLLMInput, token_input), (long)offsetof(RKLLMInferParam, keep_history),
+/* Stand-in only (no such symbols in librkllmrt.so; the binding never calls them). */
+
+/* The layout as this compiler lays it out, by name, for the tests to compare with ctypes and
+ * with the figures worked out from rkllm.h. */
+#define ROW(label, value) {label, (long)(value)}
+EXPORT int rkllm_standin_layout(const char **names, long *values, int n) {
+    static const struct { const char *name; long value; } rows[] = {
+        ROW("sizeof(RKLLMExtendParam)", sizeof(RKLLMExtendParam)),
+        ROW("offsetof(RKLLMExtendParam, n_batch)", offsetof(RKLLMExtendParam, n_batch)),
+        ROW("sizeof(RKLLMParam)", sizeof(RKLLMParam)),
+        ROW("offsetof(RKLLMParam, skip_special_token)", offsetof(RKLLMParam, skip_special_token)),
+        ROW("offsetof(RKLLMParam, is_async)", offsetof(RKLLMParam, is_async)),
+#if defined(STANDIN_ABI_1_3)
+        ROW("offsetof(RKLLMParam, ignore_eos_token)", offsetof(RKLLMParam, ignore_eos_token)),
+#else
+        ROW("offsetof(RKLLMParam, img_start)", offsetof(RKLLMParam, img_start)),
+        ROW("offsetof(RKLLMParam, img_content)", offsetof(RKLLMParam, img_content)),
+#endif
+        ROW("offsetof(RKLLMParam, extend_param)", offsetof(RKLLMParam, extend_param)),
+        ROW("sizeof(RKLLMMultiModalInput)", sizeof(RKLLMMultiModelInput)),
+#if defined(STANDIN_ABI_1_3)
+        ROW("offsetof(RKLLMMultiModalInput, image.image_start)", offsetof(RKLLMMultiModelInput, image.image_start)),
+        ROW("offsetof(RKLLMMultiModalInput, video)", offsetof(RKLLMMultiModelInput, video)),
+        ROW("offsetof(RKLLMMultiModalInput, video.frame_height)", offsetof(RKLLMMultiModelInput, video.frame_height)),
+        ROW("sizeof(RKLLMSamplingParam)", sizeof(RKLLMSamplingParam)),
+        ROW("offsetof(RKLLMSamplingParam, mirostat_eta)", offsetof(RKLLMSamplingParam, mirostat_eta)),
+        ROW("offsetof(RKLLMInferParam, sampling_params)", offsetof(RKLLMInferParam, sampling_params)),
+        ROW("offsetof(RKLLMInferParam, max_new_tokens)", offsetof(RKLLMInferParam, max_new_tokens)),
+        ROW("sizeof(RKLLMCallback)", sizeof(RKLLMCallback)),
+        ROW("offsetof(RKLLMCallback, embed_userdata)", offsetof(RKLLMCallback, embed_userdata)),
+#else
+        ROW("offsetof(RKLLMMultiModalInput, image_height)", offsetof(RKLLMMultiModelInput, image_height)),
+#endif
+        ROW("sizeof(RKLLMInput)", sizeof(RKLLMInput)),
+        ROW("offsetof(RKLLMInput, input_type)", offsetof(RKLLMInput, input_type)),
+        ROW("offsetof(RKLLMInput, token_input)", offsetof(RKLLMInput, token_input)),
+        ROW("sizeof(RKLLMInferParam)", sizeof(RKLLMInferParam)),
+        ROW("offsetof(RKLLMInferParam, keep_history)", offsetof(RKLLMInferParam, keep_history)),
+        ROW("sizeof(RKLLMResult)", sizeof(RKLLMResult)),
+        ROW("offsetof(RKLLMResult, logits)", offsetof(RKLLMResult, logits)),
+        ROW("offsetof(RKLLMResult, perf)", offsetof(RKLLMResult, perf)),
     };
-    int count = (int)(sizeof values / sizeof values[0]);
-    for (int i = 0; i < n && i < count; i++) out[i] = values[i];
+    int count = (int)(sizeof rows / sizeof rows[0]);
+    for (int i = 0; i < n && i < count; i++) {
+        names[i] = rows[i].name;
+        values[i] = rows[i].value;
+    }
     return count;
+}
+
+/* What the last rkllm_run ran with: top_k, max_new_tokens, whether the sampling came from the
+ * run's RKLLMInferParam (1.3), and ignore_eos_token. */
+EXPORT int rkllm_standin_last_run(LLMHandle handle, int *out) {
+    Standin *s = (Standin *)handle;
+    if (!s || !out) return -1;
+    out[0] = s->last_top_k;
+    out[1] = s->last_max_new_tokens;
+    out[2] = s->last_sampling_from_run;
+    out[3] = s->ignore_eos;
+    return 0;
 }
