@@ -72,6 +72,7 @@ from pytest_longctx.protocol import BackendInfo, RuntimeStats
 from pytest_longctx.shapes import SHAPES, parse_shape
 from pytest_longctx.spec import KV_DTYPES, CacheSpec
 
+from . import _checks as C
 from . import _rkllm_abi as abi
 
 OPTIONS = ("library", "runtime_version", "shape", "kv_dtype", "vocab_size", "generate")
@@ -481,14 +482,7 @@ class RkllmRuntime:
 
     @staticmethod
     def _ids(token_ids: Sequence[int]) -> np.ndarray:
-        array = np.asarray(token_ids)
-        if array.ndim != 1 or array.shape[0] == 0:
-            raise ValueError(f"token_ids should be a non-empty 1-D sequence, got shape {array.shape}")
-        if array.dtype.kind not in "iu":
-            raise ValueError(f"token_ids should be integers, got {array.dtype}")
-        if array.min() < 0 or array.max() > np.iinfo(np.int32).max:
-            raise ValueError("token_ids should lie in [0, 2**31)")
-        return np.ascontiguousarray(array, dtype=np.int32)
+        return C.token_ids(token_ids, None, np.int32)
 
     def _call(self, n: int, mode: int) -> str:
         return f"rkllm_run(RKLLM_INPUT_TOKEN, {abi.MODE_NAMES[mode]}, keep_history=1) of {n} tokens"
