@@ -290,15 +290,15 @@ def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, l
 
 
 @pytest.mark.longctx_storage_independent
-def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, longctx_kv_dtype, longctx_settings,
-                                                             longctx_inputs, longctx_measure):
+def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, longctx_kv_dtype, longctx_positions,
+                                                             longctx_settings, longctx_inputs, longctx_measure):
     """Position indices at and past every power of two b >= 256 the cache holds: K read at
     b-1, b and b+1, queries attending at b (a cache of b+1 positions, needles at b-1 and b).
 
     A position kept in 16 bits wraps at 32768 (signed) or 65536 (unsigned) and one kept in
     bfloat16 or float16 rounds odd positions past 256 or 2048 (candle PR #3520: 15962 became
     15936): the cache then rotates K and the query at another position than its own."""
-    n = max(longctx_settings.positions)
+    n = longctx_positions  # at each length, so that the context finder probes it too
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
     bounds = boundaries_below(n)
     lengths = sorted({b + 1 for b in bounds} | {n})  # a decode query at each b and at the last position
@@ -312,8 +312,8 @@ def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, lo
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, "positions at boundaries", run.error)
 
 
-def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_dtype, longctx_settings,
-                                                   longctx_inputs, longctx_measure):
+def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_dtype, longctx_positions,
+                                                   longctx_settings, longctx_inputs, longctx_measure):
     """A query with zero scores over n keys that all hold the same value a (2, or 127/64 where
     the cache cannot store 2 exactly): the output is a.
 
@@ -326,7 +326,7 @@ def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_d
     that is a multiple of 16, so there the first failure is the overflow; float32 holds n·a
     exactly (a has 7 significant bits) up to 2^17 keys, in any order of summation. With
     equal weights the reference is the mean of the visible V."""
-    n = max(longctx_settings.positions)
+    n = longctx_positions  # at each length: the finder brackets the overflow length
     spec = variant_spec(longctx_settings, longctx_kv_dtype, n)
     keys = visible_keys(n, spec)
     k = longctx_inputs.normal(n, spec.n_kv_heads, spec.head_dim)  # no score depends on it

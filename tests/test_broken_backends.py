@@ -107,7 +107,7 @@ DEFECTS = [
     # The long-length probes, each at the first length where its defect exists.
     Defect(
         "Int16Positions", (*EQUIVALENCE, "-k", "index_boundaries"),
-        [("test_equivalence.py", "test_positions_at_index_boundaries_read_and_attend_right[float32]")],
+        [("test_equivalence.py", "test_positions_at_index_boundaries_read_and_attend_right[float32-32769]")],
         ["attend with 1 query at positions ..32768, worst at *: max|error|=*, but should be <= * "
          "[[]int16-positions float32 @ 32769 positions, *]",
          "read K at positions 32768..32768: max|error|=*, but should be <= * [[]int16-positions float32 @ 32769 *]"],
@@ -116,7 +116,7 @@ DEFECTS = [
     ),
     Defect(
         "Float16OutputAccumulator", (*EQUIVALENCE, "-k", "flat_attention"),
-        [("test_equivalence.py", "test_flat_attention_over_large_values_is_exact[float16]")],
+        [("test_equivalence.py", "test_flat_attention_over_large_values_is_exact[float16-32760]")],
         ["attend with a flat query over 32760 keys of v=2 (a float16 sum of them overflows 65520 at 32760 keys): "
          "has * NaN/Inf values, the first at index (0, 0, 0), but should have none "
          "[[]float16-accumulator float16 @ 32760 positions, *]"],

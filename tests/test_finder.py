@@ -109,6 +109,16 @@ def test_nan_past_8192_is_certified_to_8192_with_the_first_failure_at_9216(pytes
     assert "certified context: 8192 positions (step 1024); first failure at 9216" in render.markdown(matrix)
 
 
+def test_positions_kept_in_16_bits_are_certified_to_32768(pytester: pytest.Pytester) -> None:
+    """The long-length probes are searched like every case: positions kept in int16 wrap at
+    32768, so the finder certifies 32768 and names 33792, the next step, as the first failure."""
+    result = find(pytester, "broken_backends:Int16Positions", "--longctx-max-positions=34816",
+                  "-k", "index_boundaries")
+    got = answer(result)
+    assert (got["certified"], got["failure"]) == ("32768", "33792"), result.stdout.str()
+    assert "33792 x" in got["tried"] and "32768 x" not in got["tried"]
+
+
 def test_a_hang_at_a_probe_length_is_the_first_failure_and_the_search_ends(pytester: pytest.Pytester) -> None:
     # HangsPast4096 never returns from attend past 4096 positions; the deadline ends each hang.
     # Deadline 12 s at 16384 positions: 3 s at 4096, 3.75 s at 5120, 4.5 s at 6144.
