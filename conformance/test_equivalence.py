@@ -290,6 +290,7 @@ def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, l
 
 
 @pytest.mark.longctx_storage_independent
+@pytest.mark.longctx_longest_only
 def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, longctx_kv_dtype, longctx_positions,
                                                              longctx_settings, longctx_inputs, longctx_measure):
     """Position indices at and past every power of two b >= 256 the cache holds: K read at
@@ -312,6 +313,7 @@ def test_positions_at_index_boundaries_read_and_attend_right(longctx_backend, lo
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, "positions at boundaries", run.error)
 
 
+@pytest.mark.longctx_longest_only
 def test_flat_attention_over_large_values_is_exact(longctx_backend, longctx_kv_dtype, longctx_positions,
                                                    longctx_settings, longctx_inputs, longctx_measure):
     """A query with zero scores over n keys that all hold the same value a (2, or 127/64 where

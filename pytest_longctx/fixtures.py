@@ -132,6 +132,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             from .finder import lengths
 
             positions = lengths(metafunc.config)
+        elif metafunc.definition.get_closest_marker("longctx_longest_only") is not None:
+            positions = (max(positions),)
         metafunc.parametrize("longctx_positions", positions, scope="session")
 
 

@@ -32,6 +32,9 @@ MARKERS = {
     "longctx_memory": "KV memory: measured cache memory within the analytic size",
     "longctx_throughput": "fill and retrieve throughput, also as a fraction of memory bandwidth",
     "longctx_equivalence": "attention with RoPE matches the float64 reference at long positions",
+    "longctx_longest_only": "a probe whose pass at the longest length implies its pass at the shorter ones "
+    "(a length where a bug starts): run at the run's longest length only, at every length under "
+    "--longctx-find-context",
     "longctx_storage_independent": "the check does not depend on the KV storage type: run it at the "
     "backend's most precise kv dtype only",
     "longctx_other_kind": "internal: a case for the other kind of backend (KV cache or whole-model "
