@@ -17,7 +17,7 @@ import pytest
 from pytest_longctx import CacheSpec, KVBackend, KVCache
 from pytest_longctx.guard import describe, is_run_control
 from pytest_longctx.metrics import Verdict, judge
-from pytest_longctx.reference import FREQ_ULPS, apply_rope, attention, farthest
+from pytest_longctx.reference import apply_rope, attention, farthest, plain_attention, plain_variants
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -94,15 +94,15 @@ def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.
 def judge_attention(got: np.ndarray, q: np.ndarray, spec: CacheSpec, k_true: np.ndarray, v_true: np.ndarray,
                     k_plains: Sequence[np.ndarray], v_plain: np.ndarray, factor: float) -> Verdict:
     """attend() output for queries at the last positions of keys 0..L-1, against the float64
-    truth and the plain float32 yardstick: its envelope over the frequency offsets of
-    ``FREQ_ULPS`` (``k_plains``: stored K for each, from ``stored_k_variants``), the queries
-    rotated with the same frequencies as the keys."""
+    truth and the plain float32 yardstick: its envelope over ``plain_variants(spec)``
+    (``k_plains``: stored K for each, from ``stored_k_variants``), each variant's queries
+    rotated and its output rounded as that engine does."""
     length = k_true.shape[0]
     positions = np.arange(length - q.shape[0], length)
     truth = attention(apply_rope(q, positions, spec), k_true, v_true, spec)
     # attention() converts one key block at a time to float32; stored values are float32-exact.
-    plains = [attention(apply_rope(q, positions, spec, dtype=np.float32, freq_ulps=ulps), k_plain, v_plain, spec,
-                        dtype=np.float32) for ulps, k_plain in zip(FREQ_ULPS, k_plains)]
+    plains = [plain_attention(q, positions, k_plain, v_plain, spec, plain)
+              for plain, k_plain in zip(plain_variants(spec), k_plains)]
     return equivalence(got, truth, farthest(plains, truth), factor, terms=length)
 
 

@@ -77,7 +77,7 @@ class EquivalenceRun:
     cache: object
     layer: int
     k_true: np.ndarray
-    k_plains: Tuple[np.ndarray, ...]  # stored K for each frequency offset of FREQ_ULPS
+    k_plains: Tuple[np.ndarray, ...]  # stored K for each of plain_variants(spec)
     v_true: np.ndarray
     v_plain: np.ndarray
     outcomes: List[Outcome] = field(default_factory=list)

@@ -11,12 +11,17 @@ stores them, which is what a correct engine achieves.
 """
 
 from .attention import attend, attention
-from .plain import FREQ_ULPS, farthest, plain_attend, stored_k, stored_k_variants, stored_v
+from .plain import (FREQ_ULPS, HALF_ACTIVATIONS, Plain, farthest, plain_attend, plain_attention, plain_variants,
+                    stored_k, stored_k_variants, stored_v)
 from .quant import dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0, roundtrip
 from .rope import apply_rope, rope_angles
 
 __all__ = [
     "FREQ_ULPS",
+    "HALF_ACTIVATIONS",
+    "Plain",
+    "plain_attention",
+    "plain_variants",
     "apply_rope",
     "attend",
     "attention",

@@ -8,13 +8,15 @@ rotated the same way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
+
+from .quant import roundtrip
 
 
 def _integer_positions(positions: ArrayLike) -> np.ndarray:
@@ -57,6 +59,7 @@ def apply_rope(
     dtype: DTypeLike = np.float64,
     inverse: bool = False,
     freq_ulps: int = 0,
+    tables: Optional[str] = None,
 ) -> np.ndarray:
     """Rotate x (n, heads, head_dim) at positions (n,), all arithmetic in ``dtype``.
 
@@ -64,7 +67,9 @@ def apply_rope(
     gptj: 2i with 2i+1) and the rest pass through. The attention factor scales
     both cos and sin. ``inverse`` applies the exact inverse (angle negated,
     divided by the factor), so tests can design inputs whose rotated value is
-    known. ``freq_ulps``: see ``rope_angles``.
+    known. ``freq_ulps``: see ``rope_angles``. ``tables``: a storage type (``float16``)
+    that cos and sin, the attention factor applied, are rounded to before they rotate, as
+    an engine holding its rotary tables in its activation type does.
     """
     dtype = np.dtype(dtype)
     out = np.array(x, dtype=dtype, copy=True)
@@ -84,6 +89,8 @@ def apply_rope(
         cos, sin = cos / factor, -sin / factor
     else:
         cos, sin = cos * factor, sin * factor
+    if tables is not None:
+        cos, sin = roundtrip(cos, tables).astype(dtype), roundtrip(sin, tables).astype(dtype)
     # Broadcast (n, rd/2) over the head axes between positions and head_dim.
     shape = (pos.shape[0],) + (1,) * (out.ndim - 2) + (angles.shape[1],)
     cos, sin = cos.reshape(shape), sin.reshape(shape)

@@ -211,25 +211,77 @@ class Float32RopeBackend(CorrectBackend):
     Cache: Any = Float32Cache
 
 
-# The cache defects of broken_backends, each on top of the float32 engine: a defect must be
-# caught on an engine that computes the way real ones do, not only on the float64-angle
-# CorrectCache it was written against (a yardstick wide enough for float32 RoPE must still
-# be narrow enough for every bug class).
+# The cache defects of broken_backends, each also on the engines of this module (float32 RoPE,
+# float16 activations): a defect must be caught on an engine that computes the way real ones
+# do, not only on the float64-angle CorrectCache it was written against (a yardstick wide
+# enough for those engines must still be narrow enough for every bug class).
 
 
-def _on_float32_engine(defect: type) -> type:
-    """``defect`` with its one override applied to ``Float32Cache`` instead of ``CorrectCache``;
-    same name, so its diagnosis reads as the original's."""
-    cache = type("Cache", (defect.Cache, Float32Cache), {"__doc__": f"{defect.__name__}'s override on Float32Cache."})
-    return type(f"Float32{defect.__name__}", (defect,),
-                {"Cache": cache, "__doc__": f"{defect.__name__} on the float32-RoPE engine.", "__module__": __name__})
+def _on_engine(defect: type, engine: type, prefix: str, kv_dtypes: Tuple[str, ...] = ()) -> type:
+    """``defect`` with its one override applied to ``engine`` instead of ``CorrectCache``;
+    same diagnosis as the original's."""
+    cache = type("Cache", (defect.Cache, engine), {"__doc__": f"{defect.__name__}'s override on {engine.__name__}."})
+    body = {"Cache": cache, "__doc__": f"{defect.__name__} on {engine.__name__}.", "__module__": __name__}
+    if kv_dtypes:
+        body["kv_dtypes"] = kv_dtypes
+    return type(f"{prefix}{defect.__name__}", (defect,), body)
 
 
 def _defects() -> None:
     import broken_backends
 
     for name in broken_backends.CACHE_DEFECTS:
-        globals()[f"Float32{name}"] = _on_float32_engine(getattr(broken_backends, name))
+        defect = getattr(broken_backends, name)
+        globals()[f"Float32{name}"] = _on_engine(defect, Float32Cache, "Float32")
+        globals()[f"Half{name}"] = _on_engine(defect, HalfPrecisionCache, "Half", ("float16",))
 
 
+
+# ----------------------------------------------------------------------------- half-precision engines
+
+
+def _half(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float16).astype(np.float32)
+
+
+class HalfPrecisionCache(Float32Cache):
+    """A model exported in float16, as ONNX Runtime and TensorRT run one: beside a float16
+    cache, the activations are float16 too. Q and K arrive in float16, cos and sin are
+    float16 tables, the rotated Q is float16 when it meets the keys, and the output is
+    rounded to float16; scores and sums stay float32 (GroupQueryAttention's CPU kernel)."""
+
+    storage = {"float32": np.float32, "float16": np.float16}
+
+    def _io(self, x: np.ndarray) -> np.ndarray:
+        return _half(x) if self.spec.kv_dtype == "float16" else np.asarray(x, dtype=np.float32)
+
+    def rotate(self, x: np.ndarray, start: int) -> np.ndarray:
+        if self.spec.kv_dtype != "float16":
+            return super().rotate(x, start)
+        f, half = self.rope, self.rope.rotary_dim // 2
+        angles = self.angles(start, len(x))
+        cos, sin = (_half(np.cos(angles) * f.attention_factor), _half(np.sin(angles) * f.attention_factor))
+        x = _half(x)
+        out = x.copy()
+        if self.style() == "neox":
+            first, second = slice(0, half), slice(half, 2 * half)
+        else:
+            first, second = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+        a, b = x[..., first], x[..., second]
+        out[..., first], out[..., second] = a * cos - b * sin, a * sin + b * cos
+        return _half(out)
+
+    def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+        return self._io(super().attend(layer, q))
+
+
+class HalfPrecisionBackend(CorrectBackend):
+    """A correct engine with float16 activations beside a float16 cache: it must pass every seed."""
+
+    name = "half-precision"
+    Cache: Any = HalfPrecisionCache
+    kv_dtypes = ("float32", "float16")
+
+
+# The cache defects of broken_backends on each engine above: Float32<Defect>, Half<Defect>.
 _defects()
