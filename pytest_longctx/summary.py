@@ -57,7 +57,7 @@ class SummaryCollector:
         rows: Dict[Tuple[str, str, str], Dict[Any, str]] = {}
         for record in self.records:
             key = (record["backend"], record["kv_dtype"], record["check"])
-            mark = "" if record["passed"] else " FAIL"
+            mark = "" if record["passed"] else " NOT JUDGED" if record.get("judged") is False else " FAIL"
             rows.setdefault(key, {})[record["positions"]] = record["cell"] + mark
         extra = sorted({p for cells in rows.values() for p in cells} - set(positions), key=str)
         columns = positions + extra
