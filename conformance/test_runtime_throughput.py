@@ -101,11 +101,11 @@ def timed(longctx_backend, longctx_runtime, longctx_settings, _longctx_lock):
     return at_depth
 
 
-def _judge(what, stats, runtime_rate, floor, unit, result, depth, measure_, at, tagged):
+def _judge(what, stats, runtime_rate, floor, unit, result, depth, measure_, at, tagged, contended_cores):
     __tracebackhide__ = True
     passed = not result.problems and (floor is None or stats.median >= floor)
     slow = floor is not None and stats.median < floor
-    judged = not (slow and not result.problems and result.host.contended)
+    judged = not (slow and not result.problems and result.host.contended(contended_cores))
     measure_.record(what, stats.median, unit, **tagged, bound=f">= {floor:.4g}" if floor else "", passed=passed,
                     host=result.host.as_dict(), judged=judged,
                     cell=f"{stats.median:.4g} {unit} ±{stats.spread:.0%}", stats=stats.as_dict(),
@@ -125,7 +125,7 @@ def test_prefill_rate_at_depth(longctx_backend, longctx_runtime, longctx_setting
     result = timed(longctx_positions)
     _judge("prefill", result.prefill, result.runtime_prefill, longctx_settings.prefill_floor, "positions/s",
            result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings),
-           tags(longctx_runtime, longctx_settings))
+           tags(longctx_runtime, longctx_settings), longctx_settings.contended_cores)
 
 
 def test_decode_rate_at_depth(longctx_backend, longctx_runtime, longctx_settings, longctx_measure,
@@ -134,4 +134,4 @@ def test_decode_rate_at_depth(longctx_backend, longctx_runtime, longctx_settings
     result = timed(longctx_positions)
     _judge("decode", result.decode, result.runtime_decode, longctx_settings.decode_floor, "tokens/s",
            result, longctx_positions, longctx_measure, where(longctx_backend, longctx_runtime, longctx_settings),
-           tags(longctx_runtime, longctx_settings))
+           tags(longctx_runtime, longctx_settings), longctx_settings.contended_cores)

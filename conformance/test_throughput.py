@@ -93,35 +93,35 @@ def _ready(backend, run, what):
     return cache, filled, case(backend, cache.spec)
 
 
-def _check_floor(what, rate, unit, floor, where, share):
+def _check_floor(what, rate, unit, floor, where, share, settings):
     __tracebackhide__ = True
     if floor is not None and rate < floor:
-        _not_judged_if_contended(what, f"{rate:.4g} {unit}", f">= {floor:.4g} {unit}", share, where)
+        _not_judged_if_contended(what, f"{rate:.4g} {unit}", f">= {floor:.4g} {unit}", share, settings, where)
         fail(what, f"{rate:.4g} {unit}", f">= {floor:.4g} {unit}", where)
 
 
-def _check_fraction(what, fraction, floor, of, where, share):
+def _check_fraction(what, fraction, floor, of, where, share, settings):
     """A figure as a fraction of the probed bandwidth (the roofline) against its floor."""
     __tracebackhide__ = True
     if floor is not None and fraction < floor:
         what = f"{what} as a fraction of {of} bandwidth"
-        _not_judged_if_contended(what, f"{fraction:.1%}", f">= {floor:.1%}", share, where)
+        _not_judged_if_contended(what, f"{fraction:.1%}", f">= {floor:.1%}", share, settings, where)
         fail(what, f"{fraction:.1%}", f">= {floor:.1%}", where)
 
 
-def _not_judged_if_contended(what, measured, expected, share: HostShare, where):
+def _not_judged_if_contended(what, measured, expected, share: HostShare, settings, where):
     """A floor missed while other processes took the host says nothing about the backend
     (``pytest_longctx.contention``): the case is skipped with its figure, so the certificate
     holds the floor as not shown."""
     __tracebackhide__ = True
-    if share.contended:
+    if share.contended(settings.contended_cores):
         pytest.skip(f"{what}={measured}, below {expected}, measured while {share.describe()}: "
                     f"not judged on a contended host [{where}]")
 
 
-def _judged(passed, share: HostShare) -> dict:
+def _judged(passed, share: HostShare, settings) -> dict:
     """What a figure's record says of the host: the contention, and whether a miss was judged."""
-    return {"host": share.as_dict(), "judged": passed or not share.contended}
+    return {"host": share.as_dict(), "judged": passed or not share.contended(settings.contended_cores)}
 
 
 def _passes(rate, floor, fraction, fraction_floor):
@@ -145,14 +145,14 @@ def _judge_fill(what, check, positions_per_step, seconds, settings, measure, spe
     passed = _passes(stats.median, floor, fraction, fraction_floor)
     measure.record(
         check, stats.median, "pos/s", bound=_bound(floor, "pos/s", fraction_floor, "copy"), passed=passed,
-        **_judged(passed, share),
+        **_judged(passed, share, settings),
         cell=f"{stats.median:.4g} pos/s {gbps:.2f} GB/s ({fraction:.0%} copy)",
         gbps=gbps, fraction_of_copy=fraction, spread=stats.spread, threshold=floor,
         fraction_threshold=fraction_floor, copy_gbps=bandwidth.copy_gbps, read_gbps=bandwidth.read_gbps,
         bytes_per_position=fill_traffic(spec),
     )
-    _check_floor(what, stats.median, "positions/s", floor, where, share)
-    _check_fraction(what, fraction, fraction_floor, "copy", where, share)
+    _check_floor(what, stats.median, "positions/s", floor, where, share, settings)
+    _check_fraction(what, fraction, fraction_floor, "copy", where, share, settings)
 
 
 def test_prefill_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):
@@ -214,14 +214,15 @@ def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_me
     passed = _passes(ops.median, floor, fraction, fraction_floor)
     longctx_measure.record(
         "retrieve", ops.median, "ops/s", bound=_bound(floor, "ops/s", fraction_floor, "copy (layer read)"),
-        passed=passed, **_judged(passed, meter.share),
+        passed=passed, **_judged(passed, meter.share, longctx_settings),
         cell=f"{ops.median:.4g} ops/s; layer read {read_gbps:.2f} GB/s ({fraction:.0%} copy)",
         read_gbps=read_gbps, fraction_of_copy=fraction, spread=ops.spread, threshold=floor,
         fraction_threshold=fraction_floor, copy_gbps=bandwidth.copy_gbps,
     )
     _check_sampled_reads(longctx_backend, cache, run[1], samples, longctx_settings.error_factor, where)
-    _check_floor("retrieve (single-position reads)", ops.median, "ops/s", floor, where, meter.share)
-    _check_fraction("whole-layer read", fraction, fraction_floor, "copy", where, meter.share)
+    _check_floor("retrieve (single-position reads)", ops.median, "ops/s", floor, where, meter.share,
+                 longctx_settings)
+    _check_fraction("whole-layer read", fraction, fraction_floor, "copy", where, meter.share, longctx_settings)
 
 
 def _check_sampled_reads(backend, cache, filled, samples, factor, where):
@@ -310,7 +311,7 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
     passed = _passes(tokens.median, floor, fraction, fraction_floor)
     longctx_measure.record(
         "decode attention", tokens.median, "tok/s", bound=_bound(floor, "tok/s", fraction_floor, "read"),
-        passed=passed, **_judged(passed, meter.share),
+        passed=passed, **_judged(passed, meter.share, settings),
         cell=f"{tokens.median:.4g} tok/s {gbps:.2f} GB/s ({fraction:.0%} read)",
         gbps=gbps, fraction_of_read=fraction, spread=tokens.spread, threshold=floor,
         fraction_threshold=fraction_floor, read_gbps=bandwidth.read_gbps, kv_bytes=spec.kv_bytes(n),
@@ -334,9 +335,10 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
              f"{speedup:.1f}x faster than fresh queries (median of {PROBE_PAIRS} triplets, measured twice)",
              f"at most {allowed:g}x x {noise:.2f} (two fresh queries' own ratio): the backend answers from a "
              "cache of earlier answers (MLPerf TEST04)", where)
-    _check_floor("decode attention through all layers", tokens.median, "tokens/s", floor, where, meter.share)
+    _check_floor("decode attention through all layers", tokens.median, "tokens/s", floor, where, meter.share,
+                 settings)
     _check_fraction("decode attention through all layers", fraction, fraction_floor, "streaming-read", where,
-                    meter.share)
+                    meter.share, settings)
 
 
 def _check_sampled_attends(backend, filled, timed_calls, host_queries, settings, rng, where):

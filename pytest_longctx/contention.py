@@ -22,9 +22,9 @@ from typing import Optional
 
 import psutil
 
-# Other processes' use, in cores, from which a missed floor is not judged. Half a core: a
-# quiet host's background (helpers, the shell) stays far below it, one busy process beside
-# the run takes a whole core.
+# Other processes' use, in cores, from which a missed floor is not judged (the default of
+# --longctx-contended-cores). Half a core: a quiet host's background stays far below it, one
+# busy process beside the run takes a whole core.
 CONTENDED_CORES = 0.5
 
 
@@ -46,9 +46,9 @@ class HostShare:
     others_cores: float
     cores: int
 
-    @property
-    def contended(self) -> bool:
-        return self.others_cores >= CONTENDED_CORES
+    def contended(self, threshold: Optional[float] = CONTENDED_CORES) -> bool:
+        """Others used at least ``threshold`` cores; never when the threshold is None."""
+        return threshold is not None and self.others_cores >= threshold
 
     def describe(self) -> str:
         return f"other processes used {self.others_cores:.1f} of {self.cores} cores"

@@ -138,6 +138,9 @@ OPTIONS = (
             None, float, metavar="RATE"),
     _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
             None, float, metavar="RATE"),
+    _Option("contended-cores", "a rate floor missed while other processes used at least this many cores "
+            "is reported, not judged (default 0.5; none: always judged)", 0.5, parse_optional(float),
+            metavar="CORES"),
     _Option("deadline", "seconds a case may take at 16384 positions, scaled by positions (at least a quarter); "
             "a case past it fails with 'no answer in N s'; a backend that hung is not asked again in the run "
             "(default auto: from the case's KV bytes and the host's measured copy bandwidth, at least 60 s; "
@@ -233,7 +236,7 @@ def _settings(config: pytest.Config, factories: Dict[str, Any], profile: Optiona
     for name in ("memory-allowance", "error-factor", "fill-floor", "retrieve-floor", "attention-floor",
                  "prefill-fraction-floor", "read-fraction-floor", "attention-fraction-floor",
                  "logits-kl", "top1-agreement", "consistency-kl", "prefill-floor", "decode-floor",
-                 "deadline", "repeat-speedup"):
+                 "deadline", "repeat-speedup", "contended-cores"):
         if values[name] is not None and values[name] != "auto" and not values[name] >= 0:
             raise usage_error(name, values[name], "should be >= 0")
     if values["repeat-speedup"] is not None and values["repeat-speedup"] < 1:

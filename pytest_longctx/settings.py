@@ -124,6 +124,10 @@ class Settings:
     # reported, not judged. A profile states them from the vendor's claim.
     prefill_floor: Optional[float] = None
     decode_floor: Optional[float] = None
+    # A rate floor missed while other processes used at least this many cores over the timed
+    # region is reported, not judged (pytest_longctx/contention.py); None: always judged (a
+    # dedicated host, or tests of the floors themselves).
+    contended_cores: Optional[float] = 0.5
     # Integrity of the run (see deadline.py, isolate.py). A case (setup, call, teardown) that
     # takes longer than its deadline is failed with "no answer in N s". "auto" (the default)
     # derives it from the work: AUTO_DEADLINE_MARGIN times the seconds to stream the case's
@@ -215,5 +219,5 @@ class Settings:
 _RERUN_BARS = ("chunk", "repeats", "memory_allowance", "error_factor", "fill_floor", "retrieve_floor",
                "attention_floor", "prefill_fraction_floor", "read_fraction_floor", "attention_fraction_floor",
                "logits_kl", "top1_agreement", "consistency_kl", "prefill_floor", "decode_floor",
-               "deadline", "repeat_speedup")
+               "deadline", "repeat_speedup", "contended_cores")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

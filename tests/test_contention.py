@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from pytest_longctx import contention
 from pytest_longctx.contention import CONTENDED_CORES, HostMeter, HostShare
 
 
@@ -48,23 +47,23 @@ def test_regions_add_up_and_contention_is_named() -> None:
             _spin(0.05)
     assert 0.1 <= meter.share.seconds < 2
     loaded = HostShare(1.0, CONTENDED_CORES + 0.5, 2)
-    assert loaded.contended and loaded.describe() == f"other processes used {CONTENDED_CORES + 0.5:.1f} of 2 cores"
-    assert not HostShare(1.0, 0.0, 2).contended
+    assert loaded.contended() and loaded.describe() == f"other processes used {CONTENDED_CORES + 0.5:.1f} of 2 cores"
+    assert not HostShare(1.0, 0.0, 2).contended() and not loaded.contended(None)
 
 
 SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
 
 
-@pytest.mark.parametrize(("contended_from", "outcome"), [(0.0, "skipped"), (float("inf"), "failed")])
-def test_a_missed_floor_is_not_judged_on_a_contended_host(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                                          contended_from: float, outcome: str) -> None:
-    """A fill floor no backend meets: with the host counted as contended (threshold 0 cores) the
+@pytest.mark.parametrize(("contended_from", "outcome"), [("0", "skipped"), ("none", "failed")])
+def test_a_missed_floor_is_not_judged_on_a_contended_host(pytester: pytest.Pytester, contended_from: str,
+                                                          outcome: str) -> None:
+    """A fill floor no backend meets: with the host counted as contended from 0 cores on, the
     case is skipped naming the figure and the contention, and the figures table says NOT JUDGED;
-    with contention never counted it fails, as on a quiet host."""
-    monkeypatch.setattr(contention, "CONTENDED_CORES", contended_from)
+    with contention never counted (none) it fails, as on a quiet host."""
     result = pytester.runpytest("--longctx-backend=cpu", f"--longctx-shape={SHAPE}", "--longctx-positions=4096",
                                 "--longctx-kv-dtype=float32", "--longctx-fill-floor=1e12", "-m", "longctx_throughput",
-                                "-k", "prefill_fill", "-rs", "-p", "no:cacheprovider")
+                                "-k", "prefill_fill", f"--longctx-contended-cores={contended_from}", "-rs",
+                                "-p", "no:cacheprovider")
     assert result.parseoutcomes().get(outcome) == 1, result.stdout.str()
     if outcome == "skipped":
         result.stdout.fnmatch_lines(["*prefill fill*NOT JUDGED*",

@@ -398,7 +398,8 @@ def test_rerun_command_of_the_installed_suite_runs(pytester: pytest.Pytester) ->
 def test_rerun_command_keeps_the_bars(pytester: pytest.Pytester) -> None:
     """A failure against a bar set on the command line must fail again when rerun."""
     suite = copy_suite(pytester)
-    first = pytester.runpytest(suite, *small(), "--longctx-fill-floor=1e12", "-k", "prefill")
+    first = pytester.runpytest(suite, *small(), "--longctx-fill-floor=1e12", "--longctx-contended-cores=none",
+                               "-k", "prefill")
     first.assert_outcomes(failed=1, deselected=first.parseoutcomes()["deselected"])
     (command,) = rerun_commands(first)
     rerun(pytester, command).assert_outcomes(failed=1)

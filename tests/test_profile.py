@@ -154,18 +154,21 @@ def test_shipped_onnxruntime_profile_excuses_only_float16_attention_outputs() ->
     assert not ort.expected_failure("test_equivalence.py::test_read_matches_reference[onnxruntime-float16-4096]")
 
 
-@pytest.mark.parametrize(("option", "check"), [("--longctx-prefill-fraction-floor=0.999", "prefill fill"),
-                                               ("--longctx-read-fraction-floor=0.999", "retrieve")])
+# 1000x the probed bandwidth: no backend meets it, however the probe and the timed region
+# fare on a loaded host (at load 19 a layer read came out at 123% of a copy probed earlier).
+@pytest.mark.parametrize(("option", "check"), [("--longctx-prefill-fraction-floor=1000", "prefill fill"),
+                                               ("--longctx-read-fraction-floor=1000", "retrieve")])
 def test_bandwidth_fraction_floor_fails_a_slow_fill(pytester: pytest.Pytester, option: str, check: str) -> None:
-    """No backend fills at 99.9% of the probed copy bandwidth: the bar is applied, in one line."""
+    """No backend fills at 1000x the probed copy bandwidth: the bar is applied, in one line
+    (judged whatever else runs on the host: the floor is under test, not the host)."""
     k = "prefill" if check == "prefill fill" else "retrieve"
     result = pytester.runpytest("--longctx-backend=cpu", f"--longctx-shape={SHAPE}", "--longctx-positions=1024",
                                 "--longctx-kv-dtype=float32", "--longctx-repeats=2", option, "-k", k,
-                                "--longctx-report=c.json")
+                                "--longctx-contended-cores=none", "--longctx-report=c.json")
     assert result.parseoutcomes()["failed"] == 1, result.stdout.str()
-    result.stdout.fnmatch_lines(["*as a fraction of copy bandwidth=*%, but should be >= 99.9% [[]*"])
+    result.stdout.fnmatch_lines(["*as a fraction of copy bandwidth=*%, but should be >= 100000.0% [[]*"])
     (figure,) = [f for c in json.loads((pytester.path / "c.json").read_text())["cases"] for f in c["figures"]]
-    assert figure["check"] == check and figure["passed"] is False and figure["fraction_threshold"] == 0.999
+    assert figure["check"] == check and figure["passed"] is False and figure["fraction_threshold"] == 1000
 
 
 def test_shipped_profiles_state_the_seed_claims() -> None:
