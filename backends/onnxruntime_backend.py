@@ -361,7 +361,7 @@ class OnnxRuntimeCache:
         return out[0], out[1]
 
     def _stored(self) -> np.ndarray:
-        """The buffer as NumPy: the host buffer itself, or a device buffer copied whole (slow; see README)."""
+        """The buffer as NumPy: the host buffer itself, or a device buffer copied whole (slow; see docs/backends/onnxruntime.md)."""
         if self._host is not None:
             return self._host
         return self._buffer.numpy()

@@ -6,9 +6,9 @@ chunk timed) to max_positions − 128, then decode-style (one position through
 all layers, each timed) to max_positions; retrieve and decode attention are
 timed on the full cache. Every timed call gets fresh inputs; figures are
 medians with their spread; bandwidth is probed once per run by a copy. Floors
-come from the settings (default: the seed benchmark's at 16384 positions, 125
+come from the settings (default: the rates of realizar's ticket PERF-011 at 16384 positions, 125
 positions/s fill and 1250 ops/s retrieve, scaled by positions / 16384 so that
-the whole cache keeps the seed's time budget and an append whose cost grows
+the whole cache keeps that time budget and an append whose cost grows
 with depth fails; a decode-attention floor, when given, scales as 16384 /
 positions since a token reads the whole cache). Fill GB/s counts the
 float32 inputs read and the stored bytes written, as the copy probe counts
@@ -192,7 +192,7 @@ def test_fill_cost_per_position_stays_flat(longctx_backend, longctx_measure, run
 
 def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth,
                                    _longctx_lock):
-    """Random single-position reads (ops/s, the seed's retrieve) and whole-layer reads (GB/s)."""
+    """Random single-position reads (ops/s, the ticket's retrieve) and whole-layer reads (GB/s)."""
     cache, _, where = _ready(longctx_backend, run, "retrieve")
     spec = cache.spec
     rng = np.random.default_rng(longctx_settings.seed)

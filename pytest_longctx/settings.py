@@ -93,7 +93,7 @@ class Settings:
     # KV-cache test uses 3).
     error_factor: float = 3.0
     # Floors are given at FLOOR_POSITIONS. Fill and retrieve cost the same per position at
-    # any depth, so their floors keep the seed's budget for the whole cache (16384 positions
+    # any depth, so their floors keep the 7B-simulation ticket's budget for the whole cache (16384 positions
     # filled in 131 s): they scale as positions / 16384, which catches an append whose cost
     # grows with depth. Decode attention reads the whole cache per token, so its floor keeps
     # the bandwidth: it scales as 16384 / positions.

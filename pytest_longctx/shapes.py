@@ -71,7 +71,7 @@ SHAPES: Dict[str, CacheSpec] = {
             short_factor=_PHI3_SHORT, long_factor=_PHI3_LONG,
         ),
     ),
-    # The seed benchmark's 7B simulation (../shared/seeds/004_*).
+    # The 7B simulation of realizar's ticket PERF-011 (github.com/paiml/realizar).
     "7b-sim": CacheSpec(32, 32, 32, 128, 16384, rope=RopeSpec(theta=10000.0)),
 }
 

@@ -1,4 +1,4 @@
-"""A tiny random-weight llama GGUF for the suite's own tests and the README's example.
+"""A tiny random-weight llama GGUF for the suite's own tests and the docs' example.
 
 ``longctx-tiny-gguf tiny.gguf`` writes a llama-architecture model that llama.cpp
 loads: 2 layers, 128 wide, 4 query heads over 2 KV heads of 32, a 256-token

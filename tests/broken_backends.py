@@ -3,8 +3,8 @@
 ``CorrectBackend`` is the minimal example's float32 NumPy backend (copied, not
 imported, so that editing the example cannot weaken these tests), with its
 steps split into small methods. Every broken backend overrides one of them;
-its docstring names the real-world bug class it stands for (see
-``shared/notes/how-others-test.md``). The last group misbehaves at the API
+its docstring names the real-world bug class it stands for (docs/questions.md
+lists them). The last group misbehaves at the API
 instead: wrong output shape, a factory that raises, a dtype it claims but
 refuses, a device that is not there.
 

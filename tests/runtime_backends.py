@@ -6,7 +6,7 @@ with RoPE at the absolute positions, logits from its output. Its KV cache is
 real NumPy memory that grows by ``kv_spec.kv_bytes`` per position (K and V of
 every layer and head are computed and kept; the logits read layer 0, head 0),
 so the memory group measures something true. Every broken runtime overrides
-one step; its docstring names the bug class (../shared/notes/how-others-test.md).
+one step; its docstring names the bug class (docs/runtimes.md lists them).
 
 Name them as ``runtime_backends:ToyRuntimeBackend`` with this directory on sys.path.
 """

@@ -387,7 +387,7 @@ def test_auto_deadline_follows_the_work_of_the_case() -> None:
     # 65536 positions took over 60 s on the loaded 2-core host).
     assert auto(tiny, 65536, 11.7) == 240.0 and auto(tiny, 131072, 11.7) == 480.0
     assert 600 < auto("llama-3.1-8b", 16384, 11.7) < 800  # 8.6 GB of float64 KV
-    assert auto("7b-sim", 16384, 11.7) > 20 * 131  # 20x the seed's whole fill at its floor
+    assert auto("7b-sim", 16384, 11.7) > 20 * 131  # 20x the 7b-sim profile's whole fill at its floor
     assert auto("llama-3.1-8b", 16384, 2.0) > 5 * auto("llama-3.1-8b", 16384, 11.7)
     assert auto("qwen3-0.6b", 131072, 11.7) == 8 * auto("qwen3-0.6b", 16384, 11.7)
 

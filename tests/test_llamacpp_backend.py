@@ -1,7 +1,7 @@
 """The llamacpp backend against the runtime contract, on tiny random-weight GGUFs it writes.
 
 Models are written once per session (``pytest_longctx.tinygguf``): a 2048-position one for
-most tests, the README's 16384-position one for the crossing prompt the issue describes, and
+most tests, the docs' 16384-position one for the crossing prompt llama.cpp half-applies, and
 one whose training context (2000) is not a multiple of llama.cpp's 256. One thread: on a
 shared 2-core machine llama.cpp's two threads wait on each other.
 """

@@ -193,7 +193,7 @@ def test_stores_touch_only_their_rows(backend: O.OnnxRuntimeBackend) -> None:
 
 
 def test_float32_inputs_beside_a_float16_cache_fall_back_to_whole_layer_stores() -> None:
-    """ONNX Runtime 1.32's CPU kernel zeroes rows past the end in this mode (README, Findings)."""
+    """ONNX Runtime 1.32's CPU kernel zeroes rows past the end in this mode (docs/findings.md)."""
     cache = O.OnnxRuntimeBackend(compute="float32").open_cache(SMALL.replace(kv_dtype="float16"))
     assert not cache._in_place
     k, v = _kv(SMALL, 50)

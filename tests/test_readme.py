@@ -1,57 +1,68 @@
-"""The README stays true: its example backend is the file, and the file passes the suite."""
+"""The README stays a front door, and no link of the README or docs/ leads nowhere.
+
+The README's examples live on the docs pages now (tests/test_docs.py pins them); what is
+pinned here is the README's own promise: short, the set-up commands and the main job where a
+newcomer sees them, and no reference to a file a user of the package does not have.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+from typing import Iterator, List, Tuple
 
 import pytest
 
-import pytest_longctx.conformance as conformance
-
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = os.path.dirname(conformance.__file__)
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+SHIPPED_TEXT = PAGES + sorted((ROOT / "pytest_longctx" / "profiles").glob("*.toml"))
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)
 
 
-def test_readme_shows_the_example_backend_verbatim() -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    example = (ROOT / "examples" / "minimal_backend.py").read_text()
-    assert example in blocks
+def _links(page: Path) -> Iterator[Tuple[str, str]]:
+    """(target path, anchor) of every relative link outside code blocks."""
+    for target in LINK.findall(FENCE.sub("", page.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        yield path, anchor
 
 
-def test_readme_shows_a_shipped_profile_verbatim() -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
-    profile = (ROOT / "pytest_longctx" / "profiles" / "7b-sim-16k-ladder.toml").read_text()
-    assert profile in blocks
+def _anchors(page: Path) -> List[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), flags=re.M)
+    return [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings]
 
 
-def test_readme_lists_every_option() -> None:
-    """The options table stays true: every --longctx option the plugin adds has a row."""
-    from pytest_longctx.options import OPTIONS
-
-    readme = (ROOT / "README.md").read_text()
-    names = ["backend", "profile", "report", "report-md", "report-html"] + [o.name for o in OPTIONS]
-    missing = [n for n in names if f"| `--longctx-{n} " not in readme and f"| `--longctx-{n}` |" not in readme]
-    assert not missing, missing
+def test_readme_is_at_most_200_lines() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines, but should have at most 200"
 
 
-def test_readme_gives_the_two_setup_commands() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert 'pip install -e ".[dev]"\npytest\n' in readme
-    assert "pytest --longctx-backend=cpu\n" in readme
+def test_readme_gives_the_setup_commands_and_the_main_job_in_its_first_40_lines() -> None:
+    head = "\n".join(README.read_text().splitlines()[:40]) + "\n"
+    assert 'pip install -e ".[dev]"\npytest\n' in head
+    assert "\npytest --longctx-backend=cpu\n" in head
 
 
-def test_the_example_backend_passes_the_suite(pytester: pytest.Pytester) -> None:
-    pytester.syspathinsert(ROOT)
-    result = pytester.runpytest(
-        SUITE, "-p", "no:cacheprovider",
-        "--longctx-backend=examples.minimal_backend:MinimalBackend",
-        "--longctx-shape=n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000",
-        "--longctx-positions=4096",
-    )
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
-    assert outcomes["passed"] >= 20
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page: Path) -> None:
+    broken = []
+    for path, anchor in _links(page):
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{path} (no such file)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{path}#{anchor} (no such heading)")
+    assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+@pytest.mark.parametrize("path", SHIPPED_TEXT, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_reference_to_a_file_users_do_not_have(path: Path) -> None:
+    """Paths of folders outside the project (notes, seeds) or of someone's checkout."""
+    text = path.read_text()
+    found = re.findall(r"\.\./shared|shared/(?:notes|seeds)|/work/|/wt-[a-z]+/", text)
+    assert not found, f"{path.relative_to(ROOT)}: {sorted(set(found))}"

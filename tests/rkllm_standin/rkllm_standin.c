@@ -239,7 +239,7 @@ typedef struct {
 } RKLLMCallback;
 #endif
 
-/* The layout facts of ../shared/notes/rkllm-abi.md (LP64). */
+/* The layout facts of rkllm.h of airockchip/rknn-llm v1.2.1 and v1.3.0 (LP64; docs/backends/rkllm.md). */
 #if !defined(STANDIN_ABI_1_3)
 _Static_assert(sizeof(RKLLMExtendParam) == 120, "RKLLMExtendParam is 120 bytes");
 _Static_assert(sizeof(RKLLMParam) == 208, "RKLLMParam is 208 bytes");
