@@ -191,6 +191,60 @@ def _add_gpt2_tokenizer(writer: "gguf.GGUFWriter", vocab: int) -> None:  # type:
     writer.add_add_bos_token(False)
 
 
+def reference_logits(path: "str | Path", token_ids: Sequence[int], block: int = 512) -> np.ndarray:
+    """The float64 forward pass of a llama GGUF this module wrote (llama.cpp's semantics: RMS norm,
+    adjacent-pair RoPE, grouped-query causal attention, SwiGLU): the logits of every position,
+    (len(token_ids), vocab). The accuracy yardstick of a runtime that converts the file itself;
+    queries go in blocks of ``block`` so that a 16K prompt needs no 16K x 16K score matrix."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    weights = {t.name: np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]).astype(np.float64)
+               for t in reader.tensors}
+
+    def scalar(key: str) -> float:
+        field = reader.fields[f"{ARCH}.{key}"]
+        return field.parts[field.data[0]].tolist()[0]
+
+    layers, heads, kv_heads = int(scalar("block_count")), int(scalar("attention.head_count")), \
+        int(scalar("attention.head_count_kv"))
+    eps, theta = float(scalar("attention.layer_norm_rms_epsilon")), float(scalar("rope.freq_base"))
+    ids = np.asarray(token_ids, dtype=np.int64)
+    n, width = len(ids), weights["token_embd.weight"].shape[1]
+    head_dim = width // heads
+    angles = np.arange(n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+
+    def norm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def rope(x: np.ndarray) -> np.ndarray:  # adjacent pairs (2i, 2i+1), llama.cpp's LLAMA_ROPE_TYPE_NORM
+        out = np.empty_like(x)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+        return out
+
+    x = weights["token_embd.weight"][ids]
+    for i in range(layers):
+        w = {name.split(".")[2]: value for name, value in weights.items() if name.startswith(f"blk.{i}.")}
+        h = norm(x, w["attn_norm"])
+        q = rope((h @ w["attn_q"].T).reshape(n, heads, head_dim))
+        k = np.repeat(rope((h @ w["attn_k"].T).reshape(n, kv_heads, head_dim)), heads // kv_heads, axis=1)
+        v = np.repeat((h @ w["attn_v"].T).reshape(n, kv_heads, head_dim), heads // kv_heads, axis=1)
+        out = np.empty((n, heads, head_dim))
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            scores = np.einsum("qhd,khd->hqk", q[start:stop], k[:stop]) / np.sqrt(head_dim)
+            scores[:, np.arange(stop - start)[:, None] + start < np.arange(stop)[None, :]] = -np.inf
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            out[start:stop] = np.einsum("hqk,khd->qhd", probs / probs.sum(-1, keepdims=True), v[:stop])
+        x = x + out.reshape(n, width) @ w["attn_output"].T
+        h = norm(x, w["ffn_norm"])
+        gate = h @ w["ffn_gate"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+    return norm(x, weights["output_norm.weight"]) @ weights["output.weight"].T
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="longctx-tiny-gguf",
