@@ -336,3 +336,37 @@ def test_runtime_suite_on_openvino_genai_gives_the_real_verdicts(pytester: pytes
         "*prefill of 264 tokens at position 768 (limit 1024)=accepted (positions 1032), but should be "
         "ContextLimitExceeded*",
         "*KL from reference logits*KL *top-1*"])
+
+
+def test_an_ir_folder_with_a_config_takes_its_limits_from_it(backend: G.OpenVinoGenAIBackend, models: dict,
+                                                             tmp_path: Path) -> None:
+    """An IR exported elsewhere (optimum-intel writes config.json beside openvino_model.xml)."""
+    with backend.open_runtime(str(models["1k"])) as converted:
+        source = Path(converted.ir_path).parent
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    for name in ("openvino_model.xml", "openvino_model.bin"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 128, "max_position_embeddings": 768, "rope_theta": 10000.0}))
+    with backend.open_runtime(str(folder)) as runtime:
+        assert runtime.model_context_limit == runtime.context_limit == 768
+        assert runtime.kv_spec.describe() == "2L 4h/2kv d32 rope=default/neox"
+        assert runtime.prefill(_ids(4)).shape == (VOCAB,)
+    (folder / "config.json").unlink()
+    with pytest.raises(SpecError, match="has neither config.json nor longctx-source.json"):
+        backend.open_runtime(str(folder))
+
+
+def test_on_npu_the_static_sizes_bound_the_context() -> None:
+    """NPU compiles for max_prompt_len + min_response_len positions (none here to run it on)."""
+    runtime = object.__new__(G.OpenVinoGenAIRuntime)
+    runtime.model_path, runtime.model_context_limit = "m.gguf", 32768
+    runtime.settings = G._settings(dict(device="NPU", precision="float32", kv_dtype="float32", threads=None,
+                                        cache_dir=None, max_prompt_len=None, min_response_len=None))
+    assert runtime._grant(None) == G.NPU_PROMPT + G.NPU_RESPONSE == 1152
+    runtime.settings.update(max_prompt_len=4096, min_response_len=256)
+    assert runtime._grant(None) == 4352
+    with pytest.warns(ContextClamped, match="8192.*4352"):
+        assert runtime._grant(8192) == 4352
