@@ -33,32 +33,40 @@ class Growth:
     process: Dict[int, int] = field(default_factory=dict)
     reported: Dict[int, Optional[int]] = field(default_factory=dict)
     start: Dict[int, int] = field(default_factory=dict)  # depth the stretch started at
-    error: str = ""
+    errors: Dict[int, str] = field(default_factory=dict)  # why a depth was not reached
+    reached: int = -1  # depth the runtime holds now; -1: unknown (reset before the next stretch)
 
 
 @pytest.fixture(scope="module")
 def growth(longctx_backend, longctx_runtime, longctx_settings):
+    """Fills to each depth asked for, as a stretch from the depth held before: from empty on a
+    first call, ascending in a plain run; a shallower depth than the runtime holds (the
+    context finder's bisection) starts again from reset()."""
     runtime, settings = longctx_runtime, longctx_settings
     at = where(longctx_backend, runtime, settings)
     depths = [d for d in settings.positions if d <= runtime.context_limit]
+    ids = prompt(settings, runtime, max(depths)) if depths else []
     result = Growth()
-    if not depths:
-        return result
-    ids = prompt(settings, runtime, max(depths))
-    reset(runtime, at)
-    previous = 0
-    for depth in depths:
+
+    def reach(depth: int) -> Growth:
+        if depth in result.process or depth in result.errors:
+            return result
+        if result.reached < 0 or depth < result.reached:
+            reset(runtime, at)
+            result.reached = 0
         with ProcessPeak() as peak:
             try:
-                prefill_chunks(runtime, ids[previous:depth], settings.chunk, at)
+                prefill_chunks(runtime, ids[result.reached:depth], settings.chunk, at)
             except pytest.fail.Exception as exc:
-                result.error = str(exc)
-                break
+                result.errors[depth], result.reached = str(exc), -1
+                return result
             result.process[depth] = peak.growth()
             reported = call("stats()", runtime.stats).peak_memory_bytes
             result.reported[depth] = None if reported is None else max(0, reported - peak.start_rss)
-        result.start[depth], previous = previous, depth
-    return result
+        result.start[depth], result.reached = result.reached, depth
+        return result
+
+    return reach
 
 
 def test_memory_growth_within_kv_bound(longctx_backend, longctx_runtime, longctx_settings, longctx_measure,
@@ -68,14 +76,16 @@ def test_memory_growth_within_kv_bound(longctx_backend, longctx_runtime, longctx
     if longctx_positions > runtime.context_limit:
         pytest.skip(f"depth {longctx_positions} is beyond the runtime's context of {runtime.context_limit}: "
                     "not claimed")
-    if longctx_positions not in growth.process:
-        fail(f"prefill to {longctx_positions} tokens", growth.error or "not reached", "no error", at)
-    start, spec = growth.start[longctx_positions], runtime.kv_spec
+    grown = growth(longctx_positions)
+    if longctx_positions not in grown.process:
+        fail(f"prefill to {longctx_positions} tokens", grown.errors.get(longctx_positions, "not reached"),
+             "no error", at)
+    start, spec = grown.start[longctx_positions], runtime.kv_spec
     added = longctx_positions - start
     analytic = spec.kv_bytes(added)
     allowed = int(analytic * (1 + settings.memory_allowance)) + settings.memory_slack
-    measured = growth.process[longctx_positions]
-    reported = growth.reported[longctx_positions]
+    measured = grown.process[longctx_positions]
+    reported = grown.reported[longctx_positions]
     passed = measured <= allowed
     longctx_measure.record(
         "peak memory growth / analytic KV", measured / analytic, "x", **tags(runtime, settings), bound=f"<= {allowed / analytic:.3f}",

@@ -44,8 +44,10 @@ deselected: the finder answers a question about length only.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -92,10 +94,50 @@ def _fits(backend: Any, settings: Settings, dtype: str, n: int) -> Optional[str]
     return preflight(spec.kv_bytes(n) + reference)
 
 
+def _runtime_context(backend: Any, settings: Settings) -> Tuple[Optional[int], Optional[Any], str]:
+    """A whole-model runtime's context limit and KV geometry, read by opening its model once
+    (the search's maximum cannot be known before): (limit, kv_spec, "") or (None, None, why)."""
+    if settings.model is None:
+        return None, None, "no --longctx-model"
+    try:
+        runtime = backend.open_runtime(settings.model, settings.context)
+    except (Exception, SystemExit) as exc:  # the cases say it again, each in its own line
+        return None, None, f"open_runtime raised {type(exc).__name__}: {exc}"
+    try:
+        return int(runtime.context_limit), runtime.kv_spec, ""
+    finally:
+        try:
+            runtime.close()
+        except Exception as exc:
+            warnings.warn(f"longctx: {backend.name}: close() of the runtime opened to read its context "
+                          f"raised {type(exc).__name__}: {exc}", stacklevel=1)
+
+
+def _cut(text: str, step: int, asked: int, fits: Callable[[int], Optional[str]]) -> Plan:
+    """The plan up to ``asked``, or up to the largest rung below it that ``fits`` (bisection:
+    nothing is allocated to find out)."""
+    why = fits(asked)
+    if why is None:
+        return Plan(text, step, asked, ladder(step, asked))
+    rungs = [r for r in ladder(step, asked) if r < asked]
+    lo, hi = -1, len(rungs)  # rungs[lo] fits, rungs[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(rungs[mid]) is None else (lo, mid)
+    if lo < 0:
+        return Plan(text, step, 0, (), f"--longctx-max-positions {asked} cut to nothing: even {step} "
+                    f"positions do not fit ({why})")
+    cut = rungs[lo]
+    return Plan(text, step, cut, ladder(step, cut), f"maximum {asked} cut to {cut}, what fits: {asked} "
+                f"positions {why}")
+
+
 def make_plan(config: pytest.Config, text: str) -> Plan:
-    """The maximum (given, claimed or 131072), cut to the largest rung that fits, and the rungs."""
+    """The maximum (given, claimed, the model's context or 131072), cut to the largest rung
+    that fits, and the rungs."""
     settings: Settings = config.stash[settings_key]
-    loaded = get_state(config).load(text)
+    state = get_state(config)
+    loaded = state.load(text)
     info = loaded.backend.info() if loaded.backend is not None else None
     step = settings.context_step
     granularity = int(getattr(info, "position_granularity", 1) or 1)
@@ -106,22 +148,26 @@ def make_plan(config: pytest.Config, text: str) -> Plan:
     asked = min(asked, MAX_POSITIONS)
     if loaded.backend is None:  # its cases fail to load at the first probe: that is the answer
         return Plan(text, step, asked, ladder(step, asked))
+    if state.kind(text) == "runtime":
+        return _runtime_plan(text, step, loaded.backend, settings)
     dtypes = settings.kv_dtypes or tuple(info.kv_dtypes) or ("float32",)
     dtype = max(dtypes, key=lambda d: settings.spec_for(d, asked).kv_bytes(asked))
-    why = _fits(loaded.backend, settings, dtype, asked)
-    if why is None:
-        return Plan(text, step, asked, ladder(step, asked))
-    rungs = [r for r in ladder(step, asked) if r < asked]
-    lo, hi = -1, len(rungs)  # rungs[lo] fits, rungs[hi] does not (bisection: no allocation is made)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(loaded.backend, settings, dtype, rungs[mid]) is None else (lo, mid)
-    if lo < 0:
-        return Plan(text, step, 0, (), f"--longctx-max-positions {asked} cut to nothing: even {step} "
-                    f"positions do not fit ({why})")
-    cut = rungs[lo]
-    return Plan(text, step, cut, ladder(step, cut), f"maximum {asked} cut to {cut}, what fits: {asked} "
-                f"positions {why}")
+    return _cut(text, step, asked, lambda n: _fits(loaded.backend, settings, dtype, n))
+
+
+def _runtime_plan(text: str, step: int, backend: Any, settings: Settings) -> Plan:
+    """Prompt lengths up to the model's context (a runtime holds no more by contract), or up to
+    --longctx-max-positions below it, cut to what its KV cache leaves room for."""
+    limit, kv_spec, why = _runtime_context(backend, settings)
+    asked = settings.max_positions or limit or MAX_POSITIONS
+    note = ""
+    if limit is not None and asked > limit:
+        note = f"maximum {asked} cut to the model's context {limit}"
+        asked = limit
+    if limit is None:  # every case fails or skips at the first probe with its own reason
+        return Plan(text, step, min(asked, step), (min(asked, step),), f"the model's context is unknown: {why}")
+    plan = _cut(text, step, asked, lambda n: preflight(kv_spec.kv_bytes(n)))
+    return dataclasses.replace(plan, note="; ".join(x for x in (note, plan.note) if x))
 
 
 def plans(config: pytest.Config) -> Dict[str, Plan]:
@@ -259,13 +305,26 @@ def _kind(line: str) -> str:
     return "failed"
 
 
+def case_key(item: pytest.Item) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+    """A case apart from its length: the test and every parameter but ``longctx_positions``."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return item.nodeid.split("[")[0], tuple(sorted((k, repr(v)) for k, v in params.items()
+                                                   if k != "longctx_positions"))
+
+
 class ProbeRunner:
-    """Runs the cases of one length through the ordinary protocol and judges them."""
+    """Runs the cases of one length through the ordinary protocol and judges them.
+
+    A skipped case is a failure of its length only when the same case passed at a shorter
+    length (it no longer fits, or the runtime stopped holding the depth); a case skipped at
+    every length so far (no --longctx-reference-logits, a kv dtype the backend lacks) says
+    nothing about length and is not judged. A length where nothing passed is not passed."""
 
     def __init__(self, session: pytest.Session) -> None:
         self.session = session
         self.config = session.config
         self.reports: Dict[str, List[pytest.TestReport]] = {}
+        self.passed_cases: set = set()  # case_key of every case that passed at some length
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.reports.setdefault(report.nodeid, []).append(report)
@@ -283,13 +342,22 @@ class ProbeRunner:
                 break
         probe = Probe(positions, True, time.monotonic() - started, len(items))
         failures = []  # (kind, item, line) of every case that did not pass, in the order they ran
+        unjudged = []  # (item, line) of cases skipped at this length and never passed below it
+        passed_here = set()
         for item in items:
             reports = self.reports.get(item.nodeid, [])
             bad = next((r for r in reports if r.failed or (r.skipped and not hasattr(r, "wasxfail"))), None)
             if bad is None and reports:
+                passed_here.add(case_key(item))
                 continue
             line = "not run" if bad is None else _first_line(bad)
+            if bad is not None and not bad.failed and case_key(item) not in self.passed_cases:
+                unjudged.append((item, line))
+                continue
             failures.append(("skipped" if bad is not None and bad.skipped else _kind(line), item, line))
+        if not failures and not passed_here and unjudged:  # nothing was judged at this length
+            failures.append(("skipped", unjudged[0][0], unjudged[0][1]))
+        self.passed_cases |= passed_here
         if failures:
             # A hang or a crash names the length before an ordinary failure beside it: the case
             # where it happened ran first of those that name it ("not asked" comes after).

@@ -78,9 +78,15 @@ def _color(ax: Any, i: int) -> str:
     return f"C{i % 10}"
 
 
+# A whole-model runtime's figures (conformance/test_runtime_*.py): positions are prompt depths.
+RUNTIME_MEMORY, RUNTIME_PREFILL, RUNTIME_DECODE = "peak memory growth / analytic KV", "prefill", "decode"
+
+
 def memory_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
-    """Measured KV memory against positions, with the analytic size and the allowed bound."""
-    data = series(figures, "KV memory / analytic")
+    """Measured KV memory against positions, with the analytic size and the allowed bound; a
+    runtime's peak growth over each stretch of depth, against the analytic KV of the stretch."""
+    data = {**series(figures, "KV memory / analytic"),
+            **{f"{label} (growth per stretch)": points for label, points in series(figures, RUNTIME_MEMORY).items()}}
     if not data:
         return None
     fig, ax = _figure("KV memory vs positions", "GiB")
@@ -170,6 +176,26 @@ def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     return _svg(fig, ax, ticks)
 
 
+def runtime_rate_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
+    """A runtime's prefill positions/s and decode tokens/s at each prompt depth: a cost that
+    grows faster than linear with the context shows as a falling curve."""
+    prefill, decode = series(figures, RUNTIME_PREFILL), series(figures, RUNTIME_DECODE)
+    if not prefill and not decode:
+        return None
+    fig, ax = _figure("runtime prefill and decode vs depth", "positions/s, tokens/s")
+    ax.set_yscale("log")
+    ticks: List[int] = []
+    for i, label in enumerate(sorted(set(prefill) | set(decode))):
+        for name, data, style in (("prefill positions/s", prefill, "o-"), ("decode tokens/s", decode, "s-")):
+            points = data.get(label, [])
+            if points:
+                xs = [p for p, _ in points]
+                ticks += xs
+                ax.plot(xs, [_number(r["value"]) for _, r in points], style, color=_color(ax, i),
+                        label=f"{label} {name}")
+    return _svg(fig, ax, ticks)
+
+
 def context_plot(context: List[Dict[str, Any]]) -> Optional[str]:
     """The context finder's probes: seconds per probe against length, passes and failures marked,
     the certified context and the first failure as vertical lines. None without matplotlib."""
@@ -196,7 +222,8 @@ def context_plot(context: List[Dict[str, Any]]) -> Optional[str]:
     return _svg(fig, ax, ticks)
 
 
-PLOTS = (("memory", memory_plot), ("fill", fill_plot), ("attention", attention_plot), ("error", error_plot))
+PLOTS = (("memory", memory_plot), ("fill", fill_plot), ("attention", attention_plot), ("error", error_plot),
+         ("runtime", runtime_rate_plot))
 
 
 def all_plots(figures: List[Dict[str, Any]]) -> List[Tuple[str, str]]:

@@ -14,6 +14,8 @@ directory on ``sys.path``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -208,6 +210,26 @@ class DynamicBasePerAppend(CorrectBackend):
             grown = max(start + n, self.spec.rope.original_max_positions)
             inv_freq = rope_frequencies(self.spec.replace(max_positions=grown)).inv_freq
             return np.arange(start, start + n)[:, None, None] * inv_freq
+
+
+class Llama3WrongFactor(CorrectBackend):
+    """Llama 3 scaling with another model's factor (8 for 32, or 32 for 8).
+
+    llama-models issue 241: Llama 3.2 1B/3B shipped with factor 32 while code written for
+    3.1 assumed 8. Only the low-frequency dimensions change, so a model degrades only from
+    about 80K tokens on; the angles are wrong from the first long position on, and that is
+    what a kernel-level check sees.
+    """
+
+    name = "llama3-wrong-factor"
+
+    class Cache(CorrectCache):
+        def __init__(self, spec: CacheSpec) -> None:
+            super().__init__(spec)
+            rope = spec.rope
+            if rope.kind == "llama3":
+                wrong = dataclasses.replace(rope, factor=8.0 if rope.factor != 8.0 else 32.0)
+                self.rope = rope_frequencies(spec.replace(rope=wrong))
 
 
 class LongRopeFactorsPerAppend(CorrectBackend):
@@ -549,6 +571,7 @@ class QueuedAttend(CorrectBackend):
 
 # Every defect above that is one override of CorrectCache (the rest break the factory or info).
 CACHE_DEFECTS = ("Float16Angles", "Int16Positions", "SwappedPairing", "DynamicBasePerAppend",
-                 "LongRopeFactorsPerAppend", "Float16OutputAccumulator", "WrongGQAMapping", "CausalOffByOne",
+                 "LongRopeFactorsPerAppend", "Llama3WrongFactor", "Float16OutputAccumulator", "WrongGQAMapping",
+                 "CausalOffByOne",
                  "WindowOffByOne", "NoMaxSubtraction", "RingBuffer", "HalfAppliedChunk", "DoubleAllocation",
                  "KeepsEveryInput", "WrongShape", "CopyOnAppend", "DeferredAttend")

@@ -219,6 +219,21 @@ def test_html_has_plots_with_matplotlib(made: Path) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:|//)|<link|<script|url\((?!#)""", page), "must not load anything"
 
 
+def test_runtime_figures_are_drawn_against_depth() -> None:
+    """A runtime's prefill and decode rates and its memory growth per stretch are curves over the
+    depths probed (a cost growing faster than linear shows), like the KV-cache groups' figures."""
+    pytest.importorskip("matplotlib")
+    tag = {"backend": "toy", "kv_dtype": "float32"}
+    figures = [{"check": "prefill", "positions": n, "value": 4e5 / n, **tag} for n in (256, 1024, 4096)]
+    figures += [{"check": "decode", "positions": n, "value": 900 - n / 10, **tag} for n in (256, 1024, 4096)]
+    figures += [{"check": "peak memory growth / analytic KV", "positions": n, "value": 1.0, "measured_bytes": n << 10,
+                 "analytic_bytes": n << 10, "bound_bytes": n << 11, **tag} for n in (256, 1024, 4096)]
+    drawn = dict(plots.all_plots(figures))
+    assert set(drawn) == {"memory", "runtime"}
+    assert "toy float32 prefill positions/s" in drawn["runtime"]
+    assert "toy float32 (growth per stretch) measured" in drawn["memory"]
+
+
 def test_html_without_matplotlib_still_has_the_tables(made: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plots, "available", lambda: False)
     page = render.html(json.loads((made / "cert.json").read_text()))

@@ -187,3 +187,33 @@ def test_finder_refuses_xdist_and_cuts_a_maximum_that_does_not_fit(pytester: pyt
     result.stdout.fnmatch_lines(["longctx finder: broken_backends:CorrectBackend: step 1024, up to * positions "
                                  "(maximum 131072 cut to *, what fits: 131072 positions needs * of host memory, "
                                  "* free)"])
+
+
+# ----------------------------------------------------------------------------- whole-model runtimes
+
+
+def find_runtime(pytester: pytest.Pytester, backend: str, *args: str, context: int = 4096) -> pytest.RunResult:
+    import runtime_backends
+
+    pytester.syspathinsert(TESTS_DIR)
+    model = runtime_backends.write_model(str(pytester.path / "toy.model"), context)
+    return pytester.runpytest(f"--longctx-backend=runtime_backends:{backend}", f"--longctx-model={model}",
+                              "--longctx-find-context", "--longctx-context-step=256", "-p", "no:cacheprovider",
+                              *args)
+
+
+def test_runtime_is_searched_over_prompt_length_up_to_its_context(pytester: pytest.Pytester) -> None:
+    """The maximum is the model's context (read by opening it), not the kernel groups' 131072;
+    the reference-logits case, skipped at every length without --longctx-reference-logits,
+    says nothing about length and fails no probe."""
+    result = find_runtime(pytester, "ToyRuntimeBackend", "--longctx-max-positions=8192", context=2048)
+    found = answer(result)
+    assert (found["certified"], found["failure"]) == ("2048", None), result.stdout.str()
+    result.stdout.fnmatch_lines(["*no failure up to the maximum 2048*", "*maximum 8192 cut to the model's context 2048*"])
+
+
+def test_runtime_that_turns_nan_past_2048_is_certified_to_2048(pytester: pytest.Pytester) -> None:
+    result = find_runtime(pytester, "NanAfter2048Backend")
+    found = answer(result)
+    assert (found["certified"], found["failure"]) == ("2048", "2304"), result.stdout.str()
+    assert "NaN/Inf values" in found["reason"] and found["probes"] == 8, found
