@@ -27,6 +27,9 @@ BUILTINS = {
     # when CuPy is missing. torch is reached by name; its info() says where it runs.
     "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
     "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
+    # A GGUF converted by openvino-genai, its stateful IR run by openvino.Core (CPU here; GPU/NPU by option).
+    "openvino-genai": Builtin("pytest_longctx.backends.openvino_genai_backend:OpenVinoGenAIBackend", "cpu",
+                              "runtime"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.

@@ -68,3 +68,34 @@ def test_the_command_refuses_a_shape_it_cannot_write(tmp_path: Path, capsys: pyt
     assert main([str(tmp_path / "x.gguf"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gpt2_tokenizer_is_byte_level_bpe_with_merges(tmp_path: Path) -> None:
+    """What openvino-genai's GGUF reader needs: tokenizer model "gpt2", the 256 byte tokens in GPT-2's
+    printable spelling, merges whose halves are tokens and whose joins are tokens, one control token."""
+    path = write_tiny_gguf(tmp_path / "g.gguf", dtype="f16", tokenizer="gpt2", vocab=300)
+    reader = gguf.GGUFReader(str(path))
+
+    def strings(key: str) -> list:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    assert strings("tokenizer.ggml.model") == ["gpt2"]
+    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+    assert len(tokens) == 300 and len(set(tokens)) == 300
+    assert tokens[ord("a")] == "a" and tokens[ord(" ")] == "Ġ" and tokens[10] == "Ċ"  # GPT-2's byte spelling
+    assert len(merges) == 300 - 257 and all(a in tokens and b in tokens and a + b in tokens
+                                            for a, b in (m.split(" ") for m in merges))
+    types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+             for i in reader.fields["tokenizer.ggml.token_type"].data]
+    assert types.count(int(gguf.TokenType.CONTROL)) == 1 and tokens[types.index(3)] == "<|endoftext|>"
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == 299
+
+
+def test_the_default_vocabulary_follows_the_tokenizer(tmp_path: Path) -> None:
+    reader = gguf.GGUFReader(str(write_tiny_gguf(tmp_path / "d.gguf", tokenizer="gpt2")))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 320
+    with pytest.raises(ValueError, match="a gpt2 tokenizer should have 257..933 tokens"):
+        write_tiny_gguf(tmp_path / "x.gguf", tokenizer="gpt2", vocab=256)
+    with pytest.raises(ValueError, match="tokenizer='bpe', but should be one of llama, gpt2"):
+        write_tiny_gguf(tmp_path / "y.gguf", tokenizer="bpe")
