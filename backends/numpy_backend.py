@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +42,9 @@ APPEND_STEP = 256
 # The native kernels rotate and encode with no temporaries, and handing a task to a thread
 # costs ~50 us; their appends go in one step per thread of at least this many positions.
 NATIVE_APPEND_STEP = 1024
+# Values (positions x KV heads x head_dim) from which an append hands V to another thread:
+# below, the hand-over (~50 us) costs more than writing it.
+NATIVE_PARALLEL_VALUES = 1 << 15
 # Values up to which one NumPy cast beats the kernels' dozen passes (per-call overhead).
 CAST_BELOW = 16384
 # Values up to which one NumPy call decodes faster than a native call is set up (~8 us).
@@ -93,14 +96,26 @@ class _Store:
         """The storage of those KV heads and positions, (h, stop-start, d), for the native products."""
         return self.data[layer, heads, start:stop]
 
+    def arrays(self) -> List[np.ndarray]:
+        """Every array of the storage (prepared at open)."""
+        return [self.data]
+
 
 def _storage(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Allocated whole at open (tracemalloc counts it), its pages touched on first write.
-
-    Touching every page at open would make a cache whose layers are not all used
-    pay for all of them; a position is never read before it is written.
-    """
+    """Allocated whole at open (tracemalloc counts it); NumpyCache prepares its pages."""
     return np.empty(shape, dtype=dtype)
+
+
+def _prepare(arrays: List[np.ndarray], run: Callable[[Callable[[int], None], range], None], parts: int) -> None:
+    """Zero every page of ``arrays`` at open, in ``parts`` slices along the first axis.
+
+    A first write to fresh memory pays a page fault per page (measured here: 0.5 GB/s,
+    against about 20 GB/s into the same memory once touched), so a cache left untouched
+    bills its first prefill for the allocation. Engines clear their KV buffers at start-up;
+    this does the same, so open pays once and every fill writes into prepared memory.
+    """
+    pieces = [part for array in arrays for part in np.array_split(array, parts) if part.size]
+    run(lambda i: pieces[i].fill(0), range(len(pieces)))
 
 
 class _Float32Store(_Store):
@@ -110,7 +125,10 @@ class _Float32Store(_Store):
         self.native = "float32" if native else None  # rope fused into the copy; attention products
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
-        self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
+        if self.native:  # streamed past the cache, as the rotated K is
+            N.encode("float32", x, self._slots(layer, start, x.shape[0]))
+        else:
+            self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
@@ -198,6 +216,9 @@ class _Q8Store(_Store):
         self.nbytes = self.q.nbytes + self.d.nbytes
         self.native_q8 = native
 
+    def arrays(self) -> List[np.ndarray]:
+        return [self.q, self.d]
+
     def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
         if rope is not None and self.native_q8:  # rotated by the native float32 kernel, in one pass
             x = N.rope_encode("float32", x, rope[0], rope[1], rope[2], np.empty_like(x))
@@ -244,6 +265,7 @@ class NumpyCache:
         store = _STORES[spec.kv_dtype]
         self._k: Optional[_Store] = store(shape, native)
         self._v: Optional[_Store] = store(shape, native)
+        _prepare(self._k.arrays() + self._v.arrays(), self._run, max(1, threads))
         self._rope = K.RopeTable(np, spec)
         self._lengths = [0] * spec.n_layers
         # KV heads per attention task, and one pair of scratch blocks per task.
@@ -282,15 +304,33 @@ class NumpyCache:
         k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
         n = k.shape[0]
 
-        size = max(NATIVE_APPEND_STEP, -(-n // self._threads)) if k_store.native else APPEND_STEP
         cos, sin = self._rope.rows(start, start + n)
+        if k_store.native:
+            # K (rotated) and V are written by separate tasks, so that a prefill chunk keeps
+            # both cores streaming; a chunk past NATIVE_APPEND_STEP per thread is split further.
+            # An append too small to repay a hand-over to a thread runs here.
+            size = max(NATIVE_APPEND_STEP, -(-n // self._threads))
+            steps = [(store, a) for a in range(0, n, size) for store in (k_store, v_store)]
+            if n * spec.n_kv_heads * spec.head_dim < NATIVE_PARALLEL_VALUES:
+                steps = [(None, a) for a in range(0, n, size)]
 
-        def step(a: int) -> None:
-            b = min(a + size, n)
-            k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
-            v_store.write(layer, start + a, v[a:b])
+            def task(i: int) -> None:
+                store, a = steps[i]
+                b = min(a + size, n)
+                if store is not v_store:
+                    k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
+                if store is not k_store:
+                    v_store.write(layer, start + a, v[a:b])
 
-        self._run(step, range(0, n, size))
+            self._run(task, range(len(steps)))
+        else:
+
+            def step(a: int) -> None:
+                b = min(a + APPEND_STEP, n)
+                k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
+                v_store.write(layer, start + a, v[a:b])
+
+            self._run(step, range(0, n, APPEND_STEP))
         self._lengths[layer] = start + n
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
@@ -363,13 +403,17 @@ class NumpyCache:
         self._scratch = []
 
     def _run(self, fn: Callable[[int], None], items: range) -> None:
-        """fn over items, on the pool when there is more than one."""
+        """fn over items: the first here, the others on the pool (this thread would only wait)."""
         if self._pool is None or len(items) < 2:
             for item in items:
                 fn(item)
             return
-        for future in [self._pool.submit(fn, item) for item in items]:
-            future.result()
+        futures = [self._pool.submit(fn, item) for item in items[1:]]
+        try:
+            fn(items[0])
+        finally:
+            for future in futures:
+                future.result()
 
 
 
