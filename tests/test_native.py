@@ -388,3 +388,71 @@ def test_q8_0_is_the_numpy_quantizer_bit_for_bit(request: pytest.FixtureRequest,
 def test_q8_0_wrappers_refuse_scales_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="scales of shape"):
         N.q8_encode(np.zeros((2, 64), np.float32), np.zeros((2, 64), np.int8), np.zeros((2, 3), np.uint16))
+
+
+# ---------------------------------------------------------------- streamed writes, argument checks
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_large_writes_stream_into_place_with_the_same_bits(kind: str, offset: int) -> None:
+    """Writes past the native kernels' streaming size (64 KiB) go around the cache when the
+    destination rows are 16-byte aligned (offset 0) and through it otherwise (offset 1 value):
+    either way the stored bits are those of the small-write path, and nothing beside them moves."""
+    rng = np.random.default_rng(11)
+    n, heads, d = 300, 4, 64  # 300 x 4 x 64 x 2 bytes > 64 KiB
+    x = (rng.standard_normal((n, heads, d)) * 3).astype(np.float32)
+    x[5, 1, 7] = np.nan
+    stored = N.STORED_DTYPES[kind]
+    base = np.full(heads * (n + 2) * d + 8, 0x5A5A, stored) if stored.itemsize == 2 else \
+        np.full(heads * (n + 2) * d + 8, -7.0, np.float32)
+    store = base[offset:offset + heads * (n + 2) * d].reshape(heads, n + 2, d)
+    slots = store[:, 1:n + 1].transpose(1, 0, 2)
+    N.encode(kind, x, slots)
+    want = np.empty((n, heads, d), stored)
+    for i in range(0, n, 7):  # small writes: under the streaming size
+        N.encode(kind, x[i:i + 7], want[i:i + 7])
+
+    def bits(a: np.ndarray) -> np.ndarray:  # NaN payloads compared too
+        return np.ascontiguousarray(a).view(np.uint16 if a.itemsize == 2 else np.uint32)
+
+    assert np.array_equal(bits(slots), bits(want))
+    assert np.array_equal(store[:, 0], np.full((heads, d), base[0])) and np.array_equal(store[:, -1], store[:, 0])
+    cos, sin = K.rope_rows(np, SMALL.replace(head_dim=d), 0, n)
+    N.rope_encode(kind, x, cos, sin, "neox", slots)
+    for i in range(0, n, 7):
+        N.rope_encode(kind, x[i:i + 7], cos[i:i + 7], sin[i:i + 7], "neox", want[i:i + 7])
+    assert np.array_equal(bits(slots), bits(want))
+
+
+@needs_native
+def test_kernels_name_the_argument_they_refuse_and_touch_nothing() -> None:
+    x = np.ones((4, 2, 8), np.float32)
+    out = np.full((4, 2, 8), 7, np.uint16)
+    cos, sin = np.ones((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    a, b, acc = np.ones((2, 1, 8), np.float32), np.ones((2, 5, 8), np.uint16), np.zeros((2, 1, 8), np.float32)
+    refused = [
+        (lambda: N.rope_encode("float16", x, cos, sin, "neox", out[:3]), "out has shape (3, 2, 8)"),
+        (lambda: N.rope_encode("float16", x, cos[:3], sin, "neox", out), "cos has shape (3, 4)"),
+        (lambda: N.rope_encode("float16", x, cos, sin[:, :2], "neox", out), "sin has shape (4, 2)"),
+        (lambda: N.rope_encode("float16", x, cos.astype(np.float64), sin, "neox", out), "cos should be"),
+        (lambda: N.rope_encode("float16", x, np.asfortranarray(np.ones((4, 4), np.float32)), sin, "neox", out),
+         "cos should be a C-contiguous"),
+        (lambda: N.rope_encode("float16", x[:, :, ::2], cos[:, :2], sin[:, :2], "neox", out[:, :, :4]),
+         "x is not contiguous"),
+        (lambda: N.rope_encode("float16", x, cos, sin, "llama", out), "style is 'llama'"),
+        (lambda: N.rope_encode("float16", x.astype(np.float16), cos, sin, "neox", out), "x should be"),
+        (lambda: N.dot("float16", a, b[:, :, :4], np.empty((2, 1, 5), np.float32)), "b has shape (2, 5, 4)"),
+        (lambda: N.dot("float16", a, b, np.empty((2, 1, 4), np.float32)), "out has shape (2, 1, 4)"),
+        (lambda: N.dot("float16", a[0], b, np.empty((2, 1, 5), np.float32)), "a has shape (1, 8)"),
+        (lambda: N.dot("float16", a, b.astype(np.float32), np.empty((2, 1, 5), np.float32)), "b should be"),
+        (lambda: N.accumulate("float16", np.ones((2, 1, 4), np.float32), b, acc), "b has shape (2, 5, 8)"),
+        (lambda: N.accumulate("float16", np.ones((2, 1, 5), np.float32), b, acc[:, :, :4]), "out has shape"),
+        (lambda: N.encode("float16", x, out[:, :1]), "destination has shape (4, 1, 8)"),
+    ]
+    for call, message in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert np.all(out == 7) and np.all(acc == 0)
