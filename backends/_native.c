@@ -572,3 +572,112 @@ void lc_q8_decode(const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_
             }
         }
 }
+
+/* --- q8_0 products: decode attention read straight from int8 values and half scales --- */
+
+/* As lc_products, for keys or values b stored as q8_0: int8 q (planes, n, cols) and half-bit
+ * scales d (planes, n, cols/32), strides in elements of each. Each stored value is q * d in
+ * float32 (exact, as lc_q8_decode gives it) before it is multiplied, so the products are
+ * those of the decoded block. cols must be a multiple of 32. */
+#if LC_SIMD
+LC_INLINE __m256 q8_load8(const int8_t *q, __m256 scale)
+{
+    __m128i b = _mm_loadl_epi64((const __m128i *)q);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale);
+}
+
+static void q8_products_simd(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                             const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
+                             const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                             float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                             ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+    for (ptrdiff_t p = 0; p < planes; p++) {
+        const float *ap = a + p * a_ps;
+        const int8_t *qp = q + p * q_ps;
+        const uint16_t *dp = d + p * d_ps;
+        float *op = out + p * out_ps;
+        if (!accumulate) {
+            for (ptrdiff_t j = 0; j < n; j++) {
+                const int8_t *k = qp + j * q_rs;
+                const uint16_t *s = dp + j * d_rs;
+                for (ptrdiff_t i = 0; i < m; i += 2) {
+                    ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
+                    const float *x0 = ap + i * a_rs, *x1 = ap + i1 * a_rs;
+                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                    for (ptrdiff_t c = 0; c < cols; c += 32) {
+                        __m256 scale = _mm256_set1_ps(f16_to_float(s[c / 32]));
+                        for (ptrdiff_t e = c; e < c + 32; e += 8) {
+                            __m256 y = q8_load8(k + e, scale);
+                            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + e), y, s0);
+                            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + e), y, s1);
+                        }
+                    }
+                    __m128 both = sum4(s0, s1, s0, s1);
+                    op[i * out_rs + j] = _mm_cvtss_f32(both);
+                    op[i1 * out_rs + j] = _mm_cvtss_f32(_mm_shuffle_ps(both, both, 1));
+                }
+            }
+            continue;
+        }
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += ACC_ROWS)   /* ACC_ROWS stored rows stay in L1 */
+        for (ptrdiff_t i = 0; i < m; i += 2) {
+            ptrdiff_t i1 = i + 1 < m ? i + 1 : i, j1 = n - j0 < ACC_ROWS ? n : j0 + ACC_ROWS;
+            const float *w0 = ap + i * a_rs, *w1 = ap + i1 * a_rs;
+            float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
+            for (ptrdiff_t c = 0; c < cols; c += 32) {
+                __m256 acc0[4], acc1[4];
+                for (int v = 0; v < 4; v++) {
+                    acc0[v] = _mm256_loadu_ps(o0 + c + 8 * v);
+                    acc1[v] = _mm256_loadu_ps(o1 + c + 8 * v);
+                }
+                for (ptrdiff_t j = j0; j < j1; j++) {
+                    const int8_t *v8 = qp + j * q_rs + c;
+                    __m256 scale = _mm256_set1_ps(f16_to_float(dp[j * d_rs + c / 32]));
+                    __m256 x0 = _mm256_broadcast_ss(w0 + j), x1 = _mm256_broadcast_ss(w1 + j);
+                    for (int v = 0; v < 4; v++) {
+                        __m256 y = q8_load8(v8 + 8 * v, scale);
+                        acc0[v] = _mm256_fmadd_ps(x0, y, acc0[v]);
+                        acc1[v] = _mm256_fmadd_ps(x1, y, acc1[v]);
+                    }
+                }
+                for (int v = 0; v < 4; v++) {   /* o1 == o0 for a lone last row: both hold the same sum */
+                    _mm256_storeu_ps(o0 + c + 8 * v, acc0[v]);
+                    _mm256_storeu_ps(o1 + c + 8 * v, acc1[v]);
+                }
+            }
+        }
+    }
+}
+#endif
+
+int lc_q8_products(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                   const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                   float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                   ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+#if LC_SIMD
+    q8_products_simd(accumulate, a, a_ps, a_rs, q, q_ps, q_rs, d, d_ps, d_rs, out, out_ps, out_rs, planes, m, n, cols);
+    return 0;
+#else
+    float *t = (float *)malloc((size_t)cols * sizeof(float));
+    if (t == NULL)
+        return -1;
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t j = 0; j < n; j++) {
+            lc_q8_decode(q + p * q_ps + j * q_rs, 0, 0, d + p * d_ps + j * d_rs, 0, 0, t, 0, 0, 1, 1, cols);
+            for (ptrdiff_t i = 0; i < m; i++) {
+                const float *x = a + p * a_ps + i * a_rs;
+                float *o = out + p * out_ps + i * out_rs, sum = 0.0f;
+                if (accumulate)
+                    for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
+                else {
+                    for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
+                    o[j] = sum;
+                }
+            }
+        }
+    free(t);
+    return 0;
+#endif
+}

@@ -123,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lc_rope_encode.restype = i
     lib.lc_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, n, n, n, n]
     lib.lc_products.restype = i
+    lib.lc_q8_products.argtypes = [i, p, n, n, p, n, n, p, n, n, p, n, n, n, n, n, n]
+    lib.lc_q8_products.restype = i
     for name in ("lc_q8_encode", "lc_q8_decode"):
         getattr(lib, name).argtypes = [p, n, n, p, n, n, p, n, n, n, n, n]
         getattr(lib, name).restype = None
@@ -357,4 +359,42 @@ def accumulate(kind: str, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.n
     _shaped("b", b, (w.shape[0], w.shape[2], None), f" to fit w {w.shape}")
     _shaped("out", out, (w.shape[0], w.shape[1], b.shape[2]), f" for w {w.shape} and b {b.shape}")
     _products(True, kind, w, b, out, b.shape[2])
+    return out
+
+
+def _q8_products(accumulate: bool, a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
+    a_shape, a_ps, a_rs = _layout(a, _F32, "a" if not accumulate else "w")
+    q_shape, q_ps, q_rs = _layout(q, _I8, "q")
+    d_shape, d_ps, d_rs = _layout(d, _U16, "d")
+    _, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
+    if q_shape[2] % 32 or d_shape != q_shape[:2] + (q_shape[2] // 32,):
+        raise ValueError(f"d has shape {d.shape}, but should be {q.shape[:-1] + (q.shape[-1] // 32,)} "
+                         f"(a scale per 32 values of q {q.shape})")
+    if any(np.may_share_memory(out, x) for x in (a, q, d)):
+        raise ValueError("out overlaps an input")
+    if out.size == 0:
+        return
+    status = _library().lc_q8_products(
+        int(accumulate), a.ctypes.data, a_ps, a_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
+        out.ctypes.data, out_ps, out_rs, a_shape[0], a_shape[1], q_shape[1], q_shape[2])
+    if status != 0:
+        raise MemoryError("native q8_0 products could not allocate their row buffer")
+
+
+def q8_dot(a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, n) = a (h, m, cols) @ K.T per head, K (h, n, cols) the q8_0 int8 q times the
+    half-bit scales d (h, n, cols/32), decoded exactly in registers."""
+    _shaped("a", a, (None, None, None))
+    _shaped("q", q, (a.shape[0], None, a.shape[2]), f" to fit a {a.shape}")
+    _shaped("out", out, (a.shape[0], a.shape[1], q.shape[1]), f" for a {a.shape} and q {q.shape}")
+    _q8_products(False, a, q, d, out)
+    return out
+
+
+def q8_accumulate(w: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, cols) += w (h, m, n) @ V per head, V (h, n, cols) the q8_0 q times scales d."""
+    _shaped("w", w, (None, None, None))
+    _shaped("q", q, (w.shape[0], w.shape[2], None), f" to fit w {w.shape}")
+    _shaped("out", out, (w.shape[0], w.shape[1], q.shape[2]), f" for w {w.shape} and q {q.shape}")
+    _q8_products(True, w, q, d, out)
     return out

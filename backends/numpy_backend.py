@@ -215,9 +215,14 @@ class _Q8Store(_Store):
         self.d = _storage(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
         self.nbytes = self.q.nbytes + self.d.nbytes
         self.native_q8 = native
+        # Attention with few query rows reads q and d as stored, through the native q8 products.
+        self.native = "q8_0" if native else None
 
     def arrays(self) -> List[np.ndarray]:
         return [self.q, self.d]
+
+    def stored(self, layer: int, heads: slice, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        return self.q[layer, heads, start:stop], self.d[layer, heads, start:stop].view(np.uint16)
 
     def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
         if rope is not None and self.native_q8:  # rotated by the native float32 kernel, in one pass
@@ -352,7 +357,12 @@ class NumpyCache:
         # Few query rows: the native products read K and V as stored, once (exponent is 0).
         native = k_store.native if grouped.shape[1] <= NATIVE_ROWS else None
         products: Optional[K.Products] = None
-        if native:
+        if native == "q8_0":
+            products = (
+                lambda q, k: N.q8_dot(q, k[0], k[1], np.empty(q.shape[:2] + k[0].shape[1:2], np.float32)),
+                lambda p, v, acc: N.q8_accumulate(p, v[0], v[1], acc),
+            )
+        elif native:
             products = (
                 lambda q, k: N.dot(native, q, k, np.empty(q.shape[:2] + k.shape[1:2], np.float32)),
                 lambda p, v, acc: N.accumulate(native, p, v, acc),

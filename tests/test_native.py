@@ -233,6 +233,35 @@ def test_products_against_stored_blocks(kind: str, h: int, m: int, n: int, d: in
     np.testing.assert_allclose(acc, want, rtol=0, atol=1e-5 * n)
 
 
+@pytest.mark.parametrize("build", ["simd", "scalar"])
+@pytest.mark.parametrize("h,m,n,d", [(2, 2, 1030, 128), (3, 1, 37, 64), (1, 5, 6, 32)])
+def test_q8_0_products_read_the_stored_blocks(request: pytest.FixtureRequest, build: str, h: int, m: int, n: int,
+                                              d: int) -> None:
+    """Scores and weighted sums read from int8 values and half scales agree with float64
+    products of the decoded values, through the AVX2 build and the portable one."""
+    if not N.available():
+        pytest.skip(f"native kernels unavailable: {N.reason()}")
+    lib = N._load() if build == "simd" else request.getfixturevalue("scalar_lib")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((h, n + 4, d)).astype(np.float32)
+    q, scales = np.empty(x.shape, np.int8), np.empty(x.shape[:-1] + (d // 32,), np.float16)
+    K.q8_0_encode(np, x, q, scales)
+    values = K.q8_0_decode(np, q, scales, np.empty(x.shape, np.float32)).astype(np.float64)[:, 3:3 + n]
+    q, d_bits = q[:, 3:3 + n], scales.view(np.uint16)[:, 3:3 + n]
+    a = rng.standard_normal((h, m, d)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(N, "_load", lambda: lib)
+        scores = N.q8_dot(a, q, d_bits, np.empty((h, m, n), np.float32))
+        weights = rng.random((h, m, n)).astype(np.float32)
+        acc = rng.standard_normal((h, m, d)).astype(np.float32)
+        want = acc + weights @ values
+        N.q8_accumulate(weights, q, d_bits, acc)
+    np.testing.assert_allclose(scores, a @ values.transpose(0, 2, 1), rtol=0, atol=1e-4 * np.sqrt(d))
+    np.testing.assert_allclose(acc, want, rtol=0, atol=1e-5 * n)
+    with pytest.raises(ValueError, match=r"d has shape \(1, 2, 1\), but should be \(1, 3, 1\)"):
+        N.q8_dot(a[:1, :, :32], q[:1, :3, :32], d_bits[:1, :2, :1], np.empty((1, m, 3), np.float32))
+
+
 @needs_native
 def test_scalar_products_agree(scalar_lib: ctypes.CDLL) -> None:
     rng = np.random.default_rng(5)
