@@ -61,6 +61,12 @@ def describe() -> str:
     return "native" if available() else f"numpy ({reason()})"
 
 
+def simd() -> bool:
+    """Whether the loaded kernels use AVX2, F16C and FMA (False: the portable C, or none)."""
+    lib = _load()
+    return bool(lib is not None and lib.lc_simd())
+
+
 # --- build and load ----------------------------------------------------------------
 
 
@@ -151,7 +157,11 @@ def _try_load() -> Tuple[Optional[ctypes.CDLL], str]:
     if compiler is None:
         return None, "no C compiler (cc, gcc, clang) found"
     failure = ""
-    for flags in FLAG_SETS:  # -march=native first; without it, the scalar C
+    # -march=native first: built on first use on the CPU that runs it (the name hashes its
+    # flags), so AVX2, F16C and FMA are used exactly where that CPU has them, and the portable
+    # C where it does not; LONGCTX_NATIVE=portable asks for the portable C on any CPU.
+    portable = os.environ.get("LONGCTX_NATIVE", "").strip() == "portable"
+    for flags in FLAG_SETS[1:] if portable else FLAG_SETS:
         try:
             lib = ctypes.CDLL(str(_build(compiler, flags, source)))
             _declare(lib)

@@ -233,6 +233,31 @@ def test_products_against_stored_blocks(kind: str, h: int, m: int, n: int, d: in
     np.testing.assert_allclose(acc, want, rtol=0, atol=1e-5 * n)
 
 
+@needs_native
+def test_longctx_native_portable_runs_the_backend_on_the_portable_c(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """A CPU without F16C gets the portable build: forced here, the backend stores the bits the
+    NumPy kernels store and decode attention (q8_0 included) agrees with theirs."""
+    _forget(monkeypatch)
+    monkeypatch.setenv("LONGCTX_NATIVE", "portable")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if N.simd():
+        pytest.skip("this compiler enables AVX2, F16C and FMA by default")
+    assert N.available() and N.describe() == "native"
+    rng = np.random.default_rng(9)
+    n = 1100
+    k = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    for kv_dtype in ("float16", "q8_0"):
+        spec = SMALL.replace(kv_dtype=kv_dtype, max_positions=n)
+        portable = _fill(spec, True, k, v, (100, 1000), threads=2)
+        numpy = _fill(spec, False, k, v, (100, 1000), threads=1)
+        for a, b in zip(portable.read(1, 0, n), numpy.read(1, 0, n)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(portable.attend(0, q), numpy.attend(0, q), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("build", ["simd", "scalar"])
 @pytest.mark.parametrize("h,m,n,d", [(2, 2, 1030, 128), (3, 1, 37, 64), (1, 5, 6, 32)])
 def test_q8_0_products_read_the_stored_blocks(request: pytest.FixtureRequest, build: str, h: int, m: int, n: int,
