@@ -186,7 +186,7 @@ class Floors:
 
 
 def bench_case(backend: Any, label: str, spec: CacheSpec, limits: Limits, repeats: int, chunk: int, seed: int,
-               floors: Floors, progress: Progress) -> Case:
+               floors: Floors, progress: Progress, reference: bool = False) -> Case:
     """Open a cache of ``spec``, fill it to max_positions and time every workload on it."""
     n = spec.max_positions
     name = f"{label} {spec.kv_dtype} @ {n}"
@@ -229,7 +229,7 @@ def bench_case(backend: Any, label: str, spec: CacheSpec, limits: Limits, repeat
         token_seconds, token_roofs = _decode_attention(backend, cache, inputs, limits, repeats)
         progress.update(f"{name}: prefill attention")
         attend_seconds = _prefill_attention(backend, cache, inputs, repeats, chunk)
-        k, v = record.values(backend, 0, 0, n)
+        k, v = record.values(backend, 0, 0, n) if reference else (None, None)
     finally:
         cache.close()
 
@@ -245,7 +245,6 @@ def bench_case(backend: Any, label: str, spec: CacheSpec, limits: Limits, repeat
     token_gbps = [spec.kv_bytes(n) / s / 1e9 for s in token_seconds]
     flops = prefill_attention_flops(spec, n, chunk)
     attend = Stats.of([flops / s / 1e9 for s in attend_seconds])
-    reference = _reference_decode(spec, inputs, k, v, repeats)
     case.figures = [
         Figure("open (allocate + prepare)", open_seconds * 1e3, "ms", 0.0, case.kv_bytes / open_seconds / 1e9),
         Figure(f"first prefill chunk after open ({chunk} pos)", prefill_seconds[0] * 1e3, "ms", 0.0,
@@ -264,8 +263,10 @@ def bench_case(backend: Any, label: str, spec: CacheSpec, limits: Limits, repeat
                _ratio_median(token_gbps, [r.read_gbps for r in token_roofs]), "read", floors.decode),
         Figure(f"prefill attention ({chunk} queries, 1 layer)", attend.median, "GFLOP/s", attend.spread, None,
                attend.median * 1e9 / limits.matmul_flops, "matmul", floors.prefill_attention),
-        Figure("reference decode query, 1 layer (float64)", reference.median * 1e3, "ms", reference.spread),
     ]
+    if reference:
+        took = _reference_decode(spec, inputs, k, v, repeats)
+        case.figures.append(Figure("reference decode query, 1 layer (float64)", took.median * 1e3, "ms", took.spread))
     case.roofline = {
         "copy_gbps": copy_now,
         "read_gbps": statistics.median(r.read_gbps for r in token_roofs),
@@ -327,14 +328,15 @@ def run_case(backend: Any, label: str, spec: CacheSpec, limits: Limits, args: ar
     """The case's figures, or its status and why not (skipped, not supported, failed)."""
     n = spec.max_positions
     # Beside the cache: the float64 K and V of one layer, rotated, for the reference.
-    working = 4 * 2 * n * spec.n_kv_heads * spec.head_dim * 8
+    working = 4 * 2 * n * spec.n_kv_heads * spec.head_dim * 8 if args.reference else 0
     empty = Case(label, spec.kv_dtype, n, spec.kv_bytes(n))
     reason = cache_preflight(backend, spec, working)
     if reason:
         empty.status, empty.reason = "skipped", reason
         return empty
     try:
-        case = bench_case(backend, label, spec, limits, args.repeats, args.chunk, args.seed, floors, progress)
+        case = bench_case(backend, label, spec, limits, args.repeats, args.chunk, args.seed, floors, progress,
+                          args.reference)
     except NotSupported as exc:
         empty.status, empty.reason = "not supported", exc.reason
         return empty
@@ -463,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     parser.add_argument("--markdown", metavar="JSON", help="print the results table of a --json file and exit")
     parser.add_argument("--no-progress", action="store_true", help="no status line on stderr")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the float64 reference's decode query over one layer (slow: seconds at 16K)")
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     if args.markdown:
@@ -491,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for entry in described:
         print(f"{entry['label']}: {entry['description']}")
     print(f"shape {args.shape} ({shape.describe()}); fill: stored bytes/s over copy (one way); decode attention: "
-          f"K+V bytes/s over read; each the median of per-repeat ratios to probes beside them")
+          f"K+V bytes/s over read; each the median of per-repeat ratios to probes beside them", flush=True)
     cases: List[Case] = []
     for dtype in dtypes:
         for n in positions:

@@ -24,7 +24,7 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple:
 
 
 def test_every_case_reports_open_apart_and_fractions_of_its_limits(tmp_path: Path, capsys) -> None:
-    status, printed, doc = _run(tmp_path, capsys, "--kv-dtype", "float16,q8_0,fp8_e4m3")
+    status, printed, doc = _run(tmp_path, capsys, "--kv-dtype", "float16,q8_0,fp8_e4m3", "--reference")
     assert status == 0
     cases = {c["kv_dtype"]: c for c in doc["cases"]}
     assert cases["fp8_e4m3"]["status"] == "not supported" and "fp8_e4m3" in cases["fp8_e4m3"]["reason"]
@@ -42,6 +42,7 @@ def test_every_case_reports_open_apart_and_fractions_of_its_limits(tmp_path: Pat
         assert roof["copy_gbps"] > 0 and roof["read_gbps"] > 0 and roof["matmul_gflops"] > 0
     assert "float16 @ 1024 positions" in printed and "q8_0 @ 1024 positions" in printed
     assert "open (allocate + prepare)" in printed and "of copy" in printed and "of matmul" in printed
+    assert "reference decode query, 1 layer (float64)" in printed
     table = bench.markdown(doc)
     assert table.count("\n| cpu | ") == 3 and "not supported" in table and "of read" in table
 
