@@ -32,6 +32,7 @@ from . import _native as N
 from ._host import cpu_name_and_vendor
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+PREPARE = ("open", "write")
 # Keys per attention block, unless the block option says: decoded into float32 scratch for
 # BLAS, or read as stored by the native products (no scratch; fewer steps in Python).
 DEFAULT_BLOCK = 1024
@@ -260,7 +261,7 @@ class NumpyCache:
     """A KV cache of one spec, preallocated for max_positions at open."""
 
     def __init__(self, spec: CacheSpec, block: Optional[int], pool: Optional[ThreadPoolExecutor], threads: int,
-                 native: bool) -> None:
+                 native: bool, prepare: str = "open") -> None:
         self.spec = spec
         self._block = block or DEFAULT_BLOCK
         self._native_block = block or NATIVE_BLOCK
@@ -270,7 +271,10 @@ class NumpyCache:
         store = _STORES[spec.kv_dtype]
         self._k: Optional[_Store] = store(shape, native)
         self._v: Optional[_Store] = store(shape, native)
-        _prepare(self._k.arrays() + self._v.arrays(), self._run, max(1, threads))
+        # Layers whose storage is still to be zeroed before their first write (prepare="write").
+        self._unprepared = set(range(spec.n_layers)) if prepare == "write" else set()
+        if prepare == "open":
+            _prepare(self._k.arrays() + self._v.arrays(), self._run, max(1, threads))
         self._rope = K.RopeTable(np, spec)
         self._lengths = [0] * spec.n_layers
         # KV heads per attention task, and one pair of scratch blocks per task.
@@ -308,6 +312,9 @@ class NumpyCache:
         spec = self.spec
         k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
         n = k.shape[0]
+        if layer in self._unprepared:
+            _prepare([a[layer] for a in k_store.arrays() + v_store.arrays()], self._run, max(1, self._threads))
+            self._unprepared.discard(layer)
 
         cos, sin = self._rope.rows(start, start + n)
         if k_store.native:
@@ -446,11 +453,14 @@ def _available_cores() -> int:
 class NumpyBackend:
     """The "numpy" backend. Options: block (keys per attention block; by default
     DEFAULT_BLOCK, or NATIVE_BLOCK for the native products), threads, native (false:
-    the NumPy kernels even where the native ones are available)."""
+    the NumPy kernels even where the native ones are available), prepare (when the
+    storage's pages are zeroed: "open", all of them at open; "write", a layer's on its
+    first append, for runs that open many large caches and write few of their layers)."""
 
     name = "numpy"
 
-    def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True) -> None:
+    def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True,
+                 prepare: str = "open") -> None:
         if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
             raise SpecError(f"numpy backend option block={block!r}, but should be a positive integer")
         if threads is None:
@@ -459,9 +469,12 @@ class NumpyBackend:
             raise SpecError(f"numpy backend option threads={threads!r}, but should be a positive integer")
         if not isinstance(native, bool):
             raise SpecError(f"numpy backend option native={native!r}, but should be true or false")
+        if prepare not in PREPARE:
+            raise SpecError(f"numpy backend option prepare={prepare!r}, but should be one of {', '.join(PREPARE)}")
         self.block = block
         self.threads = threads
         self.native = native
+        self.prepare = prepare
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="longctx-numpy") if threads > 1 else None
 
     def info(self) -> BackendInfo:
@@ -483,7 +496,7 @@ class NumpyBackend:
     def open_cache(self, spec: CacheSpec) -> NumpyCache:
         if spec.kv_dtype not in KV_DTYPES:
             raise NotSupported(f"the numpy backend stores {', '.join(KV_DTYPES)}, not {spec.kv_dtype}")
-        return NumpyCache(spec, self.block, self._pool, self.threads, self.native and N.available())
+        return NumpyCache(spec, self.block, self._pool, self.threads, self.native and N.available(), self.prepare)
 
     def _kernels(self) -> str:
         """"native" or "numpy (<reason>)": what encodes and decodes the storage."""
