@@ -97,26 +97,74 @@ LC_INLINE __m128i bf16_8(__m256 x)                 /* 8 bfloat16 of x, as bf16_f
 
 /* 8 values stored as fmt. Only for results of arithmetic: their NaNs are quiet,
  * which F16C converts as NumPy does. */
-LC_INLINE void store8(int fmt, char *out, __m256 x)
+LC_INLINE void store8(int fmt, char *out, __m256 x, int nt)
 {
-    if (fmt == LC_F16)
-        _mm_storeu_si128((__m128i *)out, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-    else if (fmt == LC_BF16)
-        _mm_storeu_si128((__m128i *)out, bf16_8(x));
-    else
+    if (fmt == LC_F16 || fmt == LC_BF16) {
+        __m128i h = fmt == LC_F16 ? _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT) : bf16_8(x);
+        if (nt)
+            _mm_stream_si128((__m128i *)out, h);
+        else
+            _mm_storeu_si128((__m128i *)out, h);
+    } else if (nt) {
+        _mm_stream_ps((float *)out, _mm256_castps256_ps128(x));
+        _mm_stream_ps((float *)out + 4, _mm256_extractf128_ps(x, 1));
+    } else
         _mm256_storeu_ps((float *)out, x);
 }
 #endif
 
-static void encode_run(int fmt, const float *src, void *dst, ptrdiff_t n)
+/* Writes of at least this many bytes into storage go around the cache (non-temporal
+ * stores): the cache is far larger than the last-level cache and is not read back soon, so
+ * fetching each line before overwriting it would only add a read to every write. */
+#define LC_STREAM_BYTES (64 * 1024)
+
+/* Whether a (planes, rows, cols) destination of item size `size` may be streamed: every row
+ * starts on a 16-byte boundary and holds whole groups of 8 values, and it is large enough. */
+static int streamable(const void *dst, ptrdiff_t ps, ptrdiff_t rs, ptrdiff_t planes, ptrdiff_t rows,
+                      ptrdiff_t cols, size_t size)
+{
+#if LC_SIMD
+    size_t row = (size_t)cols * size;
+    return ((uintptr_t)dst % 16 == 0) && cols % 8 == 0 && ((size_t)ps * size) % 16 == 0
+           && ((size_t)rs * size) % 16 == 0 && (size_t)planes * (size_t)rows * row >= LC_STREAM_BYTES;
+#else
+    (void)dst; (void)ps; (void)rs; (void)planes; (void)rows; (void)cols; (void)size;
+    return 0;
+#endif
+}
+
+/* nt: dst is 16-byte aligned and n a multiple of 8 (see streamable); stores bypass the cache. */
+static void encode_run(int fmt, const float *src, void *dst, ptrdiff_t n, int nt)
 {
     ptrdiff_t i = 0;
     uint16_t *out = (uint16_t *)dst;
+#if LC_SIMD
+    if (nt && fmt == LC_F32) {
+        for (; i + 8 <= n; i += 8)
+            store8(LC_F32, (char *)dst + 4 * i, _mm256_loadu_ps(src + i), 1);
+        return;
+    }
+    if (nt && fmt == LC_BF16) {
+        for (; i + 8 <= n; i += 8)
+            store8(LC_BF16, (char *)(out + i), _mm256_loadu_ps(src + i), 1);
+        return;
+    }
+#endif
     if (fmt == LC_F32) {
         memcpy(dst, src, (size_t)n * sizeof(float));
         return;
     }
 #if LC_SIMD
+    if (nt && fmt == LC_F16) {                          /* NaN groups as below, stored normally */
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(src + i);
+            if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)))
+                for (int k = 0; k < 8; k++) out[i + k] = f16_from_float(src[i + k]);
+            else
+                store8(LC_F16, (char *)(out + i), x, 1);
+        }
+        return;
+    }
     if (fmt == LC_F16) {
         for (; i + 16 <= n; i += 16) {
             __m256 x0 = _mm256_loadu_ps(src + i), x1 = _mm256_loadu_ps(src + i + 8);
@@ -173,13 +221,18 @@ void lc_encode(int fmt, const float *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
 {
     char *out = (char *)dst;
     size_t size = item_size(fmt);
+    int nt = streamable(dst, dst_ps, dst_rs, planes, rows, cols, size);
     if (src_rs == cols && dst_rs == cols) {         /* each plane is one run */
         cols *= rows;
         rows = 1;
     }
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t r = 0; r < rows; r++)
-            encode_run(fmt, src + p * src_ps + r * src_rs, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols);
+            encode_run(fmt, src + p * src_ps + r * src_rs, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols, nt);
+#if LC_SIMD
+    if (nt)
+        _mm_sfence();
+#endif
 }
 
 void lc_decode(int fmt, const void *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
@@ -203,15 +256,15 @@ void lc_decode(int fmt, const void *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
 #if LC_SIMD
 /* One row, half % 8 == 0: rotated in registers, each product rounded as in the scalar code. */
 LC_INLINE void rope_row_simd(int fmt, const float *a, const float *c, const float *s, ptrdiff_t half, int gptj,
-                             char *out, ptrdiff_t cols)
+                             char *out, ptrdiff_t cols, int nt)
 {
     ptrdiff_t size = (ptrdiff_t)item_size(fmt);
     if (!gptj)
         for (ptrdiff_t j = 0; j < half; j += 8) {
             __m256 x0 = _mm256_loadu_ps(a + j), x1 = _mm256_loadu_ps(a + j + half);
             __m256 cj = _mm256_loadu_ps(c + j), sj = _mm256_loadu_ps(s + j);
-            store8(fmt, out + j * size, _mm256_sub_ps(_mm256_mul_ps(x0, cj), _mm256_mul_ps(x1, sj)));
-            store8(fmt, out + (j + half) * size, _mm256_add_ps(_mm256_mul_ps(x1, cj), _mm256_mul_ps(x0, sj)));
+            store8(fmt, out + j * size, _mm256_sub_ps(_mm256_mul_ps(x0, cj), _mm256_mul_ps(x1, sj)), nt);
+            store8(fmt, out + (j + half) * size, _mm256_add_ps(_mm256_mul_ps(x1, cj), _mm256_mul_ps(x0, sj)), nt);
         }
     else {
         const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
@@ -219,10 +272,10 @@ LC_INLINE void rope_row_simd(int fmt, const float *a, const float *c, const floa
             __m256 x = _mm256_loadu_ps(a + j), swapped = _mm256_permute_ps(x, 0xB1);
             __m256 cc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(c + j / 2)), pairs);
             __m256 ss = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j / 2)), pairs);
-            store8(fmt, out + j * size, _mm256_addsub_ps(_mm256_mul_ps(x, cc), _mm256_mul_ps(swapped, ss)));
+            store8(fmt, out + j * size, _mm256_addsub_ps(_mm256_mul_ps(x, cc), _mm256_mul_ps(swapped, ss)), nt);
         }
     }
-    encode_run(fmt, a + 2 * half, out + 2 * half * size, cols - 2 * half);
+    encode_run(fmt, a + 2 * half, out + 2 * half * size, cols - 2 * half, nt && (2 * half) % 8 == 0);
 }
 
 static void rope_simd(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
@@ -230,17 +283,27 @@ static void rope_simd(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
                       char *out, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
 {
     ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    int nt = streamable(out, dst_ps, dst_rs, planes, rows, cols, (size_t)size);
     for (ptrdiff_t r = 0; r < rows; r++)
         for (ptrdiff_t p = 0; p < planes; p++) {
             const float *a = x + p * x_ps + r * x_rs, *c = cos + r * table_rs, *s = sin + r * table_rs;
             char *o = out + (p * dst_ps + r * dst_rs) * size;
-            if (fmt == LC_F16)
-                rope_row_simd(LC_F16, a, c, s, half, gptj, o, cols);
+            if (nt) {
+                if (fmt == LC_F16)
+                    rope_row_simd(LC_F16, a, c, s, half, gptj, o, cols, 1);
+                else if (fmt == LC_BF16)
+                    rope_row_simd(LC_BF16, a, c, s, half, gptj, o, cols, 1);
+                else
+                    rope_row_simd(LC_F32, a, c, s, half, gptj, o, cols, 1);
+            } else if (fmt == LC_F16)
+                rope_row_simd(LC_F16, a, c, s, half, gptj, o, cols, 0);
             else if (fmt == LC_BF16)
-                rope_row_simd(LC_BF16, a, c, s, half, gptj, o, cols);
+                rope_row_simd(LC_BF16, a, c, s, half, gptj, o, cols, 0);
             else
-                rope_row_simd(LC_F32, a, c, s, half, gptj, o, cols);
+                rope_row_simd(LC_F32, a, c, s, half, gptj, o, cols, 0);
         }
+    if (nt)
+        _mm_sfence();
 }
 #endif
 
@@ -274,7 +337,7 @@ int lc_rope_encode(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
                     t[j + half] = a[j + half] * c[j] + a[j] * s[j];
                 }
             memcpy(t + 2 * half, a + 2 * half, (size_t)(cols - 2 * half) * sizeof(float));
-            encode_run(fmt, t, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols);
+            encode_run(fmt, t, out + (size_t)(p * dst_ps + r * dst_rs) * size, cols, 0);
         }
     free(t);
     return 0;
@@ -508,4 +571,113 @@ void lc_q8_decode(const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_
                     out[32 * b + j] = (float)in[32 * b + j] * scale;
             }
         }
+}
+
+/* --- q8_0 products: decode attention read straight from int8 values and half scales --- */
+
+/* As lc_products, for keys or values b stored as q8_0: int8 q (planes, n, cols) and half-bit
+ * scales d (planes, n, cols/32), strides in elements of each. Each stored value is q * d in
+ * float32 (exact, as lc_q8_decode gives it) before it is multiplied, so the products are
+ * those of the decoded block. cols must be a multiple of 32. */
+#if LC_SIMD
+LC_INLINE __m256 q8_load8(const int8_t *q, __m256 scale)
+{
+    __m128i b = _mm_loadl_epi64((const __m128i *)q);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale);
+}
+
+static void q8_products_simd(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                             const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
+                             const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                             float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                             ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+    for (ptrdiff_t p = 0; p < planes; p++) {
+        const float *ap = a + p * a_ps;
+        const int8_t *qp = q + p * q_ps;
+        const uint16_t *dp = d + p * d_ps;
+        float *op = out + p * out_ps;
+        if (!accumulate) {
+            for (ptrdiff_t j = 0; j < n; j++) {
+                const int8_t *k = qp + j * q_rs;
+                const uint16_t *s = dp + j * d_rs;
+                for (ptrdiff_t i = 0; i < m; i += 2) {
+                    ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
+                    const float *x0 = ap + i * a_rs, *x1 = ap + i1 * a_rs;
+                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                    for (ptrdiff_t c = 0; c < cols; c += 32) {
+                        __m256 scale = _mm256_set1_ps(f16_to_float(s[c / 32]));
+                        for (ptrdiff_t e = c; e < c + 32; e += 8) {
+                            __m256 y = q8_load8(k + e, scale);
+                            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + e), y, s0);
+                            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + e), y, s1);
+                        }
+                    }
+                    __m128 both = sum4(s0, s1, s0, s1);
+                    op[i * out_rs + j] = _mm_cvtss_f32(both);
+                    op[i1 * out_rs + j] = _mm_cvtss_f32(_mm_shuffle_ps(both, both, 1));
+                }
+            }
+            continue;
+        }
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += ACC_ROWS)   /* ACC_ROWS stored rows stay in L1 */
+        for (ptrdiff_t i = 0; i < m; i += 2) {
+            ptrdiff_t i1 = i + 1 < m ? i + 1 : i, j1 = n - j0 < ACC_ROWS ? n : j0 + ACC_ROWS;
+            const float *w0 = ap + i * a_rs, *w1 = ap + i1 * a_rs;
+            float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
+            for (ptrdiff_t c = 0; c < cols; c += 32) {
+                __m256 acc0[4], acc1[4];
+                for (int v = 0; v < 4; v++) {
+                    acc0[v] = _mm256_loadu_ps(o0 + c + 8 * v);
+                    acc1[v] = _mm256_loadu_ps(o1 + c + 8 * v);
+                }
+                for (ptrdiff_t j = j0; j < j1; j++) {
+                    const int8_t *v8 = qp + j * q_rs + c;
+                    __m256 scale = _mm256_set1_ps(f16_to_float(dp[j * d_rs + c / 32]));
+                    __m256 x0 = _mm256_broadcast_ss(w0 + j), x1 = _mm256_broadcast_ss(w1 + j);
+                    for (int v = 0; v < 4; v++) {
+                        __m256 y = q8_load8(v8 + 8 * v, scale);
+                        acc0[v] = _mm256_fmadd_ps(x0, y, acc0[v]);
+                        acc1[v] = _mm256_fmadd_ps(x1, y, acc1[v]);
+                    }
+                }
+                for (int v = 0; v < 4; v++) {   /* o1 == o0 for a lone last row: both hold the same sum */
+                    _mm256_storeu_ps(o0 + c + 8 * v, acc0[v]);
+                    _mm256_storeu_ps(o1 + c + 8 * v, acc1[v]);
+                }
+            }
+        }
+    }
+}
+#endif
+
+int lc_q8_products(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                   const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                   float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                   ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+{
+#if LC_SIMD
+    q8_products_simd(accumulate, a, a_ps, a_rs, q, q_ps, q_rs, d, d_ps, d_rs, out, out_ps, out_rs, planes, m, n, cols);
+    return 0;
+#else
+    float *t = (float *)malloc((size_t)cols * sizeof(float));
+    if (t == NULL)
+        return -1;
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t j = 0; j < n; j++) {
+            lc_q8_decode(q + p * q_ps + j * q_rs, 0, 0, d + p * d_ps + j * d_rs, 0, 0, t, 0, 0, 1, 1, cols);
+            for (ptrdiff_t i = 0; i < m; i++) {
+                const float *x = a + p * a_ps + i * a_rs;
+                float *o = out + p * out_ps + i * out_rs, sum = 0.0f;
+                if (accumulate)
+                    for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
+                else {
+                    for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
+                    o[j] = sum;
+                }
+            }
+        }
+    free(t);
+    return 0;
+#endif
 }

@@ -61,6 +61,12 @@ def describe() -> str:
     return "native" if available() else f"numpy ({reason()})"
 
 
+def simd() -> bool:
+    """Whether the loaded kernels use AVX2, F16C and FMA (False: the portable C, or none)."""
+    lib = _load()
+    return bool(lib is not None and lib.lc_simd())
+
+
 # --- build and load ----------------------------------------------------------------
 
 
@@ -123,6 +129,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lc_rope_encode.restype = i
     lib.lc_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, n, n, n, n]
     lib.lc_products.restype = i
+    lib.lc_q8_products.argtypes = [i, p, n, n, p, n, n, p, n, n, p, n, n, n, n, n, n]
+    lib.lc_q8_products.restype = i
     for name in ("lc_q8_encode", "lc_q8_decode"):
         getattr(lib, name).argtypes = [p, n, n, p, n, n, p, n, n, n, n, n]
         getattr(lib, name).restype = None
@@ -149,7 +157,11 @@ def _try_load() -> Tuple[Optional[ctypes.CDLL], str]:
     if compiler is None:
         return None, "no C compiler (cc, gcc, clang) found"
     failure = ""
-    for flags in FLAG_SETS:  # -march=native first; without it, the scalar C
+    # -march=native first: built on first use on the CPU that runs it (the name hashes its
+    # flags), so AVX2, F16C and FMA are used exactly where that CPU has them, and the portable
+    # C where it does not; LONGCTX_NATIVE=portable asks for the portable C on any CPU.
+    portable = os.environ.get("LONGCTX_NATIVE", "").strip() == "portable"
+    for flags in FLAG_SETS[1:] if portable else FLAG_SETS:
         try:
             lib = ctypes.CDLL(str(_build(compiler, flags, source)))
             _declare(lib)
@@ -212,7 +224,7 @@ def _layout(array: np.ndarray, dtype: np.dtype, name: str, writable: bool = Fals
 
 def _check_pair(src: np.ndarray, dst: np.ndarray) -> None:
     if src.shape != dst.shape:
-        raise ValueError(f"source {src.shape} and destination {dst.shape} differ in shape")
+        raise ValueError(f"destination has shape {dst.shape}, but should be the source's {src.shape}")
     if np.may_share_memory(src, dst):
         raise ValueError("source and destination overlap")
 
@@ -291,17 +303,21 @@ def rope_encode(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, styl
     last axis is contiguous, such as the (heads, positions, d) storage
     transposed to (positions, heads, d).
     """
+    if style not in ("neox", "gptj"):
+        raise ValueError(f"style is {style!r}, but should be neox or gptj")
+    _shaped("x", x, (None, None, None))
     shape, x_ps, x_rs = _layout(x, _F32, "x")
+    _shaped("out", out, x.shape, " (as x)")
     _, out_ps, out_rs = _layout(out, STORED_DTYPES[kind], "out", writable=True)
     _check_pair(x, out)
-    if x.ndim != 3 or style not in ("neox", "gptj"):
-        raise ValueError(f"x should be (n, heads, d) and style neox or gptj, not {x.shape}, {style!r}")
     n, _, d = x.shape
-    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] != n or 2 * cos.shape[1] > d:
-        raise ValueError(f"tables {cos.shape}, {sin.shape} do not fit x {x.shape}")
-    for table in (cos, sin):
-        if table.dtype != _F32 or not table.flags.c_contiguous:
-            raise ValueError("cos and sin should be C-contiguous float32")
+    _shaped("cos", cos, (n, None), f" for x {x.shape}")
+    if 2 * cos.shape[1] > d:
+        raise ValueError(f"cos has {cos.shape[1]} columns, but should have at most head_dim/2 = {d // 2}")
+    _shaped("sin", sin, cos.shape, " (as cos)")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, np.ndarray) or table.dtype != _F32 or not table.flags.c_contiguous:
+            raise ValueError(f"{name} should be a C-contiguous float32 array")
     if x.size == 0:
         return out
     half = cos.shape[1]
@@ -330,19 +346,65 @@ def _products(accumulate: bool, kind: str, a: np.ndarray, b: np.ndarray, out: np
         raise MemoryError("native products could not allocate their row buffer")
 
 
+def _shaped(name: str, array: np.ndarray, want: Tuple[Optional[int], ...], why: str = "") -> None:
+    """A one-line error naming ``name`` unless it is an array of shape ``want`` (None: any)."""
+    shape = getattr(array, "shape", None)
+    if shape is None or len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+        expected = "(" + ", ".join("n" if w is None else str(w) for w in want) + ")"
+        raise ValueError(f"{name} has shape {shape}, but should be {expected}{why}")
+
+
 def dot(kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (h, m, n) = a (h, m, d) @ b.T per head, for float32 a and b (h, n, d) stored as kind."""
-    if not (a.ndim == b.ndim == out.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[2]
-            and out.shape == (a.shape[0], a.shape[1], b.shape[1])):
-        raise ValueError(f"dot of {a.shape} and {b.shape} into {out.shape}")
+    _shaped("a", a, (None, None, None))
+    _shaped("b", b, (a.shape[0], None, a.shape[2]), f" to fit a {a.shape}")
+    _shaped("out", out, (a.shape[0], a.shape[1], b.shape[1]), f" for a {a.shape} and b {b.shape}")
     _products(False, kind, a, b, out, a.shape[2])
     return out
 
 
 def accumulate(kind: str, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (h, m, d) += w (h, m, n) @ b per head, for float32 w and b (h, n, d) stored as kind."""
-    if not (w.ndim == b.ndim == out.ndim == 3 and w.shape[0] == b.shape[0] and w.shape[2] == b.shape[1]
-            and out.shape == (w.shape[0], w.shape[1], b.shape[2])):
-        raise ValueError(f"accumulate of {w.shape} and {b.shape} into {out.shape}")
+    _shaped("w", w, (None, None, None))
+    _shaped("b", b, (w.shape[0], w.shape[2], None), f" to fit w {w.shape}")
+    _shaped("out", out, (w.shape[0], w.shape[1], b.shape[2]), f" for w {w.shape} and b {b.shape}")
     _products(True, kind, w, b, out, b.shape[2])
+    return out
+
+
+def _q8_products(accumulate: bool, a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
+    a_shape, a_ps, a_rs = _layout(a, _F32, "a" if not accumulate else "w")
+    q_shape, q_ps, q_rs = _layout(q, _I8, "q")
+    d_shape, d_ps, d_rs = _layout(d, _U16, "d")
+    _, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
+    if q_shape[2] % 32 or d_shape != q_shape[:2] + (q_shape[2] // 32,):
+        raise ValueError(f"d has shape {d.shape}, but should be {q.shape[:-1] + (q.shape[-1] // 32,)} "
+                         f"(a scale per 32 values of q {q.shape})")
+    if any(np.may_share_memory(out, x) for x in (a, q, d)):
+        raise ValueError("out overlaps an input")
+    if out.size == 0:
+        return
+    status = _library().lc_q8_products(
+        int(accumulate), a.ctypes.data, a_ps, a_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
+        out.ctypes.data, out_ps, out_rs, a_shape[0], a_shape[1], q_shape[1], q_shape[2])
+    if status != 0:
+        raise MemoryError("native q8_0 products could not allocate their row buffer")
+
+
+def q8_dot(a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, n) = a (h, m, cols) @ K.T per head, K (h, n, cols) the q8_0 int8 q times the
+    half-bit scales d (h, n, cols/32), decoded exactly in registers."""
+    _shaped("a", a, (None, None, None))
+    _shaped("q", q, (a.shape[0], None, a.shape[2]), f" to fit a {a.shape}")
+    _shaped("out", out, (a.shape[0], a.shape[1], q.shape[1]), f" for a {a.shape} and q {q.shape}")
+    _q8_products(False, a, q, d, out)
+    return out
+
+
+def q8_accumulate(w: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, cols) += w (h, m, n) @ V per head, V (h, n, cols) the q8_0 q times scales d."""
+    _shaped("w", w, (None, None, None))
+    _shaped("q", q, (w.shape[0], w.shape[2], None), f" to fit w {w.shape}")
+    _shaped("out", out, (w.shape[0], w.shape[1], q.shape[2]), f" for w {w.shape} and q {q.shape}")
+    _q8_products(True, w, q, d, out)
     return out

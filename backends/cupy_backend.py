@@ -437,6 +437,31 @@ class CupyBackend:
             method="cupy: device-to-device copyto, read_sum kernel (CUDA events)",
         )
 
+    def matmul_flops(self, size: int = 8192, repeats: int = 10) -> Tuple[float, str]:
+        """The device's float16 matrix-multiply rate (tensor cores, cuBLAS through CuPy), FLOP/s:
+        what longctx-bench reads prefill attention against."""
+        cp = self.cp
+        size = max(256, min(int(size), int((self.memory_available() // 8 // 6) ** 0.5)) // 256 * 256)
+        a = cp.ones((size, size), cp.float16)
+        b = cp.ones((size, size), cp.float16)
+        out = cp.empty((size, size), cp.float16)
+        seconds = _best_event_seconds(cp, lambda: cp.matmul(a, b, out=out), repeats)
+        return 2 * size ** 3 / seconds, f"cupy float16 matmul {size}x{size}x{size} (CUDA events), best of {repeats}"
+
+
+def _best_event_seconds(cp: Any, fn: Any, repeats: int) -> float:
+    """Fastest of ``repeats`` calls after a warm-up, timed by CUDA events around each."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        seconds.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return min(seconds)
+
 
 def _cuda_version(code: int) -> str:
     """CUDA's integer version (12040) as text (12.4)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from . import _native as N
 from ._host import cpu_name_and_vendor
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+PREPARE = ("open", "write")
 # Keys per attention block, unless the block option says: decoded into float32 scratch for
 # BLAS, or read as stored by the native products (no scratch; fewer steps in Python).
 DEFAULT_BLOCK = 1024
@@ -42,6 +43,9 @@ APPEND_STEP = 256
 # The native kernels rotate and encode with no temporaries, and handing a task to a thread
 # costs ~50 us; their appends go in one step per thread of at least this many positions.
 NATIVE_APPEND_STEP = 1024
+# Values (positions x KV heads x head_dim) from which an append hands V to another thread:
+# below, the hand-over (~50 us) costs more than writing it.
+NATIVE_PARALLEL_VALUES = 1 << 15
 # Values up to which one NumPy cast beats the kernels' dozen passes (per-call overhead).
 CAST_BELOW = 16384
 # Values up to which one NumPy call decodes faster than a native call is set up (~8 us).
@@ -93,14 +97,27 @@ class _Store:
         """The storage of those KV heads and positions, (h, stop-start, d), for the native products."""
         return self.data[layer, heads, start:stop]
 
+    def arrays(self) -> List[np.ndarray]:
+        """Every array of the storage (what preparation zeroes)."""
+        return [self.data]
+
 
 def _storage(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Allocated whole at open (tracemalloc counts it), its pages touched on first write.
-
-    Touching every page at open would make a cache whose layers are not all used
-    pay for all of them; a position is never read before it is written.
-    """
+    """Allocated whole at open (tracemalloc counts it); NumpyCache prepares its pages."""
     return np.empty(shape, dtype=dtype)
+
+
+def _prepare(arrays: List[np.ndarray], run: Callable[[Callable[[int], None], range], None], parts: int) -> None:
+    """Zero every page of ``arrays`` (at open, or a layer's at its first append), in ``parts``
+    slices along the first axis.
+
+    A first write to fresh memory pays a page fault per page (measured here: 0.5 GB/s,
+    against about 20 GB/s into the same memory once touched), so a cache left untouched
+    bills its first prefill for the allocation. Engines clear their KV buffers at start-up;
+    this does the same, so the steady fill writes into prepared memory.
+    """
+    pieces = [part for array in arrays for part in np.array_split(array, parts) if part.size]
+    run(lambda i: pieces[i].fill(0), range(len(pieces)))
 
 
 class _Float32Store(_Store):
@@ -110,7 +127,10 @@ class _Float32Store(_Store):
         self.native = "float32" if native else None  # rope fused into the copy; attention products
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
-        self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
+        if self.native:  # streamed past the cache, as the rotated K is
+            N.encode("float32", x, self._slots(layer, start, x.shape[0]))
+        else:
+            self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
@@ -197,6 +217,14 @@ class _Q8Store(_Store):
         self.d = _storage(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
         self.nbytes = self.q.nbytes + self.d.nbytes
         self.native_q8 = native
+        # Attention with few query rows reads q and d as stored, through the native q8 products.
+        self.native = "q8_0" if native else None
+
+    def arrays(self) -> List[np.ndarray]:
+        return [self.q, self.d]
+
+    def stored(self, layer: int, heads: slice, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        return self.q[layer, heads, start:stop], self.d[layer, heads, start:stop].view(np.uint16)
 
     def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
         if rope is not None and self.native_q8:  # rotated by the native float32 kernel, in one pass
@@ -234,7 +262,7 @@ class NumpyCache:
     """A KV cache of one spec, preallocated for max_positions at open."""
 
     def __init__(self, spec: CacheSpec, block: Optional[int], pool: Optional[ThreadPoolExecutor], threads: int,
-                 native: bool) -> None:
+                 native: bool, prepare: str = "write") -> None:
         self.spec = spec
         self._block = block or DEFAULT_BLOCK
         self._native_block = block or NATIVE_BLOCK
@@ -244,6 +272,10 @@ class NumpyCache:
         store = _STORES[spec.kv_dtype]
         self._k: Optional[_Store] = store(shape, native)
         self._v: Optional[_Store] = store(shape, native)
+        # Layers whose storage is still to be zeroed before their first write (prepare="write").
+        self._unprepared = set(range(spec.n_layers)) if prepare == "write" else set()
+        if prepare == "open":
+            _prepare(self._k.arrays() + self._v.arrays(), self._run, max(1, threads))
         self._rope = K.RopeTable(np, spec)
         self._lengths = [0] * spec.n_layers
         # KV heads per attention task, and one pair of scratch blocks per task.
@@ -281,16 +313,37 @@ class NumpyCache:
         spec = self.spec
         k, v, start = C.append_inputs(spec, self._lengths, layer, k, v, self._as_input)
         n = k.shape[0]
+        if layer in self._unprepared:
+            _prepare([a[layer] for a in k_store.arrays() + v_store.arrays()], self._run, max(1, self._threads))
+            self._unprepared.discard(layer)
 
-        size = max(NATIVE_APPEND_STEP, -(-n // self._threads)) if k_store.native else APPEND_STEP
         cos, sin = self._rope.rows(start, start + n)
+        if k_store.native:
+            # K (rotated) and V are written by separate tasks, so that a prefill chunk keeps
+            # both cores streaming; a chunk past NATIVE_APPEND_STEP per thread is split further.
+            # An append too small to repay a hand-over to a thread runs here.
+            size = max(NATIVE_APPEND_STEP, -(-n // self._threads))
+            steps = [(store, a) for a in range(0, n, size) for store in (k_store, v_store)]
+            if n * spec.n_kv_heads * spec.head_dim < NATIVE_PARALLEL_VALUES:
+                steps = [(None, a) for a in range(0, n, size)]
 
-        def step(a: int) -> None:
-            b = min(a + size, n)
-            k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
-            v_store.write(layer, start + a, v[a:b])
+            def task(i: int) -> None:
+                store, a = steps[i]
+                b = min(a + size, n)
+                if store is not v_store:
+                    k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
+                if store is not k_store:
+                    v_store.write(layer, start + a, v[a:b])
 
-        self._run(step, range(0, n, size))
+            self._run(task, range(len(steps)))
+        else:
+
+            def step(a: int) -> None:
+                b = min(a + APPEND_STEP, n)
+                k_store.write(layer, start + a, k[a:b], rope=(cos[a:b], sin[a:b], spec.rope.style))
+                v_store.write(layer, start + a, v[a:b])
+
+            self._run(step, range(0, n, APPEND_STEP))
         self._lengths[layer] = start + n
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
@@ -312,7 +365,12 @@ class NumpyCache:
         # Few query rows: the native products read K and V as stored, once (exponent is 0).
         native = k_store.native if grouped.shape[1] <= NATIVE_ROWS else None
         products: Optional[K.Products] = None
-        if native:
+        if native == "q8_0":
+            products = (
+                lambda q, k: N.q8_dot(q, k[0], k[1], np.empty(q.shape[:2] + k[0].shape[1:2], np.float32)),
+                lambda p, v, acc: N.q8_accumulate(p, v[0], v[1], acc),
+            )
+        elif native:
             products = (
                 lambda q, k: N.dot(native, q, k, np.empty(q.shape[:2] + k.shape[1:2], np.float32)),
                 lambda p, v, acc: N.accumulate(native, p, v, acc),
@@ -363,13 +421,17 @@ class NumpyCache:
         self._scratch = []
 
     def _run(self, fn: Callable[[int], None], items: range) -> None:
-        """fn over items, on the pool when there is more than one."""
+        """fn over items: the first here, the others on the pool (this thread would only wait)."""
         if self._pool is None or len(items) < 2:
             for item in items:
                 fn(item)
             return
-        for future in [self._pool.submit(fn, item) for item in items]:
-            future.result()
+        futures = [self._pool.submit(fn, item) for item in items[1:]]
+        try:
+            fn(items[0])
+        finally:
+            for future in futures:
+                future.result()
 
 
 
@@ -392,11 +454,19 @@ def _available_cores() -> int:
 class NumpyBackend:
     """The "numpy" backend. Options: block (keys per attention block; by default
     DEFAULT_BLOCK, or NATIVE_BLOCK for the native products), threads, native (false:
-    the NumPy kernels even where the native ones are available)."""
+    the NumPy kernels even where the native ones are available), prepare (when the
+    storage's pages are zeroed: "write", the default, a layer's on its first append;
+    "open", all of them at open, as an engine that clears its KV buffers at start-up).
+    The default is "write" because the suite opens many full-size caches and writes one
+    layer of most (the equivalence and limits groups): zeroing every layer at open cost
+    them 22 s of user and 16 s of system CPU more at 16384 positions on this 2-core host
+    (137+42 s against 115+26 s, one run each under load); a fill pays first-touch either
+    way for what it writes."""
 
     name = "numpy"
 
-    def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True) -> None:
+    def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True,
+                 prepare: str = "write") -> None:
         if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
             raise SpecError(f"numpy backend option block={block!r}, but should be a positive integer")
         if threads is None:
@@ -405,9 +475,12 @@ class NumpyBackend:
             raise SpecError(f"numpy backend option threads={threads!r}, but should be a positive integer")
         if not isinstance(native, bool):
             raise SpecError(f"numpy backend option native={native!r}, but should be true or false")
+        if prepare not in PREPARE:
+            raise SpecError(f"numpy backend option prepare={prepare!r}, but should be one of {', '.join(PREPARE)}")
         self.block = block
         self.threads = threads
         self.native = native
+        self.prepare = prepare
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="longctx-numpy") if threads > 1 else None
 
     def info(self) -> BackendInfo:
@@ -429,7 +502,7 @@ class NumpyBackend:
     def open_cache(self, spec: CacheSpec) -> NumpyCache:
         if spec.kv_dtype not in KV_DTYPES:
             raise NotSupported(f"the numpy backend stores {', '.join(KV_DTYPES)}, not {spec.kv_dtype}")
-        return NumpyCache(spec, self.block, self._pool, self.threads, self.native and N.available())
+        return NumpyCache(spec, self.block, self._pool, self.threads, self.native and N.available(), self.prepare)
 
     def _kernels(self) -> str:
         """"native" or "numpy (<reason>)": what encodes and decodes the storage."""

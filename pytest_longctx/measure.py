@@ -34,10 +34,13 @@ __all__ = [
     "ExclusiveLock",
     "MemoryProbe",
     "MemorySample",
+    "HostProbe",
+    "Roofline",
     "Stats",
     "backend_bandwidth",
     "format_bytes",
     "host_bandwidth",
+    "matmul_rate",
     "memory_available",
     "preflight",
     "release_free_memory",
@@ -179,6 +182,75 @@ def host_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> Bandwidth:
         nbytes=size,
         method=f"host numpy: copyto, {read_name}",
     )
+
+
+# The copy a fill is judged against: two touched buffers of this size, one way (the bytes
+# copied per second), so a fill into prepared memory is compared with a copy between touched
+# buffers. Larger than a CPU's last-level cache, small enough to probe between repeats.
+PROBE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """One sample of the rates a workload is a fraction of: copy (one way) and streaming read."""
+
+    copy_gbps: float
+    read_gbps: float
+
+
+class HostProbe:
+    """Copy (one way) and streaming read of touched host buffers, cheap enough to sample
+    beside every timed repeat: on a shared machine the bandwidth moves from one second to
+    the next, so a fraction is taken against the sample next to it, not one from minutes ago."""
+
+    method = f"host numpy: copyto between touched {PROBE_BYTES >> 20} MiB buffers (one way), gemv read"
+
+    def __init__(self, nbytes: int = PROBE_BYTES) -> None:
+        floats = max(_GEMV_COLUMNS, int(nbytes) // 4 // _GEMV_COLUMNS * _GEMV_COLUMNS)
+        self.nbytes = floats * 4
+        self._src = np.ones(floats, dtype=np.float32)  # ones: touched
+        self._dst = np.zeros_like(self._src)
+        self._dst.fill(0.0)
+        self._matrix = self._src.reshape(-1, _GEMV_COLUMNS)
+        self._ones = np.ones(_GEMV_COLUMNS, dtype=np.float32)
+        self._out = np.empty(self._matrix.shape[0], dtype=np.float32)
+
+    def copy_gbps(self, tries: int = 2) -> float:
+        return self.nbytes / min(timed(lambda: np.copyto(self._dst, self._src), _no_sync) for _ in range(tries)) / 1e9
+
+    def read_gbps(self, tries: int = 2) -> float:
+        return self.nbytes / min(timed(lambda: np.dot(self._matrix, self._ones, out=self._out), _no_sync)
+                                 for _ in range(tries)) / 1e9
+
+    def sample(self) -> Roofline:
+        return Roofline(self.copy_gbps(), self.read_gbps())
+
+
+_MATMUL: Dict[str, Tuple[float, str]] = {}
+
+
+def matmul_rate(backend: Any) -> Tuple[float, str]:
+    """FLOP/s of a large matrix product where the backend computes, and how it was measured;
+    once per process and backend name. A device backend measures its own through an
+    optional ``matmul_flops()`` (returning FLOP/s, or (FLOP/s, method)); any other gets the
+    host's float32 BLAS on all its cores."""
+    key = str(getattr(backend, "name", type(backend).__name__))
+    if key not in _MATMUL:
+        probe = getattr(backend, "matmul_flops", None)
+        if callable(probe):
+            found = probe()
+            _MATMUL[key] = (float(found[0]), str(found[1])) if isinstance(found, tuple) else (
+                float(found), f"{key}.matmul_flops()")
+        else:
+            _MATMUL[key] = (host_matmul_flops(), "host numpy float32 matmul 1024x1024x1024, best of 3")
+    return _MATMUL[key]
+
+
+def host_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
+    a = np.ones((size, size), dtype=np.float32)
+    b = np.ones((size, size), dtype=np.float32)
+    out = np.empty((size, size), dtype=np.float32)
+    return 2 * size ** 3 / _best_seconds(lambda: np.matmul(a, b, out=out), repeats)
 
 
 def backend_bandwidth(backend: Any) -> Bandwidth:

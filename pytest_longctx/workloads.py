@@ -129,6 +129,10 @@ class TimedFill:
     prefill_seconds: List[float] = field(default_factory=list)
     decode_seconds: List[float] = field(default_factory=list)
     early_seconds: List[float] = field(default_factory=list)
+    # Seconds open_cache took (allocation and the backend's preparation of its memory), timed
+    # apart: the fill is timed from its return, so a cache that prepares its pages at open is
+    # not billed for them twice, and one that does not pays them in its first chunks.
+    open_seconds: Optional[float] = None
 
 
 def timed_fill(backend: KVBackend, cache: KVCache, pool: Pool, chunk: int, decode: int,

@@ -265,6 +265,11 @@ def test_bandwidth_probe_measures_the_device(gpu) -> None:
     assert found.copy_gbps > 50 and found.read_gbps > 50 and found.nbytes > 0
 
 
+def test_matmul_probe_measures_the_tensor_cores(gpu) -> None:
+    flops, method = gpu.matmul_flops(size=2048, repeats=3)
+    assert flops > 5e12 and "float16 matmul 2048x2048x2048" in method  # any tensor-core GPU of note
+
+
 def test_info_names_the_device_and_versions(gpu) -> None:
     info = gpu.info()
     assert info.device_kind == "gpu" and info.device_name and {"cupy", "driver", "cuda runtime"} <= set(info.versions)

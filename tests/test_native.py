@@ -234,6 +234,60 @@ def test_products_against_stored_blocks(kind: str, h: int, m: int, n: int, d: in
 
 
 @needs_native
+def test_longctx_native_portable_runs_the_backend_on_the_portable_c(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """A CPU without F16C gets the portable build: forced here, the backend stores the bits the
+    NumPy kernels store and decode attention (q8_0 included) agrees with theirs."""
+    _forget(monkeypatch)
+    monkeypatch.setenv("LONGCTX_NATIVE", "portable")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if N.simd():
+        pytest.skip("this compiler enables AVX2, F16C and FMA by default")
+    assert N.available() and N.describe() == "native"
+    rng = np.random.default_rng(9)
+    n = 1100
+    k = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((n, 2, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    for kv_dtype in ("float16", "q8_0"):
+        spec = SMALL.replace(kv_dtype=kv_dtype, max_positions=n)
+        portable = _fill(spec, True, k, v, (100, 1000), threads=2)
+        numpy = _fill(spec, False, k, v, (100, 1000), threads=1)
+        for a, b in zip(portable.read(1, 0, n), numpy.read(1, 0, n)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(portable.attend(0, q), numpy.attend(0, q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["simd", "scalar"])
+@pytest.mark.parametrize("h,m,n,d", [(2, 2, 1030, 128), (3, 1, 37, 64), (1, 5, 6, 32)])
+def test_q8_0_products_read_the_stored_blocks(request: pytest.FixtureRequest, build: str, h: int, m: int, n: int,
+                                              d: int) -> None:
+    """Scores and weighted sums read from int8 values and half scales agree with float64
+    products of the decoded values, through the AVX2 build and the portable one."""
+    if not N.available():
+        pytest.skip(f"native kernels unavailable: {N.reason()}")
+    lib = N._load() if build == "simd" else request.getfixturevalue("scalar_lib")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((h, n + 4, d)).astype(np.float32)
+    q, scales = np.empty(x.shape, np.int8), np.empty(x.shape[:-1] + (d // 32,), np.float16)
+    K.q8_0_encode(np, x, q, scales)
+    values = K.q8_0_decode(np, q, scales, np.empty(x.shape, np.float32)).astype(np.float64)[:, 3:3 + n]
+    q, d_bits = q[:, 3:3 + n], scales.view(np.uint16)[:, 3:3 + n]
+    a = rng.standard_normal((h, m, d)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(N, "_load", lambda: lib)
+        scores = N.q8_dot(a, q, d_bits, np.empty((h, m, n), np.float32))
+        weights = rng.random((h, m, n)).astype(np.float32)
+        acc = rng.standard_normal((h, m, d)).astype(np.float32)
+        want = acc + weights @ values
+        N.q8_accumulate(weights, q, d_bits, acc)
+    np.testing.assert_allclose(scores, a @ values.transpose(0, 2, 1), rtol=0, atol=1e-4 * np.sqrt(d))
+    np.testing.assert_allclose(acc, want, rtol=0, atol=1e-5 * n)
+    with pytest.raises(ValueError, match=r"d has shape \(1, 2, 1\), but should be \(1, 3, 1\)"):
+        N.q8_dot(a[:1, :, :32], q[:1, :3, :32], d_bits[:1, :2, :1], np.empty((1, m, 3), np.float32))
+
+
+@needs_native
 def test_scalar_products_agree(scalar_lib: ctypes.CDLL) -> None:
     rng = np.random.default_rng(5)
     a = rng.standard_normal((2, 3, 16)).astype(np.float32)
@@ -388,3 +442,71 @@ def test_q8_0_is_the_numpy_quantizer_bit_for_bit(request: pytest.FixtureRequest,
 def test_q8_0_wrappers_refuse_scales_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="scales of shape"):
         N.q8_encode(np.zeros((2, 64), np.float32), np.zeros((2, 64), np.int8), np.zeros((2, 3), np.uint16))
+
+
+# ---------------------------------------------------------------- streamed writes, argument checks
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_large_writes_stream_into_place_with_the_same_bits(kind: str, offset: int) -> None:
+    """Writes past the native kernels' streaming size (64 KiB) go around the cache when the
+    destination rows are 16-byte aligned (offset 0) and through it otherwise (offset 1 value):
+    either way the stored bits are those of the small-write path, and nothing beside them moves."""
+    rng = np.random.default_rng(11)
+    n, heads, d = 300, 4, 64  # 300 x 4 x 64 x 2 bytes > 64 KiB
+    x = (rng.standard_normal((n, heads, d)) * 3).astype(np.float32)
+    x[5, 1, 7] = np.nan
+    stored = N.STORED_DTYPES[kind]
+    base = np.full(heads * (n + 2) * d + 8, 0x5A5A, stored) if stored.itemsize == 2 else \
+        np.full(heads * (n + 2) * d + 8, -7.0, np.float32)
+    store = base[offset:offset + heads * (n + 2) * d].reshape(heads, n + 2, d)
+    slots = store[:, 1:n + 1].transpose(1, 0, 2)
+    N.encode(kind, x, slots)
+    want = np.empty((n, heads, d), stored)
+    for i in range(0, n, 7):  # small writes: under the streaming size
+        N.encode(kind, x[i:i + 7], want[i:i + 7])
+
+    def bits(a: np.ndarray) -> np.ndarray:  # NaN payloads compared too
+        return np.ascontiguousarray(a).view(np.uint16 if a.itemsize == 2 else np.uint32)
+
+    assert np.array_equal(bits(slots), bits(want))
+    assert np.array_equal(store[:, 0], np.full((heads, d), base[0])) and np.array_equal(store[:, -1], store[:, 0])
+    cos, sin = K.rope_rows(np, SMALL.replace(head_dim=d), 0, n)
+    N.rope_encode(kind, x, cos, sin, "neox", slots)
+    for i in range(0, n, 7):
+        N.rope_encode(kind, x[i:i + 7], cos[i:i + 7], sin[i:i + 7], "neox", want[i:i + 7])
+    assert np.array_equal(bits(slots), bits(want))
+
+
+@needs_native
+def test_kernels_name_the_argument_they_refuse_and_touch_nothing() -> None:
+    x = np.ones((4, 2, 8), np.float32)
+    out = np.full((4, 2, 8), 7, np.uint16)
+    cos, sin = np.ones((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    a, b, acc = np.ones((2, 1, 8), np.float32), np.ones((2, 5, 8), np.uint16), np.zeros((2, 1, 8), np.float32)
+    refused = [
+        (lambda: N.rope_encode("float16", x, cos, sin, "neox", out[:3]), "out has shape (3, 2, 8)"),
+        (lambda: N.rope_encode("float16", x, cos[:3], sin, "neox", out), "cos has shape (3, 4)"),
+        (lambda: N.rope_encode("float16", x, cos, sin[:, :2], "neox", out), "sin has shape (4, 2)"),
+        (lambda: N.rope_encode("float16", x, cos.astype(np.float64), sin, "neox", out), "cos should be"),
+        (lambda: N.rope_encode("float16", x, np.asfortranarray(np.ones((4, 4), np.float32)), sin, "neox", out),
+         "cos should be a C-contiguous"),
+        (lambda: N.rope_encode("float16", x[:, :, ::2], cos[:, :2], sin[:, :2], "neox", out[:, :, :4]),
+         "x is not contiguous"),
+        (lambda: N.rope_encode("float16", x, cos, sin, "llama", out), "style is 'llama'"),
+        (lambda: N.rope_encode("float16", x.astype(np.float16), cos, sin, "neox", out), "x should be"),
+        (lambda: N.dot("float16", a, b[:, :, :4], np.empty((2, 1, 5), np.float32)), "b has shape (2, 5, 4)"),
+        (lambda: N.dot("float16", a, b, np.empty((2, 1, 4), np.float32)), "out has shape (2, 1, 4)"),
+        (lambda: N.dot("float16", a[0], b, np.empty((2, 1, 5), np.float32)), "a has shape (1, 8)"),
+        (lambda: N.dot("float16", a, b.astype(np.float32), np.empty((2, 1, 5), np.float32)), "b should be"),
+        (lambda: N.accumulate("float16", np.ones((2, 1, 4), np.float32), b, acc), "b has shape (2, 5, 8)"),
+        (lambda: N.accumulate("float16", np.ones((2, 1, 5), np.float32), b, acc[:, :, :4]), "out has shape"),
+        (lambda: N.encode("float16", x, out[:, :1]), "destination has shape (4, 1, 8)"),
+    ]
+    for call, message in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert np.all(out == 7) and np.all(acc == 0)

@@ -108,12 +108,38 @@ def test_options() -> None:
     with pytest.raises(TypeError):
         NumpyBackend(bogus=1)  # type: ignore[call-arg]
     assert NumpyBackend().block is None and NumpyBackend(native=False).native is False
-    for bad in ({"block": 0}, {"block": 1.5}, {"threads": 0}, {"native": "yes"}):
+    for bad in ({"block": 0}, {"block": 1.5}, {"threads": 0}, {"native": "yes"}, {"prepare": "later"}):
         with pytest.raises(SpecError):
             NumpyBackend(**bad)
     assert load_backend("numpy[block=32]").block == 32  # type: ignore[attr-defined]
     with pytest.raises(SpecError, match="does not take"):
         load_backend("numpy[bogus=1]")
+
+
+def test_storage_is_prepared_at_open_or_a_layer_at_its_first_write(kernels: str) -> None:
+    """prepare="open" zeroes every page at open, so a fill never pays a page fault;
+    prepare="write" zeroes a layer on its first append and leaves the others untouched."""
+    if kernels != "native":
+        pytest.skip("preparation does not depend on the kernels; 256 MiB of first touches once is enough")
+    import psutil
+
+    from pytest_longctx.measure import release_free_memory
+
+    spec = CacheSpec(2, 2, 2, 64, 65536, kv_dtype="float32", rope=RopeSpec(theta=10000.0))
+    layer = spec.kv_bytes(spec.max_positions) // 2  # 64 MiB per layer (K and V)
+    process = psutil.Process()
+    for prepare, at_open in (("open", 2 * layer), ("write", 0)):
+        release_free_memory()
+        before = process.memory_info().rss
+        cache = NumpyBackend(threads=2, prepare=prepare).open_cache(spec)
+        opened = process.memory_info().rss - before
+        assert abs(opened - at_open) < 16 << 20, (prepare, opened)
+        cache.append(1, *_kv(spec, 1))
+        written = process.memory_info().rss - before
+        assert abs(written - max(at_open, layer)) < 16 << 20, (prepare, written)
+        assert np.all(cache._k.data[1, :, 1:] == 0) and np.all(cache._v.data[1, :, 1:] == 0)  # type: ignore
+        cache.close()
+        del cache
 
 
 @pytest.mark.parametrize("kv_dtype", ["q4_0", "fp8_e4m3"])
