@@ -9,6 +9,7 @@ one-line usage error.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from .profile import Profile, load_profile, resolve_profile
 from .registry import check_backend_name
 from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_length, parse_positions
 from .shapes import DEFAULT_SHAPE, parse_shape
+
+SUITE = "pytest_longctx.conformance"  # run by path when no test path is given
 
 settings_key = pytest.StashKey[Settings]()
 profile_key = pytest.StashKey[Optional[Profile]]()
@@ -257,9 +260,12 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 
 def _conformance_dir() -> str:
-    from . import conformance
-
-    return os.path.dirname(conformance.__file__)
+    """The installed suite's folder, found without importing it: the plugin runs the suite's
+    files as pytest's arguments and never imports the suite as code (the layering test)."""
+    spec = importlib.util.find_spec(SUITE)
+    if spec is None or not spec.submodule_search_locations:
+        raise pytest.UsageError(f"longctx: the conformance suite {SUITE} is not installed")
+    return list(spec.submodule_search_locations)[0]
 
 
 @pytest.hookimpl(tryfirst=True)
