@@ -39,11 +39,12 @@ import pytest
 
 from pytest_longctx import CacheSpec, RopeSpec
 from pytest_longctx.fixtures import opened, skip_unless_fits
-from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
+from pytest_longctx.inputs import CHECK_POSITIONS, Inputs
 from pytest_longctx.metrics import Verdict
 from pytest_longctx.reference import apply_rope, farthest, stored_k_variants, stored_v
 
 from ._check import append, attend, case, equivalence, judge_attention, read
+from ._needles import NeedleCase, plant_needles
 from ._probes import (FLOAT16_OVERFLOW, boundaries_below, boundary_rows, chunk_ends, flat_value, flat_values,
                       overflow_length, visible_keys)
 
@@ -106,7 +107,7 @@ def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
     # stored (float64), RoPE's temporaries.
     skip_unless_fits(backend, spec, REFERENCE_BYTES_PER_VALUE * n * spec.n_kv_heads * spec.head_dim)
     stages = [(length, n_q) for length in lengths for n_q in n_qs if n_q <= length]
-    needles = inputs.needles(spec, n, stages, targets)
+    needles = plant_needles(spec, n, stages, inputs, targets)
     positions = np.arange(n)
     k_true = apply_rope(needles.k, positions, spec)
     k_plains = stored_k_variants(needles.k, positions, spec)

@@ -248,14 +248,6 @@ def longctx_cache(longctx_backend: KVBackend, longctx_spec: CacheSpec) -> Iterat
         yield cache
 
 
-@pytest.fixture(scope="session")
-def longctx_reference() -> Any:
-    """The float64 reference: ``apply_rope``, ``attention``, ``attend``, ``roundtrip``, ``plain_attend``."""
-    from . import reference
-
-    return reference
-
-
 @pytest.fixture
 def longctx_inputs(request: pytest.FixtureRequest, longctx_settings: Settings) -> Inputs:
     """Seeded generators for K/V/Q, timed-call pools and needles; the seed is the run's."""
