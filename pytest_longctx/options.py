@@ -20,6 +20,7 @@ import pytest
 from . import hookspec
 from .errors import SpecError
 from .profile import Profile, load_profile, resolve_profile
+from .questions import QUESTIONS
 from .registry import check_backend_name
 from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_length, parse_positions
 from .shapes import DEFAULT_SHAPE, parse_shape
@@ -31,10 +32,7 @@ profile_key = pytest.StashKey[Optional[Profile]]()
 factories_key = pytest.StashKey[Dict[str, Any]]()
 
 MARKERS = {
-    "longctx_limits": "context limits: holds exactly max_positions, refuses one more loudly, loses nothing",
-    "longctx_memory": "KV memory: measured cache memory within the analytic size",
-    "longctx_throughput": "fill and retrieve throughput, also as a fraction of memory bandwidth",
-    "longctx_equivalence": "attention with RoPE matches the float64 reference at long positions",
+    **{f"longctx_{question}": line for question, line in QUESTIONS.items()},
     "longctx_longest_only": "a probe whose pass at the longest length implies its pass at the shorter ones "
     "(a length where a bug starts): run at the run's longest length only, at every length under "
     "--longctx-find-context",
