@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .errors import BackendUnavailable, LongctxError, NotSupported
-from .guard import describe, is_run_control
+from .errors import BackendUnavailable, NotSupported
+from .guard import captured, close_warned, guarded
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
@@ -72,11 +72,11 @@ class LongctxState:
             if self.loader is not None:
                 self.loaded[text] = self.loader(text)
                 return self.loaded[text]
-            try:
+            with captured() as caught:  # an error is reported on every case of this backend
                 backend = load_backend(text, self.factories)
                 self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes), backend_kind(backend))
-            except (Exception, SystemExit) as exc:  # reported on every case of this backend
-                self.loaded[text] = _Loaded(None, exc)
+            if caught.error is not None:
+                self.loaded[text] = _Loaded(None, caught.error)
         return self.loaded[text]
 
 
@@ -207,25 +207,10 @@ def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> K
     """
     skip_unless_fits(backend, spec, working_bytes)
     try:
-        return backend.open_cache(spec)
+        with guarded("open_cache", where=spec.describe(), let=(NotSupported,)):
+            return backend.open_cache(spec)
     except NotSupported as exc:
         pytest.skip(f"not supported: {exc.reason}")
-    except LongctxError as exc:
-        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc}", pytrace=False)
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
-        pytest.fail(f"open_cache raised {describe(exc)} [{spec.describe()}]", pytrace=False)
-
-
-def close_quietly(cache: KVCache) -> None:
-    """Close a cache at the end of a case; what close() raises is not this case's verdict
-    (a leak is judged by the memory group)."""
-    try:
-        cache.close()
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
 
 
 @contextlib.contextmanager
@@ -234,7 +219,8 @@ def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Itera
     try:
         yield cache
     finally:
-        close_quietly(cache)
+        # What close() raises is not this case's verdict (the memory group judges leaks): a warning.
+        close_warned(cache, "cache")
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Union
 
 from .errors import BackendUnavailable, LongctxError, SpecError
+from .guard import captured
 from .protocol import KVBackend, RuntimeBackend
 
 Backend = Union[KVBackend, RuntimeBackend]
@@ -131,14 +132,13 @@ def _resolve(path: str) -> Callable[..., Any]:
     # As uvicorn does for "module:app": an in-house module beside the user is importable.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    try:
+    with captured(BackendUnavailable) as caught:  # a vendor module may exit() when its library is missing
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
-    except BackendUnavailable:
-        raise
-    except (Exception, SystemExit) as exc:  # a vendor module may exit() when its library is missing
-        raise BackendLoadError(f"importing {path} raised {type(exc).__name__}: {exc}") from exc
+    if caught.error is not None:
+        raise BackendLoadError(f"importing {path} raised {type(caught.error).__name__}: {caught.error}") \
+            from caught.error
     return target
 
 
@@ -155,12 +155,11 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> Back
         raise SpecError(f"backend {label!r} does not take these options: {exc}{_accepted(target)}") from None
     except ValueError:  # no signature to inspect (some builtins): let the call decide
         pass
-    try:
+    with captured(BackendUnavailable, SpecError) as caught:
         backend = target(**options)
-    except (BackendUnavailable, SpecError):
-        raise
-    except (Exception, SystemExit) as exc:
-        raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
+    if caught.error is not None:
+        raise BackendLoadError(f"backend {label!r} factory raised {type(caught.error).__name__}: {caught.error}") \
+            from caught.error
     wanted = _RUNTIME_METHODS if backend_kind(backend) == "runtime" else _KV_METHODS
     missing = [attr for attr in wanted if not hasattr(backend, attr)]
     if missing:
