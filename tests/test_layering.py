@@ -21,6 +21,7 @@ arrow. A new module of ``pytest_longctx/`` is plugin unless listed here.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Tuple
@@ -169,3 +170,15 @@ def test_a_wrong_import_written_into_a_copy_of_the_tree_is_found(tmp_path: Path)
     wrong = wrong_arrows({name: path.read_text() for name, path in modules.items()}, modules)
     assert len(wrong) == 1 and wrong[0].startswith("pytest_longctx.rope (contract) line ")
     assert "imports pytest_longctx.measure (plugin)" in wrong[0]
+
+
+def test_loading_the_plugin_imports_no_backend_reference_or_suite() -> None:
+    """The same arrows at run time, where an importlib call would not show in the source: a
+    fresh interpreter loads the plugin modules and lists what of the project it imported."""
+    code = ("import importlib, sys\n"
+            "import pytest_longctx.plugin as p\n"
+            "for name in p.pytest_plugins: importlib.import_module(name)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('pytest_longctx'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "pytest_longctx.fixtures" in out and "pytest_longctx.finder" in out
+    assert [m for m in out if layer_of(m) in ("backends", "reference", "suite")] == []
