@@ -55,7 +55,7 @@ import pytest
 
 from . import deadline as dl
 from .certificate import question_of
-from .fixtures import get_state, most_precise
+from .fixtures import get_state, most_precise, searched_positions_key
 from .measure import cache_preflight, preflight
 from .options import settings_key, usage_error
 from .settings import MAX_POSITIONS, Settings
@@ -430,7 +430,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Plan before collection, so that a step the backend cannot hold is a usage error, not a
     collection error in every module."""
     if finding(session.config) and not hasattr(session.config, "workerinput"):
-        plans(session.config)
+        session.config.stash[searched_positions_key] = lengths(session.config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -81,6 +81,10 @@ class LongctxState:
 
 
 state_key = pytest.StashKey[LongctxState]()
+# Every length a context search may ask for, set by the finder (finder.py) before collection;
+# the positions to parametrize with instead of --longctx-positions. Set here, not imported from
+# the finder, which builds on this module.
+searched_positions_key = pytest.StashKey[Tuple[int, ...]]()
 
 
 def get_state(config: pytest.Config) -> LongctxState:
@@ -128,10 +132,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("longctx_backend", backends, indirect=True, scope="session")
     if "longctx_positions" in names:
         positions = settings.positions
-        if settings.find_context:  # every length the search may ask for (finder.py)
-            from .finder import lengths
-
-            positions = lengths(metafunc.config)
+        if searched_positions_key in metafunc.config.stash:
+            positions = metafunc.config.stash[searched_positions_key]
         elif metafunc.definition.get_closest_marker("longctx_longest_only") is not None:
             positions = (max(positions),)
         metafunc.parametrize("longctx_positions", positions, scope="session")
