@@ -1,7 +1,7 @@
 """The import arrows point one way: every module's imports, read with ``ast`` (function-level
 and ``TYPE_CHECKING`` imports included), checked against the layers below.
 
-The layers, lowest first, and what each may import of the project (itself always)::
+No module is on an import circle either. The layers, lowest first, and what each may import of the project (itself always)::
 
     contract   spec protocol errors rope shapes hookspec questions   nothing else of the project
     access     registry guard                                        contract
@@ -118,11 +118,45 @@ def wrong_arrows(sources: Mapping[str, str], known: Mapping[str, object]) -> Lis
     return wrong
 
 
+def circles(sources: Mapping[str, str], known: Mapping[str, object]) -> List[str]:
+    """"a -> b -> ... -> a" for each module on an import circle, function-level imports included
+    (a lazy import that only hides a circle is a wrong arrow too)."""
+    graph = {m: {t for _, t in imports_of(m, s, known) if t != m} for m, s in sources.items()}
+    found = []
+    for start in sorted(graph):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start:
+                    found.append(" -> ".join(path + [start]))
+                    stack = []
+                    break
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    return found
+
+
 def test_every_arrow_points_the_right_way() -> None:
     modules = source_modules(ROOT)
     assert len(modules) > 40 and f"{PACKAGE}.conformance.conftest" in modules  # the mapping was read
     sources = {name: path.read_text() for name, path in modules.items()}
     assert wrong_arrows(sources, modules) == []
+
+
+def test_no_import_circle() -> None:
+    modules = source_modules(ROOT)
+    assert circles({name: path.read_text() for name, path in modules.items()}, modules) == []
+
+
+def test_a_circle_hidden_in_a_function_is_found() -> None:
+    sources = {"pytest_longctx.fixtures": "def f():\n    from .finder import lengths\n",
+               "pytest_longctx.finder": "from .deadline import x\n",
+               "pytest_longctx.deadline": "from .fixtures import get_state\n"}
+    assert circles(sources, source_modules(ROOT))[0] == (
+        "pytest_longctx.deadline -> pytest_longctx.fixtures -> pytest_longctx.finder -> pytest_longctx.deadline")
 
 
 def test_every_listed_contract_module_exists() -> None:
