@@ -75,4 +75,4 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
         yield case
     finally:
         if not case.closed:
-            close_warned(cache, "cache")
+            close_warned(cache, "the cache")

@@ -67,7 +67,7 @@ def test_context_above_the_model_limit_is_clamped_or_refused(longctx_backend, lo
     try:
         granted = other.context_limit
     finally:
-        close_warned(other, "runtime")
+        close_warned(other, f"the runtime opened with context {asked}")
     clamped = [w.message for w in caught if isinstance(w.message, ContextClamped)]
     longctx_measure.record("context above the model's", asked, "positions", **tags(longctx_runtime, longctx_settings), positions=asked,
                            cell=f"{asked}: {granted} granted", outcome="clamped" if clamped else "accepted",

@@ -222,7 +222,7 @@ def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Itera
         yield cache
     finally:
         # What close() raises is not this case's verdict (the memory group judges leaks): a warning.
-        close_warned(cache, "cache")
+        close_warned(cache, "the cache")
 
 
 @pytest.fixture

@@ -112,4 +112,4 @@ def close_warned(resource: Any, what: str) -> None:
     with captured() as caught:
         resource.close()
     if caught.error is not None:
-        warnings.warn(CloseWarning(raised(f"{what}.close()", caught.error)), stacklevel=2)
+        warnings.warn(CloseWarning(raised(f"close() of {what}", caught.error)), stacklevel=2)

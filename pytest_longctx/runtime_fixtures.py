@@ -51,4 +51,4 @@ def longctx_runtime(longctx_backend: Any, longctx_settings: Settings) -> Iterato
     try:
         yield runtime
     finally:
-        close_warned(runtime, "runtime")  # not the last test's verdict, but never silent
+        close_warned(runtime, "the runtime")  # not the last test's verdict, but never silent

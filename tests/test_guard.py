@@ -59,13 +59,13 @@ class _Closing:
 
 def test_a_failed_close_is_one_warning_line() -> None:
     with pytest.warns(CloseWarning) as record:
-        close_warned(_Closing(SystemExit("rkllm_destroy failed: -2")), "runtime")
-    assert [str(w.message) for w in record] == ["runtime.close() raised SystemExit: rkllm_destroy failed: -2"]
+        close_warned(_Closing(SystemExit("rkllm_destroy failed: -2")), "the runtime")
+    assert [str(w.message) for w in record] == ["close() of the runtime raised SystemExit: rkllm_destroy failed: -2"]
 
 
 def test_ctrl_c_in_close_is_not_turned_into_a_warning() -> None:
     with pytest.raises(KeyboardInterrupt):
-        close_warned(_Closing(KeyboardInterrupt()), "cache")
+        close_warned(_Closing(KeyboardInterrupt()), "the cache")
 
 
 def test_a_factory_raising_a_vendor_base_exception_is_a_load_error() -> None:
