@@ -18,7 +18,8 @@ import pytest
 
 from pytest_longctx import ContextClamped, ContextLimitExceeded, LongctxError
 
-from pytest_longctx.guard import captured, close_warned, guarded
+from pytest_longctx.guard import close_warned, guarded
+from pytest_longctx.runcontrol import captured
 
 from ._check import fail
 from ._runtime import (

@@ -55,9 +55,10 @@ import pytest
 from . import deadline as dl
 from .certificate import question_of
 from .fixtures import get_state, most_precise, searched_positions_key
-from .guard import captured, close_warned, raised
+from .guard import close_warned
 from .measure import cache_preflight, preflight
 from .options import settings_key, usage_error
+from .runcontrol import captured, raised
 from .settings import MAX_POSITIONS, Settings
 
 plan_key = pytest.StashKey[Dict[str, "Plan"]]()

@@ -19,12 +19,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from .errors import BackendUnavailable, NotSupported
-from .guard import captured, close_warned, guarded
+from .guard import close_warned, guarded
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
 from .protocol import KVBackend, KVCache
 from .registry import backend_kind, declared_kind, load_backend
+from .runcontrol import captured
 from .settings import Settings
 from .spec import CacheSpec
 

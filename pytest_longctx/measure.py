@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import psutil
 
-from .guard import captured
+from .runcontrol import captured
 
 try:  # POSIX only; elsewhere the lock degrades to a no-op.
     import fcntl

@@ -24,7 +24,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Union
 
 from .errors import BackendUnavailable, LongctxError, SpecError
-from .guard import captured
+from .runcontrol import captured
 from .protocol import KVBackend, RuntimeBackend
 
 Backend = Union[KVBackend, RuntimeBackend]

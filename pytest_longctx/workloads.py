@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .guard import captured, raised
+from .runcontrol import captured, raised
 from .inputs import Inputs, Pool
 from .measure import timed
 from .protocol import KVBackend, KVCache

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_longctx.guard import CloseWarning, call, captured, close_warned, guarded
+from pytest_longctx.guard import CloseWarning, call, close_warned, guarded
 from pytest_longctx.registry import BackendLoadError, load_backend
+from pytest_longctx.runcontrol import captured
 
 
 class VendorAbort(BaseException):

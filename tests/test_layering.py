@@ -4,7 +4,7 @@ and ``TYPE_CHECKING`` imports included), checked against the layers below.
 No module is on an import circle either. The layers, lowest first, and what each may import of the project (itself always)::
 
     contract   spec protocol errors rope shapes hookspec questions   nothing else of the project
-    access     registry guard                                        contract
+    access     registry runcontrol guard                             contract
     facade     pytest_longctx (the package __init__)                 contract, access
     backends   pytest_longctx.backends.*    (folder backends/)      contract
     reference  pytest_longctx.reference.*   (folder reference/)     contract
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "pytest_longctx"
 
 CONTRACT = ("spec", "protocol", "errors", "rope", "shapes", "hookspec", "questions")
-ACCESS = ("registry", "guard")
+ACCESS = ("registry", "runcontrol", "guard")
 TOOLS = ("bench", "merge", "tinygguf")
 
 ALLOWED: Dict[str, Tuple[str, ...]] = {
