@@ -1,36 +1,10 @@
 """The built-in backends, one module per backend family.
 
-A backend depends on the contract (``pytest_longctx.spec``, ``.protocol``,
-``.errors``, ``.rope``) and never on the suite. Built-ins are listed here by
-import path so that listing them imports nothing heavy.
+Installed as ``pytest_longctx.backends`` (``[tool.setuptools.package-dir]`` in
+pyproject.toml maps this top-level folder there). A backend imports the contract
+only (``pytest_longctx.spec``, ``.protocol``, ``.errors``, ``.rope``, ``.shapes``)
+and its private helpers here (``_*.py``); never the plugin, the reference or the
+suite. The plugin finds built-ins by ``module:factory`` text in
+``pytest_longctx.registry.BUILTINS``, as it finds a third party's entry point, so
+nothing here is imported until a backend is chosen.
 """
-
-from __future__ import annotations
-
-from typing import NamedTuple
-
-
-class Builtin(NamedTuple):
-    factory: str  # "module:attribute", called with the backend's options
-    device_kind: str
-    kind: str = "cache"  # "cache": a KVBackend; "runtime": a RuntimeBackend (whole model)
-
-
-BUILTINS = {
-    "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
-    "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
-    "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
-    "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
-    "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
-    # Kind "cpu" although it runs on GPUs too: aliases take the first available built-in of a
-    # kind, so "cpu" always finds numpy first, while "gpu" would land on torch's CPU fallback
-    # when CuPy is missing. torch is reached by name; its info() says where it runs.
-    "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
-    "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
-    # A GGUF converted by openvino-genai, its stateful IR run by openvino.Core (CPU here; GPU/NPU by option).
-    "openvino-genai": Builtin("pytest_longctx.backends.openvino_genai_backend:OpenVinoGenAIBackend", "cpu",
-                              "runtime"),
-}
-
-# Device-kind aliases: the first available built-in of that kind is used.
-ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}

@@ -1,4 +1,4 @@
-"""Helpers of the conformance suite: guarded backend calls, fills, one message shape.
+"""Helpers of the conformance suite: backend calls through the plugin's guard, reads, attend.
 
 Every failure reads "{what}={measured}, but should be {expected} [{case}]" and
 fits on one line; a backend that raises anything (``SystemExit`` and its own
@@ -9,13 +9,12 @@ are only read, never written: a read-only or non-contiguous array is legitimate.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import numpy as np
-import pytest
 
 from pytest_longctx import CacheSpec, KVBackend, KVCache
-from pytest_longctx.guard import describe, is_run_control
+from pytest_longctx.guard import call, fail, guarded
 from pytest_longctx.metrics import Verdict, judge
 from pytest_longctx.reference import apply_rope, attention, farthest, plain_attention, plain_variants
 
@@ -24,24 +23,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def case(backend: KVBackend, spec: CacheSpec) -> str:
     return f"{backend.name} {spec.kv_dtype} @ {spec.max_positions} positions, {spec.describe()}"
-
-
-def fail(what: str, measured: Any, expected: Any, where: str) -> None:
-    """Fail the case with one line; raised ``from None``, so that a backend's exception being
-    handled is not printed as the failure's context."""
-    __tracebackhide__ = True
-    raise pytest.fail.Exception(f"{what}={measured}, but should be {expected} [{where}]", pytrace=False) from None
-
-
-def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Call into the backend; any exception becomes a one-line failure naming the call."""
-    __tracebackhide__ = True
-    try:
-        return fn(*args)
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
-        raise pytest.fail.Exception(f"{what} raised {describe(exc)}", pytrace=False) from None
 
 
 def host(backend: KVBackend, native: Any, what: str, shape: Tuple[int, ...], where: str) -> np.ndarray:
@@ -74,13 +55,8 @@ def append(backend: KVBackend, cache: KVCache, layer: int, k: np.ndarray, v: np.
     """Append host K/V for positions start.. to a layer; what the backend raises fails the case."""
     __tracebackhide__ = True
     native = [call("asarray", backend.asarray, x) for x in (k, v)]
-    try:
+    with guarded(f"append of positions {start}..{start + len(k) - 1}", where=case(backend, cache.spec)):
         cache.append(layer, *native)
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
-        fail(f"append of positions {start}..{start + len(k) - 1}", describe(exc), "no error",
-             case(backend, cache.spec))
 
 
 def attend(backend: KVBackend, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:

@@ -15,7 +15,8 @@ from typing import Dict, Optional
 import pytest
 
 from pytest_longctx import KVCache
-from pytest_longctx.fixtures import close_quietly, open_cache
+from pytest_longctx.fixtures import open_cache
+from pytest_longctx.guard import close_warned
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Held, MemoryProbe, MemorySample
 from pytest_longctx.workloads import Fill, fill, native_pool
@@ -74,4 +75,4 @@ def filled(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_setting
         yield case
     finally:
         if not case.closed:
-            close_quietly(cache)
+            close_warned(cache, "the cache")

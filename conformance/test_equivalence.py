@@ -38,11 +38,13 @@ import numpy as np
 import pytest
 
 from pytest_longctx import CacheSpec, RopeSpec
+from pytest_longctx.spec import ATTENTION_FEATURES, ROPE_KINDS, ROPE_STYLES
 from pytest_longctx.fixtures import opened, skip_unless_fits
-from pytest_longctx.inputs import CHECK_POSITIONS, Inputs, NeedleCase
+from pytest_longctx.inputs import CHECK_POSITIONS, Inputs
 from pytest_longctx.metrics import Verdict
 from pytest_longctx.reference import apply_rope, farthest, stored_k_variants, stored_v
 
+from ._needles import NeedleCase, plant_needles
 from ._check import append, attend, case, equivalence, judge_attention, read
 from ._probes import (FLOAT16_OVERFLOW, boundaries_below, boundary_rows, chunk_ends, flat_value, flat_values,
                       overflow_length, visible_keys)
@@ -106,7 +108,7 @@ def equivalence_run(backend, spec: CacheSpec, inputs: Inputs, factor: float,
     # stored (float64), RoPE's temporaries.
     skip_unless_fits(backend, spec, REFERENCE_BYTES_PER_VALUE * n * spec.n_kv_heads * spec.head_dim)
     stages = [(length, n_q) for length in lengths for n_q in n_qs if n_q <= length]
-    needles = inputs.needles(spec, n, stages, targets)
+    needles = plant_needles(spec, n, stages, inputs, targets)
     positions = np.arange(n)
     k_true = apply_rope(needles.k, positions, spec)
     k_plains = stored_k_variants(needles.k, positions, spec)
@@ -234,13 +236,10 @@ def variant_spec(settings, kv_dtype: str, positions: int) -> CacheSpec:
     return shape.replace(n_layers=1, n_kv_heads=1, n_heads=shape.group_size)
 
 
-ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")
-
-
 # Kinds whose frequencies depend on the cache's length: fixed once per cache by the contract.
 PER_CACHE_KINDS = ("dynamic", "longrope")
 
-ROPE_CASES = [(kind, style) for kind in ROPE_KINDS for style in ("neox", "gptj") if (kind, style) != ("none", "gptj")]
+ROPE_CASES = [(kind, style) for kind in ROPE_KINDS for style in ROPE_STYLES if (kind, style) != ("none", "gptj")]
 
 
 @pytest.mark.longctx_storage_independent
@@ -268,11 +267,8 @@ def test_rope_matches_reference_at_long_positions(longctx_backend, longctx_kv_dt
         report(run.outcomes + outcomes, spec, longctx_backend, longctx_measure, f"rope {kind}/{style}", run.error)
 
 
-FEATURES = ("window", "softcap", "scale")
-
-
 @pytest.mark.longctx_storage_independent
-@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("feature", ATTENTION_FEATURES)
 def test_attention_features_match_reference(longctx_backend, longctx_kv_dtype, longctx_settings,
                                             longctx_inputs, longctx_measure, feature):
     """Sliding window (edges included), softcap and a custom scale, at the largest positions."""

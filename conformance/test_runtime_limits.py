@@ -18,6 +18,9 @@ import pytest
 
 from pytest_longctx import ContextClamped, ContextLimitExceeded, LongctxError
 
+from pytest_longctx.guard import close_warned, guarded
+from pytest_longctx.runcontrol import captured
+
 from ._check import fail
 from ._runtime import (
     check_consistent, consistency, need_logits, positions, prefill, prefill_chunks, prompt, reset, tags, where,
@@ -54,18 +57,18 @@ def test_context_above_the_model_limit_is_clamped_or_refused(longctx_backend, lo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            other = longctx_backend.open_runtime(longctx_settings.model, asked)
+            with guarded(f"open_runtime(context={asked})",
+                         "a LongctxError (refused) or a runtime clamped with a ContextClamped warning", at,
+                         let=(LongctxError,)):
+                other = longctx_backend.open_runtime(longctx_settings.model, asked)
         except LongctxError as exc:
             longctx_measure.record("context above the model's", asked, "positions", **tags(longctx_runtime, longctx_settings), positions=asked,
                                    cell=f"{asked}: refused", outcome="refused", message=str(exc))
             return
-        except Exception as exc:
-            fail(f"open_runtime(context={asked})", f"{type(exc).__name__}: {exc}",
-                 "a LongctxError (refused) or a runtime clamped with a ContextClamped warning", at)
     try:
         granted = other.context_limit
     finally:
-        other.close()
+        close_warned(other, f"the runtime opened with context {asked}")
     clamped = [w.message for w in caught if isinstance(w.message, ContextClamped)]
     longctx_measure.record("context above the model's", asked, "positions", **tags(longctx_runtime, longctx_settings), positions=asked,
                            cell=f"{asked}: {granted} granted", outcome="clamped" if clamped else "accepted",
@@ -109,11 +112,11 @@ def test_one_token_more_is_rejected_and_changes_nothing(longctx_backend, longctx
         pytest.skip("the runtime could not be filled to its limit (see the test above)")
     limit = runtime.context_limit
     try:
-        runtime.prefill(ids[-1:])
+        with guarded(f"prefill of 1 token at the limit {limit}", "ContextLimitExceeded", at,
+                     let=(ContextLimitExceeded,)):
+            runtime.prefill(ids[-1:])
     except ContextLimitExceeded:
         pass
-    except Exception as exc:
-        fail(f"prefill of 1 token at the limit {limit}", f"{type(exc).__name__}: {exc}", "ContextLimitExceeded", at)
     else:
         fail(f"prefill of 1 token at the limit {limit}", f"accepted (positions {positions(runtime)})",
              "ContextLimitExceeded", at)
@@ -137,11 +140,9 @@ def test_prompt_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_ru
 
     reset(runtime, at)
     prefill_chunks(runtime, ids[:start], longctx_settings.chunk, at)
-    try:
+    with captured() as caught:
         runtime.prefill(ids[start:])
-        raised = None
-    except Exception as exc:
-        raised = exc
+    raised = caught.error
     held = positions(runtime)
     longctx_measure.record("crossing prompt: tokens taken", held - start, "tokens", **tags(longctx_runtime, longctx_settings), positions=limit,
                            cell=f"{held - start} of {crossing}", passed=held == start and

@@ -34,7 +34,7 @@ import pytest
 
 from pytest_longctx.contention import HostMeter, HostShare
 from pytest_longctx.fixtures import opened
-from pytest_longctx.guard import describe, is_run_control
+from pytest_longctx.guard import guarded
 from pytest_longctx.inputs import Inputs
 from pytest_longctx.measure import Stats, backend_bandwidth, preflight
 from pytest_longctx.reference import apply_rope, roundtrip, stored_k_variants, stored_v
@@ -204,13 +204,9 @@ def test_retrieve_rate_meets_floor(longctx_backend, longctx_settings, longctx_me
     rng = np.random.default_rng(longctx_settings.seed)
     samples = []
     with _longctx_lock.exclusive(), HostMeter() as meter:
-        try:
+        with guarded("read", where=where):
             op_seconds, layer_seconds = time_retrieve(longctx_backend, cache, rng, longctx_settings.repeats,
                                                       samples=samples)
-        except BaseException as exc:
-            if is_run_control(exc):
-                raise
-            fail("read", describe(exc), "no error", where)
     ops = Stats.of([1 / s for s in op_seconds])
     layer_bytes = spec.kv_bytes(spec.max_positions) / spec.n_layers
     read_gbps = Stats.of([layer_bytes / s / 1e9 for s in layer_seconds]).median
@@ -277,7 +273,7 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
     probe_layer = int(rng.integers(spec.n_layers))
     meter = HostMeter()
     with _longctx_lock.exclusive():
-        try:
+        with guarded("attend", where=where):
             with meter:
                 seconds, timed_calls = time_decode_attention(
                     longctx_backend, cache, longctx_backend.asarray(host_queries), settings.repeats)
@@ -289,10 +285,6 @@ def test_decode_attention_rate_meets_floor_and_is_correct(longctx_backend, longc
                 again = time_repeated_input(longctx_backend, cache, probe_layer, longctx_backend.asarray(
                     np.concatenate([probe_queries[:1], probe_queries[2 * PROBE_PAIRS + 1:]])), PROBE_PAIRS)
                 speedup, noise = min(speedup, again.speedup()), max(noise, again.noise())
-        except BaseException as exc:
-            if is_run_control(exc):
-                raise
-            fail("attend", describe(exc), "no error", where)
         outputs = [c.output for c in timed_calls[-CONVERSIONS:]]
         shape = (1, spec.n_heads, spec.head_dim)
         pending, ready = call("to_numpy (timed attend results)", time_conversion, longctx_backend, outputs,

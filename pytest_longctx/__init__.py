@@ -1,9 +1,14 @@
 """pytest-longctx: certify a long-context inference backend with measured figures.
 
 The public contract a backend implements is exported here; the pytest plugin
-itself lives in ``pytest_longctx.plugin``. The package raises its own errors
-and uses no bare asserts, so it opts out of assertion rewriting:
-PYTEST_DONT_REWRITE.
+itself lives in ``pytest_longctx.plugin``. The arrows point one way: the contract
+(spec, protocol, errors, rope, shapes, hookspec, questions) imports nothing else
+of the project; registry, runcontrol and guard (finding and calling backends)
+build on it only; backends and the reference import the contract only; the plugin never
+imports a backend, the reference or the suite; the suite imports the contract,
+the reference and the plugin. The project's layering test holds these arrows.
+The package raises its own errors and uses no bare asserts, so it opts out of
+assertion rewriting: PYTEST_DONT_REWRITE.
 """
 
 from .errors import (

@@ -21,12 +21,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
+from .questions import QUESTIONS
+
 SCHEMA_ID = "pytest-longctx/certificate"
 SCHEMA_VERSION = 1
 SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "schema", f"certificate-{SCHEMA_VERSION}.json")
 
 CERTIFIED, NOT_CERTIFIED, INCOMPLETE = "certified", "not certified", "incomplete"
-QUESTIONS = ("limits", "memory", "throughput", "equivalence")
 PACKAGES = ("pytest-longctx", "pytest", "pluggy", "pytest-xdist", "numpy", "psutil", "tabulate", "matplotlib",
             "onnxruntime", "cupy-cuda12x")
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
-from .spec import KV_DTYPES
+from .questions import QUESTIONS
+from .spec import ATTENTION_FEATURES, KV_DTYPES, ROPE_KINDS, ROPE_STYLES
 
-ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")
-PAIRINGS = ("neox", "gptj")
-FEATURES = ("window", "softcap", "scale")
 LADDER = (4096, 8192, 16384, 32768, 65536, 131072)
-QUESTIONS = ("limits", "memory", "throughput", "equivalence")
 
 NOT_EXERCISED = "not exercised"
 _RANK = {NOT_EXERCISED: 0, "skipped": 1, "passed": 2, "expected failure": 3, "failed": 4}
@@ -50,8 +47,8 @@ def coverage(cases: Iterable[Any], settings: Any, claimed: Optional[Dict[str, Li
         tables: Dict[str, Dict[str, str]] = {
             "question": {q: NOT_EXERCISED for q in QUESTIONS},
             "rope kind": {k: NOT_EXERCISED for k in ROPE_KINDS},
-            "rope pairing": {p: NOT_EXERCISED for p in PAIRINGS},
-            "attention feature": {f: NOT_EXERCISED for f in FEATURES},
+            "rope pairing": {p: NOT_EXERCISED for p in ROPE_STYLES},
+            "attention feature": {f: NOT_EXERCISED for f in ATTENTION_FEATURES},
             "kv dtype": {d: NOT_EXERCISED for d in KV_DTYPES},
             "positions": {str(p): NOT_EXERCISED for p in positions},
         }

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -55,9 +54,11 @@ import pytest
 
 from . import deadline as dl
 from .certificate import question_of
-from .fixtures import get_state, most_precise
+from .fixtures import get_state, most_precise, searched_positions_key
+from .guard import close_warned
 from .measure import cache_preflight, preflight
 from .options import settings_key, usage_error
+from .runcontrol import captured, raised
 from .settings import MAX_POSITIONS, Settings
 
 plan_key = pytest.StashKey[Dict[str, "Plan"]]()
@@ -99,18 +100,14 @@ def _runtime_context(backend: Any, settings: Settings) -> Tuple[Optional[int], O
     (the search's maximum cannot be known before): (limit, kv_spec, "") or (None, None, why)."""
     if settings.model is None:
         return None, None, "no --longctx-model"
-    try:
+    with captured() as caught:  # the cases say it again, each in its own line
         runtime = backend.open_runtime(settings.model, settings.context)
-    except (Exception, SystemExit) as exc:  # the cases say it again, each in its own line
-        return None, None, f"open_runtime raised {type(exc).__name__}: {exc}"
+    if caught.error is not None:
+        return None, None, raised("open_runtime", caught.error)
     try:
         return int(runtime.context_limit), runtime.kv_spec, ""
     finally:
-        try:
-            runtime.close()
-        except Exception as exc:
-            warnings.warn(f"longctx: {backend.name}: close() of the runtime opened to read its context "
-                          f"raised {type(exc).__name__}: {exc}", stacklevel=1)
+        close_warned(runtime, f"the {backend.name} runtime opened to read its context")
 
 
 def _cut(text: str, step: int, asked: int, fits: Callable[[int], Optional[str]]) -> Plan:
@@ -430,7 +427,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Plan before collection, so that a step the backend cannot hold is a usage error, not a
     collection error in every module."""
     if finding(session.config) and not hasattr(session.config, "workerinput"):
-        plans(session.config)
+        session.config.stash[searched_positions_key] = lengths(session.config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

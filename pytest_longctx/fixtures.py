@@ -18,13 +18,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .errors import BackendUnavailable, LongctxError, NotSupported
-from .guard import describe, is_run_control
+from .errors import BackendUnavailable, NotSupported
+from .guard import close_warned, guarded
 from .inputs import Inputs
 from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
 from .options import factories_key, settings_key
 from .protocol import KVBackend, KVCache
 from .registry import backend_kind, declared_kind, load_backend
+from .runcontrol import captured
 from .settings import Settings
 from .spec import CacheSpec
 
@@ -72,15 +73,19 @@ class LongctxState:
             if self.loader is not None:
                 self.loaded[text] = self.loader(text)
                 return self.loaded[text]
-            try:
+            with captured() as caught:  # an error is reported on every case of this backend
                 backend = load_backend(text, self.factories)
                 self.loaded[text] = _Loaded(backend, None, tuple(backend.info().kv_dtypes), backend_kind(backend))
-            except (Exception, SystemExit) as exc:  # reported on every case of this backend
-                self.loaded[text] = _Loaded(None, exc)
+            if caught.error is not None:
+                self.loaded[text] = _Loaded(None, caught.error)
         return self.loaded[text]
 
 
 state_key = pytest.StashKey[LongctxState]()
+# Every length a context search may ask for, set by the finder (finder.py) before collection;
+# the positions to parametrize with instead of --longctx-positions. Set here, not imported from
+# the finder, which builds on this module.
+searched_positions_key = pytest.StashKey[Tuple[int, ...]]()
 
 
 def get_state(config: pytest.Config) -> LongctxState:
@@ -128,10 +133,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("longctx_backend", backends, indirect=True, scope="session")
     if "longctx_positions" in names:
         positions = settings.positions
-        if settings.find_context:  # every length the search may ask for (finder.py)
-            from .finder import lengths
-
-            positions = lengths(metafunc.config)
+        if searched_positions_key in metafunc.config.stash:
+            positions = metafunc.config.stash[searched_positions_key]
         elif metafunc.definition.get_closest_marker("longctx_longest_only") is not None:
             positions = (max(positions),)
         metafunc.parametrize("longctx_positions", positions, scope="session")
@@ -207,25 +210,10 @@ def open_cache(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> K
     """
     skip_unless_fits(backend, spec, working_bytes)
     try:
-        return backend.open_cache(spec)
+        with guarded("open_cache", where=spec.describe(), let=(NotSupported,)):
+            return backend.open_cache(spec)
     except NotSupported as exc:
         pytest.skip(f"not supported: {exc.reason}")
-    except LongctxError as exc:
-        pytest.fail(f"open_cache raised {type(exc).__name__}: {exc}", pytrace=False)
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
-        pytest.fail(f"open_cache raised {describe(exc)} [{spec.describe()}]", pytrace=False)
-
-
-def close_quietly(cache: KVCache) -> None:
-    """Close a cache at the end of a case; what close() raises is not this case's verdict
-    (a leak is judged by the memory group)."""
-    try:
-        cache.close()
-    except BaseException as exc:
-        if is_run_control(exc):
-            raise
 
 
 @contextlib.contextmanager
@@ -234,7 +222,8 @@ def opened(backend: KVBackend, spec: CacheSpec, working_bytes: int = 0) -> Itera
     try:
         yield cache
     finally:
-        close_quietly(cache)
+        # What close() raises is not this case's verdict (the memory group judges leaks): a warning.
+        close_warned(cache, "the cache")
 
 
 @pytest.fixture
@@ -246,14 +235,6 @@ def longctx_cache(longctx_backend: KVBackend, longctx_spec: CacheSpec) -> Iterat
     """
     with opened(longctx_backend, longctx_spec) as cache:
         yield cache
-
-
-@pytest.fixture(scope="session")
-def longctx_reference() -> Any:
-    """The float64 reference: ``apply_rope``, ``attention``, ``attend``, ``roundtrip``, ``plain_attend``."""
-    from . import reference
-
-    return reference
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import psutil
 
+from .runcontrol import captured
+
 try:  # POSIX only; elsewhere the lock degrades to a no-op.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -538,9 +540,9 @@ def memory_available(backend: Any = None) -> Tuple[int, str]:
 
 
 def _device_place(backend: Any) -> str:
-    try:
+    with captured() as caught:  # info() is descriptive only; never fail a preflight on it
         kind = backend.info().device_kind
-    except Exception:  # info() is descriptive only; never fail a preflight on it
+    if caught.error is not None:
         kind = ""
     return kind if kind and kind != "cpu" else "device"
 

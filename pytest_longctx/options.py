@@ -9,6 +9,7 @@ one-line usage error.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from dataclasses import dataclass
@@ -19,19 +20,19 @@ import pytest
 from . import hookspec
 from .errors import SpecError
 from .profile import Profile, load_profile, resolve_profile
+from .questions import QUESTIONS
 from .registry import check_backend_name
 from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_length, parse_positions
 from .shapes import DEFAULT_SHAPE, parse_shape
+
+SUITE = "pytest_longctx.conformance"  # run by path when no test path is given
 
 settings_key = pytest.StashKey[Settings]()
 profile_key = pytest.StashKey[Optional[Profile]]()
 factories_key = pytest.StashKey[Dict[str, Any]]()
 
 MARKERS = {
-    "longctx_limits": "context limits: holds exactly max_positions, refuses one more loudly, loses nothing",
-    "longctx_memory": "KV memory: measured cache memory within the analytic size",
-    "longctx_throughput": "fill and retrieve throughput, also as a fraction of memory bandwidth",
-    "longctx_equivalence": "attention with RoPE matches the float64 reference at long positions",
+    **{f"longctx_{question}": line for question, line in QUESTIONS.items()},
     "longctx_longest_only": "a probe whose pass at the longest length implies its pass at the shorter ones "
     "(a length where a bug starts): run at the run's longest length only, at every length under "
     "--longctx-find-context",
@@ -139,7 +140,7 @@ OPTIONS = (
     _Option("decode-floor", "runtimes: minimum decode rate in tokens/s at every depth (default none)",
             None, float, metavar="RATE"),
     _Option("contended-cores", "a rate floor missed while other processes used at least this many cores "
-            "is reported, not judged (default 0.5; none: always judged)", 0.5, parse_optional(float),
+            "is reported, not judged (default 0.5; none or 0: always judged)", 0.5, parse_optional(float),
             metavar="CORES"),
     _Option("deadline", "seconds a case may take at 16384 positions, scaled by positions (at least a quarter); "
             "a case past it fails with 'no answer in N s'; a backend that hung is not asked again in the run "
@@ -260,9 +261,12 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 
 def _conformance_dir() -> str:
-    from . import conformance
-
-    return os.path.dirname(conformance.__file__)
+    """The installed suite's folder, found without importing it: the plugin runs the suite's
+    files as pytest's arguments and never imports the suite as code (the layering test)."""
+    spec = importlib.util.find_spec(SUITE)
+    if spec is None or not spec.submodule_search_locations:
+        raise pytest.UsageError(f"longctx: the conformance suite {SUITE} is not installed")
+    return list(spec.submodule_search_locations)[0]
 
 
 @pytest.hookimpl(tryfirst=True)

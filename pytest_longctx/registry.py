@@ -5,6 +5,11 @@ name registered by a third-party package (entry-point group
 ``pytest_longctx.backends`` or the ``pytest_longctx_backends`` hook), or an
 import path ``package.module:factory``. Any of them takes options as
 ``NAME[key=value,...]``. Registered names never contain ``:``.
+
+Built-ins are listed below as ``module:factory`` text and resolved by importlib
+when chosen, exactly as a third party's entry point is: the plugin never imports
+``pytest_longctx.backends`` (the layering test holds that arrow), and listing
+them imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Union
 
 from .errors import BackendUnavailable, LongctxError, SpecError
+from .runcontrol import captured
 from .protocol import KVBackend, RuntimeBackend
 
 Backend = Union[KVBackend, RuntimeBackend]
@@ -29,6 +35,32 @@ _RUNTIME_METHODS = ("name", "info", "open_runtime")
 ENTRY_POINT_GROUP = "pytest_longctx.backends"
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class Builtin(NamedTuple):
+    factory: str  # "module:attribute", called with the backend's options
+    device_kind: str
+    kind: str = "cache"  # "cache": a KVBackend; "runtime": a RuntimeBackend (whole model)
+
+
+BUILTINS = {
+    "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
+    "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
+    "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
+    "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
+    "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
+    # Kind "cpu" although it runs on GPUs too: aliases take the first available built-in of a
+    # kind, so "cpu" always finds numpy first, while "gpu" would land on torch's CPU fallback
+    # when CuPy is missing. torch is reached by name; its info() says where it runs.
+    "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
+    "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
+    # A GGUF converted by openvino-genai, its stateful IR run by openvino.Core (CPU here; GPU/NPU by option).
+    "openvino-genai": Builtin("pytest_longctx.backends.openvino_genai_backend:OpenVinoGenAIBackend", "cpu",
+                              "runtime"),
+}
+
+# Device-kind aliases: the first available built-in of that kind is used.
+ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}
 
 
 class BackendLoadError(LongctxError):
@@ -88,8 +120,6 @@ def parse_backend(text: str) -> BackendRef:
 
 def registered_factories(extra: Optional[Mapping[str, Factory]] = None) -> Dict[str, Factory]:
     """Built-ins, then entry points, then ``extra`` (from the pluggy hook); later wins."""
-    from .backends import BUILTINS
-
     factories: Dict[str, Factory] = {name: b.factory for name, b in BUILTINS.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         factories[ep.name] = ep.value
@@ -105,14 +135,13 @@ def _resolve(path: str) -> Callable[..., Any]:
     # As uvicorn does for "module:app": an in-house module beside the user is importable.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    try:
+    with captured(BackendUnavailable) as caught:  # a vendor module may exit() when its library is missing
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
-    except BackendUnavailable:
-        raise
-    except (Exception, SystemExit) as exc:  # a vendor module may exit() when its library is missing
-        raise BackendLoadError(f"importing {path} raised {type(exc).__name__}: {exc}") from exc
+    if caught.error is not None:
+        raise BackendLoadError(f"importing {path} raised {type(caught.error).__name__}: {caught.error}") \
+            from caught.error
     return target
 
 
@@ -129,12 +158,11 @@ def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> Back
         raise SpecError(f"backend {label!r} does not take these options: {exc}{_accepted(target)}") from None
     except ValueError:  # no signature to inspect (some builtins): let the call decide
         pass
-    try:
+    with captured(BackendUnavailable, SpecError) as caught:
         backend = target(**options)
-    except (BackendUnavailable, SpecError):
-        raise
-    except (Exception, SystemExit) as exc:
-        raise BackendLoadError(f"backend {label!r} factory raised {type(exc).__name__}: {exc}") from exc
+    if caught.error is not None:
+        raise BackendLoadError(f"backend {label!r} factory raised {type(caught.error).__name__}: {caught.error}") \
+            from caught.error
     wanted = _RUNTIME_METHODS if backend_kind(backend) == "runtime" else _KV_METHODS
     missing = [attr for attr in wanted if not hasattr(backend, attr)]
     if missing:
@@ -159,8 +187,6 @@ def _accepted(factory: Factory) -> str:
 
 
 def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
-    from .backends import BUILTINS
-
     reasons = []
     for name, builtin in BUILTINS.items():
         if builtin.device_kind != kind:
@@ -176,8 +202,6 @@ def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
 def check_backend_name(text: str, extra: Optional[Mapping[str, Factory]] = None,
                        factories: Optional[Mapping[str, Factory]] = None) -> BackendRef:
     """Parse and check that the name is known, without constructing anything."""
-    from .backends import ALIASES
-
     factories = registered_factories(extra) if factories is None else factories
     try:
         ref = parse_backend(text)
@@ -201,8 +225,6 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Ba
     Raises SpecError for a malformed or unknown name, BackendUnavailable when it
     cannot run here, BackendLoadError when its module or factory raises.
     """
-    from .backends import ALIASES
-
     factories = registered_factories(extra)
     ref = check_backend_name(text, factories=factories)
     if ref.is_import_path:
@@ -215,8 +237,6 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Ba
 def declared_kind(text: str) -> Optional[str]:
     """The kind ("cache" or "runtime") a built-in name or alias declares, without constructing
     it; None when the name does not say (an import path, a third-party name, a mixed alias)."""
-    from .backends import ALIASES, BUILTINS
-
     try:
         name = parse_backend(text).name
     except SpecError:

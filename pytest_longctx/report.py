@@ -24,6 +24,7 @@ from . import certificate as cert
 from .coverage import coverage
 from .fixtures import get_state, records_of
 from .options import profile_key, settings_key
+from .questions import QUESTIONS
 from .summary import RERUN_KEY
 
 CASE_KEY = "longctx_case"
@@ -97,7 +98,7 @@ def _plain_params(item: pytest.Item) -> Dict[str, Any]:
 def question_of_item(item: pytest.Item) -> str:
     """The question a case certifies, by its ``longctx_*`` marker (its module where it has none)."""
     questions = [m.name[len("longctx_"):] for m in item.iter_markers() if m.name.startswith("longctx_")]
-    return next((q for q in questions if q in cert.QUESTIONS), "") or cert.question_of(item.nodeid)
+    return next((q for q in questions if q in QUESTIONS), "") or cert.question_of(item.nodeid)
 
 
 def case_info(item: pytest.Item) -> Dict[str, Any]:

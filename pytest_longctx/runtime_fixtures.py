@@ -7,13 +7,13 @@ in its arenas; within a module every test starts from ``reset()``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any, Iterator, Optional
 
 import pytest
 
 from .errors import BackendUnavailable, NotSupported
+from .guard import close_warned, guarded
 from .measure import format_bytes, memory_available
 from .protocol import ModelRuntime, RuntimeBackend
 from .settings import Settings
@@ -29,15 +29,12 @@ def open_runtime(backend: RuntimeBackend, model: Optional[str], context: Optiona
         pytest.skip(f"too large for this machine: model {model} is {format_bytes(size)}, "
                     f"{format_bytes(free)} free on {place}")
     try:
-        return backend.open_runtime(model, context)
+        with guarded(f"open_runtime({model!r}, context={context})", let=(BackendUnavailable, NotSupported)):
+            return backend.open_runtime(model, context)
     except (BackendUnavailable, NotSupported) as exc:
-        reason, skip = f"{backend.name} cannot open {model}: {exc}", True
-    except Exception as exc:
-        reason, skip = f"open_runtime({model!r}, context={context}) raised {type(exc).__name__}: {exc}", False
-    # Outside the except blocks, so that the report shows one line, not a chained traceback.
-    if skip:
-        pytest.skip(reason)
-    pytest.fail(reason, pytrace=False)
+        reason = f"{backend.name} cannot open {model}: {exc}"
+    # Outside the except block, so that the report shows one line, not a chained traceback.
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -54,5 +51,4 @@ def longctx_runtime(longctx_backend: Any, longctx_settings: Settings) -> Iterato
     try:
         yield runtime
     finally:
-        with contextlib.suppress(Exception):
-            runtime.close()
+        close_warned(runtime, "the runtime")  # not the last test's verdict, but never silent

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from .errors import SpecError
+from .registry import ALIASES, declared_kind
 from .spec import KV_DTYPES, CacheSpec
 
 MAX_POSITIONS = 131072
@@ -157,9 +158,6 @@ class Settings:
         runtime (its geometry is the model's, read when the model is opened), nor when a
         backend of unknown kind is given a model file. A mixed alias (cpu) counts as a cache:
         its first choice is one."""
-        from .backends import ALIASES
-        from .registry import declared_kind
-
         def sized(text: str) -> bool:
             kind = declared_kind(text)
             return kind == "cache" or (kind is None and (self.model is None or text.partition("[")[0] in ALIASES))

@@ -13,7 +13,10 @@ from typing import Any, Optional, Tuple
 from .errors import SpecError
 
 ROPE_KINDS = ("none", "default", "linear", "dynamic", "yarn", "longrope", "llama3")
-ROPE_STYLES = ("neox", "gptj")
+ROPE_STYLES = ("neox", "gptj")  # the pairings: i with i + rotary_dim/2 (neox), or 2i with 2i+1 (gptj)
+# The optional attention settings of a CacheSpec, by the name the suite and the coverage table
+# give them: sliding_window, softcap, softmax_scale.
+ATTENTION_FEATURES = ("window", "softcap", "scale")
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0", "fp8_e4m3")
 
 # Bytes per block of values along head_dim: (values per block, bytes per block).

@@ -14,8 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import ContextLimitExceeded
-from .guard import describe, is_run_control
+from .runcontrol import captured, raised
 from .inputs import Inputs, Pool
 from .measure import timed
 from .protocol import KVBackend, KVCache
@@ -87,18 +86,13 @@ def fill(cache: KVCache, pool: Pool, layers: range, positions: int, chunk: int,
             for layer, k, v in inputs:
                 cache.append(layer, k, v)
 
-        try:
+        with captured() as caught:
             if timer is None:
                 step()
             else:
                 seconds.append(timer(step))
-        except ContextLimitExceeded as exc:
-            record.error = f"append of {n} at position {start} raised ContextLimitExceeded ({exc})"
-            break
-        except BaseException as exc:
-            if is_run_control(exc):
-                raise
-            record.error = f"append of {n} at position {start} raised {describe(exc)}"
+        if caught.error is not None:
+            record.error = raised(f"append of {n} at position {start}", caught.error)
             break
         if keep:
             record.chunks += [(start, layer, k, v) for layer, k, v in inputs]

@@ -8,6 +8,11 @@ scores go through BLAS matmuls per KV-head group, chunked over keys with a
 log-sum-exp merge, so memory stays at a few hundred MB. ``plain`` is the
 yardstick: the same computation in float32 with K and V stored as the cache
 stores them, which is what a correct engine achieves.
+
+Installed as ``pytest_longctx.reference`` (``[tool.setuptools.package-dir]`` in
+pyproject.toml maps this top-level folder there). It imports the contract only;
+the suite uses it, the plugin does not (its fixture ``longctx_reference`` is the
+plugin of ``reference/plugin.py``, an entry point of its own).
 """
 
 from .attention import attend, attention

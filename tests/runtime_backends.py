@@ -294,6 +294,33 @@ class WrapsAround(ToyRuntime):
         return n
 
 
+class ExitsPastTheLimit(ToyRuntime):
+    """A vendor binding that calls exit() where it should raise (an RKLLM wrapper on a
+    negative return code): SystemExit is not an Exception, and must still fail one case."""
+
+    def accept(self, n: int) -> int:
+        if self.length + n > self.context_limit:
+            raise SystemExit("rkllm_run failed: -1")
+        return n
+
+
+class CloseRaises(ToyRuntime):
+    """A close() that raises: not a verdict on any case, but never silent."""
+
+    def close(self) -> None:
+        super().close()
+        raise RuntimeError("rkllm_destroy failed: -2")
+
+
+class ExitsOnOpenBackend(ToyRuntimeBackend):
+    """exit() from the vendor's loader instead of an exception."""
+
+    name = "exits-on-open"
+
+    def open_runtime(self, model: str, context: Optional[int] = None, **options: object) -> ToyRuntime:
+        raise SystemExit("rkllm_init failed: -1")
+
+
 HalfAppliesBackend = _backend(HalfApplies)
 SilentlyTakesMoreContextBackend = _backend(SilentlyTakesMoreContext)
 ChunkPositionsRestartBackend = _backend(ChunkPositionsRestart)
@@ -304,6 +331,8 @@ NotGreedyBackend = _backend(NotGreedy)
 NanAfter2048Backend = _backend(NanAfter2048)
 NoisyLogitsBackend = _backend(NoisyLogits)
 WrapsAroundBackend = _backend(WrapsAround)
+ExitsPastTheLimitBackend = _backend(ExitsPastTheLimit)
+CloseRaisesBackend = _backend(CloseRaises)
 
 
 class SegfaultsOnLoadBackend(ToyRuntimeBackend):

@@ -356,3 +356,12 @@ def test_a_certificate_never_says_certified_past_a_non_zero_exit(exitstatus: int
     assert result["verdict"] == verdict, result["reasons"]
     if exitstatus:
         assert any(f"exit status {exitstatus}" in reason for reason in result["reasons"]), result["reasons"]
+
+
+def test_the_schema_names_the_questions_of_questions_py() -> None:
+    """The JSON schema is data and cannot import the list: it is checked against it instead."""
+    from pytest_longctx.questions import QUESTIONS
+
+    schema = json.loads(Path(cert.SCHEMA_FILE).read_text())
+    enum = schema["properties"]["cases"]["items"]["properties"]["question"]["enum"]
+    assert enum == [*QUESTIONS, "other"]

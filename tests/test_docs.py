@@ -149,7 +149,7 @@ def test_integrity_page_examples_run_as_quoted(pytester: pytest.Pytester, monkey
 
 def test_every_builtin_backend_has_a_page() -> None:
     modules = {p.stem[: -len("_backend")] for p in (ROOT / "backends").glob("*_backend.py")}
-    pages = {"numpy" if p.stem == "cpu" else p.stem for p in (DOCS / "backends").glob("*.md")}
+    pages = {"numpy" if p.stem == "cpu" else p.stem.replace("-", "_") for p in (DOCS / "backends").glob("*.md")}
     assert modules - pages == set(), f"backends without a page in docs/backends/: {modules - pages}"
 
 

@@ -89,6 +89,36 @@ def test_runtime_groups_catch_defect(pytester: pytest.Pytester, toy: Path, backe
     assert "errors" not in result.parseoutcomes()
 
 
+def test_a_runtime_that_exits_fails_its_cases_in_one_line(pytester: pytest.Pytester, toy: Path) -> None:
+    """exit() is not an Exception: the runtime side's guard catches it as the KV side's does
+    (it escaped as a SystemExit traceback when the runtime groups caught Exception)."""
+    result = run(pytester, "ExitsPastTheLimitBackend", toy, "-m", "longctx_limits")
+    failed = sorted(line.split("::")[1].split("[")[0] for line in result.outlines if line.startswith("FAILED "))
+    assert failed == ["test_one_token_more_is_rejected_and_changes_nothing",
+                      "test_prompt_crossing_the_limit_is_rejected_whole"], result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*prefill of 1 token at the limit 4096 raised SystemExit: rkllm_run failed: -1, "
+        "but should be ContextLimitExceeded [[]toy-runtime*",
+        "*prefill of 520 tokens at position 3584 (limit 4096)=SystemExit: rkllm_run failed: -1, "
+        "but should be ContextLimitExceeded*",
+    ])
+    result.stdout.no_fnmatch_line("E   *")
+    assert "errors" not in result.parseoutcomes()
+
+    opening = run(pytester, "ExitsOnOpenBackend", toy, "-m", "longctx_limits")
+    assert opening.parseoutcomes().get("errors") == 5, opening.stdout.str()
+    opening.stdout.fnmatch_lines(["*open_runtime('*', context=None) raised SystemExit: rkllm_init failed: -1*"])
+    opening.stdout.no_fnmatch_line("E   *")
+
+
+def test_a_failing_close_is_warned_not_swallowed(pytester: pytest.Pytester, toy: Path) -> None:
+    result = run(pytester, "CloseRaisesBackend", toy, "-m", "longctx_limits")
+    result.assert_outcomes(passed=5, warnings=2)  # the module's runtime and the one opened above the limit
+    result.stdout.fnmatch_lines(["*CloseWarning: close() of the runtime opened with context 4128 raised RuntimeError: "
+                                 "rkllm_destroy failed: -2",
+                                 "*CloseWarning: close() of the runtime raised RuntimeError: rkllm_destroy failed: -2"])
+
+
 def test_reference_logits_written_by_the_command_judge_a_runtime(pytester: pytest.Pytester, toy: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(pytester.path)

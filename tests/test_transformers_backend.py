@@ -118,7 +118,7 @@ def test_missing_torch_or_transformers_is_unavailable_with_the_install_command(
 
 
 def test_registered_as_a_runtime_and_reports_versions(backend: T.TransformersBackend) -> None:
-    from pytest_longctx.backends import BUILTINS
+    from pytest_longctx.registry import BUILTINS
 
     assert BUILTINS["transformers"].kind == "runtime"
     loaded = load_backend("transformers[device=cpu,dtype=float32,threads=1]")

@@ -1,0 +1,218 @@
+"""The import arrows point one way: every module's imports, read with ``ast`` (function-level
+and ``TYPE_CHECKING`` imports included), checked against the layers below.
+
+No module is on an import circle either. The layers, lowest first, and what each may import of the project (itself always)::
+
+    contract   spec protocol errors rope shapes hookspec questions   nothing else of the project
+    access     registry runcontrol guard                             contract
+    facade     pytest_longctx (the package __init__)                 contract, access
+    backends   pytest_longctx.backends.*    (folder backends/)      contract
+    reference  pytest_longctx.reference.*   (folder reference/)     contract
+    plugin     every other pytest_longctx.* module                   contract, access, facade
+    tools      bench merge tinygguf (console scripts)                plugin's and the reference
+    suite      pytest_longctx.conformance.* (folder conformance/)   contract, access, facade, plugin, reference
+
+Backends and the suite are found at run time (``registry.BUILTINS`` as ``module:factory``
+text, the suite's folder by ``find_spec``), never imported by the plugin. Importing any
+submodule runs the package ``__init__`` first (the facade); that implicit step is not an
+arrow. A new module of ``pytest_longctx/`` is plugin unless listed here.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Tuple
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "pytest_longctx"
+
+CONTRACT = ("spec", "protocol", "errors", "rope", "shapes", "hookspec", "questions")
+ACCESS = ("registry", "runcontrol", "guard")
+TOOLS = ("bench", "merge", "tinygguf")
+
+ALLOWED: Dict[str, Tuple[str, ...]] = {
+    "contract": ("contract",),
+    "access": ("contract", "access"),
+    "facade": ("contract", "access"),
+    "backends": ("contract", "backends"),
+    "reference": ("contract", "reference"),
+    "plugin": ("contract", "access", "facade", "plugin"),
+    "tools": ("contract", "access", "facade", "plugin", "reference", "tools"),
+    "suite": ("contract", "access", "facade", "plugin", "reference", "suite"),
+}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a project module (a dotted name under ``pytest_longctx``)."""
+    if module == PACKAGE:
+        return "facade"
+    parts = module.split(".")
+    top = parts[1]
+    if top == "backends":
+        return "backends"
+    if top == "reference":
+        return "reference"
+    if top == "conformance":
+        return "suite"
+    if top in CONTRACT:
+        return "contract"
+    if top in ACCESS:
+        return "access"
+    return "tools" if top in TOOLS else "plugin"
+
+
+def source_modules(root: Path) -> Dict[str, Path]:
+    """Dotted module name -> file, through pyproject's package-dir mapping (as installed)."""
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    mapping: Mapping[str, str] = config["tool"]["setuptools"]["package-dir"]
+    modules: Dict[str, Path] = {}
+    for package, folder in mapping.items():
+        for path in sorted((root / folder).glob("*.py")):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return modules
+
+
+def imports_of(module: str, source: str, known: Mapping[str, object]) -> Iterator[Tuple[int, str]]:
+    """(line, project module) for every import in ``source``, at any depth of the tree."""
+    is_package = module in known and str(known[module]).endswith("__init__.py")
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != PACKAGE:
+                continue
+            # `from pkg import sub` imports the module pkg.sub when there is one.
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
+            for name in subs or [target]:
+                yield node.lineno, name
+
+
+def wrong_arrows(sources: Mapping[str, str], known: Mapping[str, object]) -> List[str]:
+    """One line per import that points the wrong way, naming the module and the import."""
+    wrong = []
+    for module, source in sorted(sources.items()):
+        here = layer_of(module)
+        for line, target in imports_of(module, source, known):
+            there = layer_of(target)
+            if there not in ALLOWED[here]:
+                wrong.append(f"{module} ({here}) line {line} imports {target} ({there}); "
+                             f"{here} may import only {', '.join(ALLOWED[here])}")
+    return wrong
+
+
+def circles(sources: Mapping[str, str], known: Mapping[str, object]) -> List[str]:
+    """"a -> b -> ... -> a" for each module on an import circle, function-level imports included
+    (a lazy import that only hides a circle is a wrong arrow too)."""
+    graph = {m: {t for _, t in imports_of(m, s, known) if t != m} for m, s in sources.items()}
+    found = []
+    for start in sorted(graph):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start:
+                    found.append(" -> ".join(path + [start]))
+                    stack = []
+                    break
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    return found
+
+
+def test_every_arrow_points_the_right_way() -> None:
+    modules = source_modules(ROOT)
+    assert len(modules) > 40 and f"{PACKAGE}.conformance.conftest" in modules  # the mapping was read
+    sources = {name: path.read_text() for name, path in modules.items()}
+    assert wrong_arrows(sources, modules) == []
+
+
+def test_no_import_circle() -> None:
+    modules = source_modules(ROOT)
+    assert circles({name: path.read_text() for name, path in modules.items()}, modules) == []
+
+
+def test_a_circle_hidden_in_a_function_is_found() -> None:
+    sources = {"pytest_longctx.fixtures": "def f():\n    from .finder import lengths\n",
+               "pytest_longctx.finder": "from .deadline import x\n",
+               "pytest_longctx.deadline": "from .fixtures import get_state\n"}
+    assert circles(sources, source_modules(ROOT))[0] == (
+        "pytest_longctx.deadline -> pytest_longctx.fixtures -> pytest_longctx.finder -> pytest_longctx.deadline")
+
+
+def test_every_listed_contract_module_exists() -> None:
+    modules = source_modules(ROOT)
+    missing = [name for name in (*CONTRACT, *ACCESS, *TOOLS) if f"{PACKAGE}.{name}" not in modules]
+    assert missing == []
+
+
+@pytest.mark.parametrize(("module", "source", "expected"), [
+    ("pytest_longctx.spec", "def f():\n    from .fixtures import get_state\n",
+     "pytest_longctx.spec (contract) line 2 imports pytest_longctx.fixtures (plugin); "
+     "contract may import only contract"),
+    ("pytest_longctx.registry", "from pytest_longctx import backends\n",
+     "pytest_longctx.registry (access) line 1 imports pytest_longctx.backends (backends); "
+     "access may import only contract, access"),
+    ("pytest_longctx.options", "import pytest_longctx.conformance.conftest\n",
+     "pytest_longctx.options (plugin) line 1 imports pytest_longctx.conformance.conftest (suite); "
+     "plugin may import only contract, access, facade, plugin"),
+    ("pytest_longctx.inputs", "if True:\n    from .reference import apply_rope\n",
+     "pytest_longctx.inputs (plugin) line 2 imports pytest_longctx.reference (reference); "
+     "plugin may import only contract, access, facade, plugin"),
+    ("pytest_longctx.backends.numpy_backend", "from ..fixtures import opened\n",
+     "pytest_longctx.backends.numpy_backend (backends) line 1 imports pytest_longctx.fixtures (plugin); "
+     "backends may import only contract, backends"),
+    ("pytest_longctx.conformance.test_x", "from pytest_longctx.backends import numpy_backend\n",
+     "pytest_longctx.conformance.test_x (suite) line 1 imports pytest_longctx.backends.numpy_backend (backends); "
+     "suite may import only contract, access, facade, plugin, reference, suite"),
+], ids=["contract-to-plugin-in-a-function", "access-to-backends", "plugin-to-suite", "plugin-to-reference-nested",
+        "backend-to-plugin-relative", "suite-to-backend"])
+def test_a_wrong_arrow_fails_naming_module_and_import(module: str, source: str, expected: str) -> None:
+    known = source_modules(ROOT)
+    assert wrong_arrows({module: source}, known) == [expected]
+
+
+def test_a_wrong_import_written_into_a_copy_of_the_tree_is_found(tmp_path: Path) -> None:
+    """The whole path, files and pyproject mapping included, on a tree with one module made wrong."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for folder in ("pytest_longctx", "backends", "reference", "conformance"):
+        (tmp_path / folder).mkdir()
+        for path in (ROOT / folder).glob("*.py"):
+            (tmp_path / folder / path.name).write_text(path.read_text())
+    rope = tmp_path / "pytest_longctx" / "rope.py"
+    rope.write_text(rope.read_text() + "\n\ndef _late():\n    from pytest_longctx.measure import Stats\n")
+    modules = source_modules(tmp_path)
+    wrong = wrong_arrows({name: path.read_text() for name, path in modules.items()}, modules)
+    assert len(wrong) == 1 and wrong[0].startswith("pytest_longctx.rope (contract) line ")
+    assert "imports pytest_longctx.measure (plugin)" in wrong[0]
+
+
+def test_loading_the_plugin_imports_no_backend_reference_or_suite() -> None:
+    """The same arrows at run time, where an importlib call would not show in the source: a
+    fresh interpreter loads the plugin modules and lists what of the project it imported."""
+    code = ("import importlib, sys\n"
+            "import pytest_longctx.plugin as p\n"
+            "for name in p.pytest_plugins: importlib.import_module(name)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('pytest_longctx'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "pytest_longctx.fixtures" in out and "pytest_longctx.finder" in out
+    assert [m for m in out if layer_of(m) in ("backends", "reference", "suite")] == []
