@@ -27,6 +27,9 @@ BUILTINS = {
     # when CuPy is missing. torch is reached by name; its info() says where it runs.
     "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
     "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
+    # OpenVINO's CPU plugin by default; openvino[device=NPU] is a member of the "npu" alias, tried
+    # after rkllm (see ALIAS_MEMBERS).
+    "openvino": Builtin("pytest_longctx.backends.openvino_backend:OpenVinoBackend", "cpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.
