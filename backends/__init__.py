@@ -34,3 +34,9 @@ BUILTINS = {
 
 # Device-kind aliases: the first available built-in of that kind is used.
 ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}
+
+# Built-ins an alias also reaches with options that put them on that kind of device, tried after
+# the built-ins of that kind: "npu" is the NPU that is present, RKLLM's (Rockchip) first, as
+# before, then Intel's through OpenVINO. No machine has both, so the order decides only which
+# reasons come first when neither is there.
+ALIAS_MEMBERS = {"npu": (("openvino", {"device": "NPU"}),)}
