@@ -53,6 +53,9 @@ COMPUTE = ("float32", "cache")
 KV_DTYPES = tuple(G.ELEMENT)
 # Positions the static store model rotates per call (the last chunk of an append is padded).
 DEFAULT_CHUNK = 256
+# Tail positions of an append stored one call each (the one-position model) rather than padded
+# to a chunk: a one-position call costs ~0.1 ms on the CPU plugin, a padded 256-row one ~1.5 ms.
+ONE_BY_ONE = 8
 _ITEM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -152,7 +155,7 @@ class StateCache(_Cache):
             inputs.update(self._rope_rows("q", length - q.shape[0], length) if q.shape[0] else
                           {"cos_q": self._no_rope, "sin_q": self._no_rope})
         request = self._requests[layer]
-        request.infer(inputs)
+        request.infer(inputs, share_inputs=True)
         return request.get_output_tensor(0).data
 
     def append(self, layer: int, k: Any, v: Any) -> None:
@@ -204,13 +207,13 @@ class StateCache(_Cache):
 class StaticCache(_Cache):
     """K and V of each layer in host tensors of the compiled size (form=static)."""
 
-    def __init__(self, backend: "OpenVinoBackend", spec: CacheSpec, compiled_size: int, chunk: int,
-                 store: Any, attend: Any) -> None:
+    def __init__(self, backend: "OpenVinoBackend", spec: CacheSpec, compiled_size: int, stores: List[Any],
+                 attend: Any) -> None:
         super().__init__(backend, spec)
         ov = backend.ov
         elem = getattr(ov.Type, G.ELEMENT[spec.kv_dtype])
         shape = [1, spec.n_kv_heads, compiled_size, spec.head_dim]
-        self.compiled_size, self._chunk = compiled_size, chunk
+        self.compiled_size = compiled_size
         # Zero-filled: padding is masked out, but 0 x NaN from stale memory would still be NaN.
         self._tensors: List[Tuple[Any, Any]] = []
         for _ in range(spec.n_layers):
@@ -218,7 +221,11 @@ class StaticCache(_Cache):
             for tensor in pair:
                 tensor.data.view(np.uint8)[...] = 0
             self._tensors.append(pair)
-        self._store, self._attend = store.create_infer_request(), attend.create_infer_request()
+        # One store request per compiled row count (1 and chunk), as NPU pipelines keep a prefill
+        # model and a one-token model: a decode-style append does not pay for a padded chunk.
+        self._stores = {store.input("k").get_shape()[0]: store.create_infer_request() for store in stores}
+        self._chunk = max(self._stores)
+        self._attend = attend.create_infer_request()
 
     def _words(self, tensor: Any) -> np.ndarray:
         """The tensor's memory as a NumPy view with the stored bits (bf16 as uint16)."""
@@ -228,17 +235,22 @@ class StaticCache(_Cache):
     def append(self, layer: int, k: Any, v: Any) -> None:
         self._check_open()
         k, v, start = C.append_inputs(self.spec, self._lengths, layer, k, v, self._as_input)
-        n, chunk = k.shape[0], self._chunk
+        n = k.shape[0]
         k_cache, v_cache = (self._words(t)[0] for t in self._tensors[layer])
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            pad = ((0, chunk - (b - a)), (0, 0), (0, 0))
+        a = 0
+        while a < n:
+            # Whole chunks, then a short tail position by position; a longer tail is one padded chunk.
+            rows = self._chunk if n - a >= self._chunk or n - a > ONE_BY_ONE else 1
+            b = min(a + rows, n)
+            pad = ((0, rows - (b - a)), (0, 0), (0, 0))
             inputs = {"k": np.pad(k[a:b], pad), "v": np.pad(v[a:b], pad)}
-            inputs.update(self._rope_rows("k", start + a, start + b, chunk))
-            self._store.infer(inputs)
+            inputs.update(self._rope_rows("k", start + a, start + b, rows))
+            store = self._stores[rows]
+            store.infer(inputs, share_inputs=True)
             for index, cache in enumerate((k_cache, v_cache)):
-                rows = self._store.get_output_tensor(index).data
-                cache[:, start + a:start + b] = rows.view(cache.dtype)[:, :b - a]
+                out = store.get_output_tensor(index).data
+                cache[:, start + a:start + b] = out.view(cache.dtype)[:, :b - a]
+            a = b
         self._lengths[layer] = start + n
 
     def attend(self, layer: int, q: Any) -> np.ndarray:
@@ -253,7 +265,7 @@ class StaticCache(_Cache):
                                   "k_cache": self._tensors[layer][0], "v_cache": self._tensors[layer][1],
                                   "length": np.array([length], np.int64), "n_q": np.array([n_q], np.int64)}
         inputs.update(self._rope_rows("q", length - n_q, length, G.TAIL))
-        self._attend.infer(inputs)
+        self._attend.infer(inputs, share_inputs=True)
         return np.array(self._attend.get_output_tensor(0).data[:n_q], np.float32)
 
     def read(self, layer: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -271,12 +283,12 @@ class StaticCache(_Cache):
             * _ITEM[self.spec.kv_dtype]
 
     def synchronize(self) -> None:
-        self._store.wait()
-        self._attend.wait()
+        for request in (*self._stores.values(), self._attend):
+            request.wait()
 
     def close(self) -> None:
         self._tensors = []
-        self._store = self._attend = None
+        self._stores, self._attend = {}, None
         self._closed = True
 
 
@@ -368,10 +380,10 @@ class OpenVinoBackend:
             compiled = (self._compile(("state", config), lambda: G.state_model(config), spec.kv_dtype),)
         else:
             size = size or spec.max_positions
-            compiled = (self._compile(("store", config, self.chunk), lambda: G.store_model(config, self.chunk),
-                                      spec.kv_dtype),
-                        self._compile(("attend", config, size), lambda: G.attend_model(config, size),
-                                      spec.kv_dtype))
+            stores = tuple(self._compile(("store", config, rows), lambda rows=rows: G.store_model(config, rows),
+                                         spec.kv_dtype) for rows in sorted({1, self.chunk}))
+            compiled = (*stores, self._compile(("attend", config, size), lambda: G.attend_model(config, size),
+                                               spec.kv_dtype))
         self._executed[config.attention] = G.executed_attention(compiled[-1])
         return compiled
 
@@ -437,11 +449,11 @@ class OpenVinoBackend:
             raise NotSupported(f"the static cache at {size} positions needs {needed} bytes, "
                                f"but {free} are available")
         try:
-            store, attend = self._models(spec, size)
+            *stores, attend = self._models(spec, size)
         except Exception as exc:
             raise NotSupported(f"openvino {self.device} cannot compile the static models at {size} positions "
                                f"for {spec.describe()} {spec.kv_dtype}: {one_line(exc)}") from None
-        return self._track(StaticCache(self, spec, size, self.chunk, store, attend))
+        return self._track(StaticCache(self, spec, size, stores, attend))
 
     def _track(self, cache: Any) -> Any:
         self._caches.add(cache)
