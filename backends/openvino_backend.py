@@ -336,19 +336,19 @@ class OpenVinoBackend:
 
     # --- compiling ---
 
-    def _config(self, kv_dtype: str) -> Dict[str, Any]:
+    def _config(self, kv_dtype: str, threads: Optional[int] = None) -> Dict[str, Any]:
         """Every precision property the device has, set explicitly, and the threads."""
         elem = G.ELEMENT[kv_dtype]
         wanted = {"INFERENCE_PRECISION_HINT": "f32" if self.compute == "float32" else elem,
                   "KV_CACHE_PRECISION": elem, "KEY_CACHE_PRECISION": elem, "VALUE_CACHE_PRECISION": elem}
-        if self.threads:
-            wanted["INFERENCE_NUM_THREADS"] = self.threads
+        if threads or self.threads:
+            wanted["INFERENCE_NUM_THREADS"] = threads or self.threads
         supported = self.core.get_property(self.device, "SUPPORTED_PROPERTIES")
         return {key: value for key, value in wanted.items() if key in supported}
 
-    def _compile(self, key: Tuple[Any, ...], build: Any, kv_dtype: str) -> Any:
+    def _compile(self, key: Tuple[Any, ...], build: Any, kv_dtype: str, threads: Optional[int] = None) -> Any:
         if key not in self._compiled:
-            compiled = self.core.compile_model(build(), self.device, self._config(kv_dtype))
+            compiled = self.core.compile_model(build(), self.device, self._config(kv_dtype, threads))
             readback = {}
             for name in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
                 try:
@@ -380,8 +380,11 @@ class OpenVinoBackend:
             compiled = (self._compile(("state", config), lambda: G.state_model(config), spec.kv_dtype),)
         else:
             size = size or spec.max_positions
+            # A store is a few small products: on one thread, with no pool to wake, its time is
+            # steady (on the CPU plugin, 2 busy cores: p90 0.13 ms against 3.5 ms on the pool).
             stores = tuple(self._compile(("store", config, rows), lambda rows=rows: G.store_model(config, rows),
-                                         spec.kv_dtype) for rows in sorted({1, self.chunk}))
+                                         spec.kv_dtype, threads=1 if self.device == "CPU" else None)
+                           for rows in sorted({1, self.chunk}))
             compiled = (*stores, self._compile(("attend", config, size), lambda: G.attend_model(config, size),
                                                spec.kv_dtype))
         self._executed[config.attention] = G.executed_attention(compiled[-1])
