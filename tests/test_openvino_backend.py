@@ -27,10 +27,10 @@ FORMS = ("state", "static")
 # Stored K against the float64 rotation: float32 rounding; a float16 cache rounds the rotated
 # float32 value once more (one float16 quantum of |K| <= ~4 either way of the exact rounding).
 K_TOL = {"float32": dict(rtol=0, atol=2e-6), "float16": dict(rtol=2.0**-10, atol=2.0**-10)}
+# The in-graph rotation's cases (neox over the whole head is every other test's): no rotation,
+# adjacent pairs over part of the head, and a scaled kind with an attention factor.
 ROPES = {
     "none": RopeSpec(kind="none"),
-    "gptj": RopeSpec(theta=10000.0, style="gptj"),
-    "partial": RopeSpec(theta=10000.0, rotary_dim=16),
     "partial-gptj": RopeSpec(theta=10000.0, rotary_dim=16, style="gptj"),
     "yarn": RopeSpec(kind="yarn", theta=1e6, factor=4.0, original_max_positions=64),
 }
