@@ -38,7 +38,7 @@ class TopLeftCausal(OpenVinoBackend):
 class ImplicitPrecision(OpenVinoBackend):
     """The precision hint left to the plugin: bf16 on a CPU with bf16 instructions."""
 
-    def _config(self, kv_dtype: str) -> Dict[str, Any]:
-        config = super()._config(kv_dtype)
+    def _config(self, kv_dtype: str, threads: Any = None) -> Dict[str, Any]:
+        config = super()._config(kv_dtype, threads)
         config.pop("INFERENCE_PRECISION_HINT", None)
         return config
