@@ -57,10 +57,19 @@ BUILTINS = {
     # A GGUF converted by openvino-genai, its stateful IR run by openvino.Core (CPU here; GPU/NPU by option).
     "openvino-genai": Builtin("pytest_longctx.backends.openvino_genai_backend:OpenVinoGenAIBackend", "cpu",
                               "runtime"),
+    # OpenVINO's CPU plugin by default; openvino[device=NPU] is a member of the "npu" alias, tried
+    # after rkllm (see ALIAS_MEMBERS).
+    "openvino": Builtin("pytest_longctx.backends.openvino_backend:OpenVinoBackend", "cpu"),
 }
 
 # Device-kind aliases: the first available built-in of that kind is used.
 ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}
+
+# Built-ins an alias also reaches with options that put them on that kind of device, tried after
+# the built-ins of that kind: "npu" is the NPU that is present, RKLLM's (Rockchip) first, as
+# before, then Intel's through OpenVINO. No machine has both, so the order decides only which
+# reasons come first when neither is there.
+ALIAS_MEMBERS = {"npu": (("openvino", {"device": "NPU"}),)}
 
 
 class BackendLoadError(LongctxError):
@@ -186,15 +195,22 @@ def _accepted(factory: Factory) -> str:
     return f"; accepted keys: {', '.join(names)}" if names else "; it takes no options"
 
 
+def _alias_members(kind: str) -> list:
+    """(name, builtin, preset options) of every built-in an alias tries, in order: those of its
+    device kind, then those that ALIAS_MEMBERS puts on it with options."""
+    members = [(name, b, {}) for name, b in BUILTINS.items() if b.device_kind == kind]
+    members += [(name, BUILTINS[name], dict(preset)) for name, preset in ALIAS_MEMBERS.get(kind, ())]
+    return members
+
+
 def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
     reasons = []
-    for name, builtin in BUILTINS.items():
-        if builtin.device_kind != kind:
-            continue
+    for name, builtin, preset in _alias_members(kind):
+        label = name if not preset else f"{name}[{','.join(f'{k}={v}' for k, v in preset.items())}]"
         try:
-            return _construct(name, builtin.factory, options)
+            return _construct(label, builtin.factory, {**preset, **options})
         except BackendUnavailable as exc:
-            reasons.append(f"{name}: {exc}")
+            reasons.append(f"{label}: {exc}")
     detail = "; ".join(reasons) if reasons else "none is built in"
     raise BackendUnavailable(f"no {kind} backend is available ({detail})")
 
@@ -244,6 +260,17 @@ def declared_kind(text: str) -> Optional[str]:
     if name in BUILTINS:
         return BUILTINS[name].kind
     if name in ALIASES:
-        kinds = {b.kind for b in BUILTINS.values() if b.device_kind == ALIASES[name]}
+        kinds = {b.kind for _, b, _ in _alias_members(ALIASES[name])}
         return kinds.pop() if len(kinds) == 1 else None
     return None
+
+
+def alias_first_kind(text: str) -> Optional[str]:
+    """The kind of an alias's first choice ("cpu": numpy, a cache; "npu": rkllm, a runtime);
+    None when ``text`` is not an alias."""
+    try:
+        name = parse_backend(text).name
+    except SpecError:
+        return None
+    members = _alias_members(ALIASES[name]) if name in ALIASES else []
+    return members[0][1].kind if members else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from .errors import SpecError
-from .registry import ALIASES, declared_kind
+from .registry import alias_first_kind, declared_kind
 from .spec import KV_DTYPES, CacheSpec
 
 MAX_POSITIONS = 131072
@@ -156,11 +156,11 @@ class Settings:
     def shape_applies(self) -> bool:
         """Whether --longctx-shape sizes any case: not when every backend is a whole-model
         runtime (its geometry is the model's, read when the model is opened), nor when a
-        backend of unknown kind is given a model file. A mixed alias (cpu) counts as a cache:
-        its first choice is one."""
+        backend of unknown kind is given a model file. A mixed alias counts as its first
+        choice: cpu as a cache (numpy), npu as a runtime (rkllm)."""
         def sized(text: str) -> bool:
-            kind = declared_kind(text)
-            return kind == "cache" or (kind is None and (self.model is None or text.partition("[")[0] in ALIASES))
+            kind = declared_kind(text) or alias_first_kind(text)
+            return kind == "cache" or (kind is None and self.model is None)
 
         return any(sized(text.strip()) for text in self.backends)
 
