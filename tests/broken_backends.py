@@ -74,10 +74,14 @@ class CorrectCache:
 
     # The contract.
 
+    def cos_sin(self, start: int, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The rotary tables of positions start .. start+n-1, the attention factor applied."""
+        angles, factor = self.angles(start, n), self.rope.attention_factor
+        return np.cos(angles) * factor, np.sin(angles) * factor
+
     def rotate(self, x: np.ndarray, start: int) -> np.ndarray:
-        f, half = self.rope, self.rope.rotary_dim // 2
-        angles = self.angles(start, len(x))
-        cos, sin = np.cos(angles) * f.attention_factor, np.sin(angles) * f.attention_factor
+        half = self.rope.rotary_dim // 2
+        cos, sin = self.cos_sin(start, len(x))
         out = np.array(x, dtype=np.float32)
         if self.style() == "neox":
             first, second = slice(0, half), slice(half, 2 * half)

@@ -255,21 +255,12 @@ class HalfPrecisionCache(Float32Cache):
     def _io(self, x: np.ndarray) -> np.ndarray:
         return _half(x) if self.spec.kv_dtype == "float16" else np.asarray(x, dtype=np.float32)
 
+    def cos_sin(self, start: int, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        cos, sin = super().cos_sin(start, n)
+        return (_half(cos), _half(sin)) if self.spec.kv_dtype == "float16" else (cos, sin)
+
     def rotate(self, x: np.ndarray, start: int) -> np.ndarray:
-        if self.spec.kv_dtype != "float16":
-            return super().rotate(x, start)
-        f, half = self.rope, self.rope.rotary_dim // 2
-        angles = self.angles(start, len(x))
-        cos, sin = (_half(np.cos(angles) * f.attention_factor), _half(np.sin(angles) * f.attention_factor))
-        x = _half(x)
-        out = x.copy()
-        if self.style() == "neox":
-            first, second = slice(0, half), slice(half, 2 * half)
-        else:
-            first, second = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
-        a, b = x[..., first], x[..., second]
-        out[..., first], out[..., second] = a * cos - b * sin, a * sin + b * cos
-        return _half(out)
+        return self._io(super().rotate(self._io(x), start))
 
     def attend(self, layer: int, q: np.ndarray) -> np.ndarray:
         return self._io(super().attend(layer, q))
