@@ -23,7 +23,7 @@ import pytest
 
 from pytest_longctx import certificate as cert
 from pytest_longctx import forked, isolate
-from pytest_longctx.guard import is_run_control
+from pytest_longctx.runcontrol import is_run_control
 from pytest_longctx.inputs import Inputs, Pool, distinct_slices
 from pytest_longctx.settings import Settings
 from pytest_longctx.shapes import parse_shape
