@@ -26,6 +26,9 @@ import psutil
 # --longctx-contended-cores). Half a core: a quiet host's background stays far below it, one
 # busy process beside the run takes a whole core.
 CONTENDED_CORES = 0.5
+# CPU times tick every 10 ms (USER_HZ 100), so a shorter region cannot tell half a core from none:
+# below this, contention is not claimed and a missed floor is judged.
+MIN_REGION_SECONDS = 0.25
 
 
 def _busy(times: "psutil._common.scputimes") -> float:
@@ -47,8 +50,10 @@ class HostShare:
     cores: int
 
     def contended(self, threshold: Optional[float] = CONTENDED_CORES) -> bool:
-        """Others used at least ``threshold`` cores; never when the threshold is None."""
-        return threshold is not None and self.others_cores >= threshold
+        """Others used at least ``threshold`` cores over a region long enough to tell; never
+        when the threshold is None."""
+        return (threshold is not None and self.seconds >= MIN_REGION_SECONDS
+                and self.others_cores >= threshold)
 
     def describe(self) -> str:
         return f"other processes used {self.others_cores:.1f} of {self.cores} cores"

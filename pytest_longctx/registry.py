@@ -204,13 +204,22 @@ def _alias_members(kind: str) -> list:
 
 
 def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
-    reasons = []
-    for name, builtin, preset in _alias_members(kind):
+    """The first member of the alias that is available and takes the options. Options meant
+    for one member (npu[shape=...] is RKLLM's) make another one a non-candidate, not an error;
+    only options no member takes are a usage error."""
+    reasons, rejected = [], 0
+    members = _alias_members(kind)
+    for name, builtin, preset in members:
         label = name if not preset else f"{name}[{','.join(f'{k}={v}' for k, v in preset.items())}]"
         try:
             return _construct(label, builtin.factory, {**preset, **options})
         except BackendUnavailable as exc:
             reasons.append(f"{label}: {exc}")
+        except SpecError as exc:  # the options do not bind to this member's factory
+            reasons.append(f"{label}: {exc}")
+            rejected += 1
+    if members and rejected == len(members):
+        raise SpecError("; ".join(reasons))
     detail = "; ".join(reasons) if reasons else "none is built in"
     raise BackendUnavailable(f"no {kind} backend is available ({detail})")
 

@@ -55,6 +55,7 @@ def test_regions_add_up_and_contention_is_named() -> None:
     loaded = HostShare(1.0, CONTENDED_CORES + 0.5, 2)
     assert loaded.contended() and loaded.describe() == f"other processes used {CONTENDED_CORES + 0.5:.1f} of 2 cores"
     assert not HostShare(1.0, 0.0, 2).contended() and not loaded.contended(None)
+    assert not HostShare(0.01, 2.0, 2).contended()  # 10 ms ticks cannot measure a 10 ms region
 
 
 SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
@@ -63,7 +64,8 @@ SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
 @pytest.mark.parametrize(("contended_from", "outcome"), [("0.5", "skipped"), ("none", "failed")])
 def test_a_missed_floor_is_not_judged_on_a_contended_host(pytester: pytest.Pytester, contended_from: str,
                                                           outcome: str) -> None:
-    """A fill floor no backend meets, with a process spinning on a core beside the run: from
+    """A fill floor no backend meets, with a process spinning on a core beside the run (qwen3's
+    28 layers, so that the timed fill lasts long enough to measure contention): from
     half a core of contention on (the default) the case is skipped naming the figure and the
     contention, and the figures table says NOT JUDGED; with contention never counted (none) it
     fails, as on a quiet host."""
@@ -73,7 +75,7 @@ def test_a_missed_floor_is_not_judged_on_a_contended_host(pytester: pytest.Pytes
     spinner.start()
     try:
         time.sleep(0.5)  # spinning before the timed region starts
-        result = pytester.runpytest("--longctx-backend=cpu", f"--longctx-shape={SHAPE}", "--longctx-positions=4096",
+        result = pytester.runpytest("--longctx-backend=cpu", "--longctx-shape=qwen3-0.6b", "--longctx-positions=4096",
                                     "--longctx-kv-dtype=float32", "--longctx-fill-floor=1e12", "-m",
                                     "longctx_throughput", "-k", "prefill_fill",
                                     f"--longctx-contended-cores={contended_from}", "-rs", "-p", "no:cacheprovider")

@@ -121,7 +121,7 @@ def test_ini_alone_names_backend_and_seed_in_header(pytester: pytest.Pytester) -
         ("--longctx-shape=missing.toml", "shape file missing.toml: No such file or directory"),
         ("--longctx-kv-dtype=float8", "kv dtype float8 is not one of float32, float16, *"),
         ("--longctx-backend=numpy[block",
-         "backend 'numpy[[]block': options must be closed with ']'; accepted keys: block, threads, native"),
+         "backend 'numpy[[]block': options must be closed with ']'; accepted keys: block, threads, native, prepare"),
         ("--longctx-seed=abc", "--longctx-seed='abc': invalid literal *"),
         ("--longctx-seed=-1", "--longctx-seed='-1': should be a non-negative integer"),
         ("--longctx-chunk=0", "--longctx-chunk=0: should be >= 1"),
@@ -364,8 +364,8 @@ def test_raising_factory_fails_every_case(pytester: pytest.Pytester) -> None:
 
 
 def test_malformed_or_unknown_backend_option_names_the_accepted_keys() -> None:
-    for text, message in (("numpy[bogus=1]", "unexpected keyword argument 'bogus'; accepted keys: block, threads, native"),
-                          ("numpy[block=]", "option 'block=' is not key=value; accepted keys: block, threads, native")):
+    for text, message in (("numpy[bogus=1]", "unexpected keyword argument 'bogus'; accepted keys: block, threads, native, prepare"),
+                          ("numpy[block=]", "option 'block=' is not key=value; accepted keys: block, threads, native, prepare")):
         with pytest.raises(SpecError) as info:
             load_backend(text)
         assert message in str(info.value)
@@ -561,3 +561,16 @@ def test_main_job_in_a_checkout_runs_only_the_suite(pytester: pytest.Pytester) -
     assert collected_ids(pytester.runpytest("--co", "-q")) == ["own/test_own.py::test_own"]
     given = collected_ids(pytester.runpytest(*small(), "own", "--co", "-q"))
     assert given == ["own/test_own.py::test_own"]
+
+
+def test_alias_options_meant_for_one_member_do_not_stop_the_others() -> None:
+    """npu[shape=...] is RKLLM's option: where no NPU is present the alias is unavailable with
+    every member's reason (its cases skip), not a usage error from openvino[device=NPU]; options
+    that no member takes are the usage error."""
+    from pytest_longctx.errors import BackendUnavailable, SpecError
+    from pytest_longctx.registry import load_backend
+
+    with pytest.raises(BackendUnavailable, match=r"no npu backend is available \(rkllm: .*openvino\[device=NPU\]: "):
+        load_backend("npu[shape=qwen3-0.6b,kv_dtype=float16]")
+    with pytest.raises(SpecError, match="does not take these options"):
+        load_backend("npu[bogus=1]")
