@@ -249,24 +249,26 @@ BROKEN = {
         "[[]torch-float16-angles float32 @ 1024 positions, *]"),
     "TorchCausalOffByOne": (
         {"test_attention_matches_reference"},
-        "attend with 16 queries at positions ..127, worst at query * (decoy-future): max|error|=*, "
+        "attend with 16 queries at positions ..*, worst at query *: max|error|=*, "
         "but should be <= * [[]torch-causal-off-by-one float32 @ 1024 positions, *]"),
     "TorchStaleSlot": (
         # The position probe attends on caches of b+1 positions after reading past them.
         {"test_attention_matches_reference", "test_positions_at_index_boundaries_read_and_attend_right"},
-        "attend with 1 query at positions ..127, worst at query 0 head *: max|error|=*, "
-        "but should be <= * [[]torch-stale-slot float32 @ 1024 positions, *]"),
+        # what the stale slot holds is whatever torch.empty left there: a wrong value or a NaN
+        "attend with 1 query at positions ..*, worst at query 0 head *: *, but should * "
+        "[[]torch-stale-slot float32 @ 1024 positions, *]"),
 }
 
 
 def test_the_suite_catches_each_broken_torch_backend(pytester: pytest.Pytester) -> None:
     """One run over the three broken variants and the shipped backend (the control): each variant
-    fails exactly the tests its defect breaks, with its diagnosis; the shipped one passes."""
+    fails exactly the tests its defect breaks, with its diagnosis; the shipped one passes. A fixed
+    seed: which stage shows a defect worst depends on where the inputs put needles and decoys."""
     pytester.syspathinsert(TESTS_DIR)
     backends = [f"--longctx-backend=broken_torch_backends:{name}" for name in BROKEN]
     result = pytester.runpytest("-p", "no:cacheprovider", *backends, "--longctx-backend=torch[device=cpu]",
                                 f"--longctx-shape={SHAPE}", "--longctx-positions=1024", "--longctx-kv-dtype=float32",
-                                "-rf", "-m", "longctx_equivalence", "-k", "float32-1024")
+                                "--longctx-seed=1", "-rf", "-m", "longctx_equivalence", "-k", "float32-1024")
     failed: dict = {}
     for line in result.outlines:
         if line.startswith("FAILED "):
