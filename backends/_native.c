@@ -346,13 +346,14 @@ int lc_rope_encode(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
 /* --- products of attention against stored blocks ------------------------------------ */
 
 /* Decode attention multiplies a few float32 rows (queries, or softmax weights)
- * with a block of stored keys (values) of each KV head. The AVX2 kernels read
- * each stored row once per pair of rows and convert it in registers; the
- * generic code goes through a float32 row buffer. */
+ * with a block of stored keys (values) of each KV head. The AVX2 kernels walk the
+ * stored rows in memory order, each once, and convert them in registers: a walk
+ * that takes a column slice of several rows at a time jumps 2-4 rows ahead in every
+ * step, and the hardware prefetcher then streams at half the rate (measured here:
+ * float32 scores 8.9 against 20.6 GB/s, weighted sums 10-11 against 17.8 GB/s, on
+ * 64 MiB blocks, one core). The generic code goes through a float32 row buffer. */
 
 #if LC_SIMD
-#define ACC_ROWS 32   /* stored rows per pass of accumulate: 8-16 KiB, kept in L1 */
-
 LC_INLINE __m256 load8(int fmt, const char *p)
 {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -363,66 +364,73 @@ LC_INLINE __m256 load8(int fmt, const char *p)
     return _mm256_loadu_ps((const float *)p);
 }
 
-LC_INLINE __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d)   /* [sum a, sum b, sum c, sum d] */
+LC_INLINE float hsum(__m256 a)
 {
-    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* Scores of query rows q0, q1 against the 4 stored rows at k (rows k_rs bytes apart). */
-LC_INLINE void dot_4x2(int fmt, const float *q0, const float *q1, const char *k, ptrdiff_t k_rs,
-                       ptrdiff_t cols, float *out0, float *out1)
+/* Scores of query rows q0 and q1 against the stored row k; two chains per row hide
+ * the FMA latency. */
+LC_INLINE void dot_1x2(int fmt, const float *q0, const float *q1, const char *k, ptrdiff_t cols,
+                       float *out0, float *out1)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt), c = 0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (; c + 16 <= cols; c += 16) {
+        __m256 y = load8(fmt, k + c * size), z = load8(fmt, k + (c + 8) * size);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), y, a0);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 8), z, b0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c), y, a1);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c + 8), z, b1);
+    }
+    if (c < cols) {   /* cols % 16 == 8 */
+        __m256 y = load8(fmt, k + c * size);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), y, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c), y, a1);
+    }
+    *out0 = hsum(_mm256_add_ps(a0, b0));
+    *out1 = hsum(_mm256_add_ps(a1, b1));
+}
+
+/* out0, out1 [0, cols) += w00 r0 + w01 r1 and w10 r0 + w11 r1 for the stored rows r0 and r1
+ * (r1 == r0 with zero weights w01, w11 for a lone last row). The sums stay in L1, read and written once per pair
+ * of stored rows. */
+LC_INLINE void accumulate_2x2(int fmt, float w00, float w01, float w10, float w11, const char *r0, const char *r1,
+                              ptrdiff_t cols, float *out0, float *out1)
 {
     ptrdiff_t size = (ptrdiff_t)item_size(fmt);
-    __m256 s[4][2];
-    for (int r = 0; r < 4; r++)
-        s[r][0] = s[r][1] = _mm256_setzero_ps();
+    __m256 x0 = _mm256_set1_ps(w00), y0 = _mm256_set1_ps(w01), x1 = _mm256_set1_ps(w10), y1 = _mm256_set1_ps(w11);
+    for (ptrdiff_t c = 0; c < cols; c += 8) {
+        __m256 a = load8(fmt, r0 + c * size), b = load8(fmt, r1 + c * size);
+        _mm256_storeu_ps(out0 + c, _mm256_fmadd_ps(y0, b, _mm256_fmadd_ps(x0, a, _mm256_loadu_ps(out0 + c))));
+        if (out1 != out0)
+            _mm256_storeu_ps(out1 + c, _mm256_fmadd_ps(y1, b, _mm256_fmadd_ps(x1, a, _mm256_loadu_ps(out1 + c))));
+    }
+}
+
+/* Scores of query rows q0 and q1 against the adjacent stored rows k and k + k_rs. */
+LC_INLINE void dot_2x2(int fmt, const float *q0, const float *q1, const char *k, ptrdiff_t k_rs, ptrdiff_t cols,
+                       float *out0, float *out1)
+{
+    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     for (ptrdiff_t c = 0; c < cols; c += 8) {
         __m256 x0 = _mm256_loadu_ps(q0 + c), x1 = _mm256_loadu_ps(q1 + c);
-        for (int r = 0; r < 4; r++) {
-            __m256 y = load8(fmt, k + r * k_rs + c * size);
-            s[r][0] = _mm256_fmadd_ps(x0, y, s[r][0]);
-            s[r][1] = _mm256_fmadd_ps(x1, y, s[r][1]);
-        }
+        __m256 y = load8(fmt, k + c * size), z = load8(fmt, k + k_rs + c * size);
+        a0 = _mm256_fmadd_ps(x0, y, a0);
+        b0 = _mm256_fmadd_ps(x0, z, b0);
+        a1 = _mm256_fmadd_ps(x1, y, a1);
+        b1 = _mm256_fmadd_ps(x1, z, b1);
     }
-    _mm_storeu_ps(out0, sum4(s[0][0], s[1][0], s[2][0], s[3][0]));
-    _mm_storeu_ps(out1, sum4(s[0][1], s[1][1], s[2][1], s[3][1]));
+    out0[0] = hsum(a0);
+    out0[1] = hsum(b0);
+    out1[0] = hsum(a1);
+    out1[1] = hsum(b1);
 }
 
-LC_INLINE float dot_1(int fmt, const float *q, const char *k, ptrdiff_t cols)
-{
-    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
-    __m256 s = _mm256_setzero_ps();
-    for (ptrdiff_t c = 0; c < cols; c += 8)
-        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(fmt, k + c * size), s);
-    return _mm_cvtss_f32(sum4(s, s, s, s));
-}
-
-/* out0, out1 [0, 8 * nv) += w0[j], w1[j] times stored row j at k, for j < n. */
-LC_INLINE void accumulate_2(int fmt, int nv, const float *w0, const float *w1, const char *k, ptrdiff_t k_rs,
-                            ptrdiff_t n, float *out0, float *out1)
-{
-    ptrdiff_t size = (ptrdiff_t)item_size(fmt);
-    __m256 a0[4], a1[4];
-    for (int v = 0; v < nv; v++) {
-        a0[v] = _mm256_loadu_ps(out0 + 8 * v);
-        a1[v] = _mm256_loadu_ps(out1 + 8 * v);
-    }
-    for (ptrdiff_t j = 0; j < n; j++) {
-        __m256 x0 = _mm256_broadcast_ss(w0 + j), x1 = _mm256_broadcast_ss(w1 + j);
-        for (int v = 0; v < nv; v++) {
-            __m256 y = load8(fmt, k + j * k_rs + 8 * v * size);
-            a0[v] = _mm256_fmadd_ps(x0, y, a0[v]);
-            a1[v] = _mm256_fmadd_ps(x1, y, a1[v]);
-        }
-    }
-    for (int v = 0; v < nv; v++) {   /* out1 == out0 for a lone last row: both hold the same sum */
-        _mm256_storeu_ps(out0 + 8 * v, a0[v]);
-        _mm256_storeu_ps(out1 + 8 * v, a1[v]);
-    }
-}
-
-/* The two products for one format; rows are taken in pairs, a lone last row twice. */
+/* The two products for one format; weight/query rows are taken in pairs, a lone last row twice. */
 LC_INLINE void products_simd(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
                              const char *b, ptrdiff_t b_ps, ptrdiff_t b_rs,
                              float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
@@ -435,28 +443,29 @@ LC_INLINE void products_simd(int accumulate, int fmt, const float *a, ptrdiff_t 
         float *op = out + p * out_ps;
         if (!accumulate) {
             ptrdiff_t j = 0;
-            for (; j + 4 <= n; j += 4)
+            if (fmt != LC_F32)   /* short rows: two adjacent ones per step (still memory order) */
+                for (; j + 2 <= n; j += 2)
+                    for (ptrdiff_t i = 0; i < m; i += 2) {
+                        ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
+                        dot_2x2(fmt, ap + i * a_rs, ap + i1 * a_rs, bp + j * k_rs, k_rs, cols,
+                                op + i * out_rs + j, op + i1 * out_rs + j);
+                    }
+            for (; j < n; j++)
                 for (ptrdiff_t i = 0; i < m; i += 2) {
                     ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
-                    dot_4x2(fmt, ap + i * a_rs, ap + i1 * a_rs, bp + j * k_rs, k_rs, cols,
+                    dot_1x2(fmt, ap + i * a_rs, ap + i1 * a_rs, bp + j * k_rs, cols,
                             op + i * out_rs + j, op + i1 * out_rs + j);
                 }
-            for (; j < n; j++)
-                for (ptrdiff_t i = 0; i < m; i++)
-                    op[i * out_rs + j] = dot_1(fmt, ap + i * a_rs, bp + j * k_rs, cols);
             continue;
         }
-        for (ptrdiff_t j = 0; j < n; j += ACC_ROWS) {
-            ptrdiff_t rows = n - j < ACC_ROWS ? n - j : ACC_ROWS;
+        for (ptrdiff_t j = 0; j < n; j += 2) {
+            int pair = j + 1 < n;
+            const char *r0 = bp + j * k_rs, *r1 = pair ? r0 + k_rs : r0;
             for (ptrdiff_t i = 0; i < m; i += 2) {
-                ptrdiff_t i1 = i + 1 < m ? i + 1 : i, c = 0;
+                ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
                 const float *w0 = ap + i * a_rs + j, *w1 = ap + i1 * a_rs + j;
-                float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
-                const char *k = bp + j * k_rs;
-                for (; c + 32 <= cols; c += 32)
-                    accumulate_2(fmt, 4, w0, w1, k + c * size, k_rs, rows, o0 + c, o1 + c);
-                for (; c < cols; c += 8)
-                    accumulate_2(fmt, 1, w0, w1, k + c * size, k_rs, rows, o0 + c, o1 + c);
+                accumulate_2x2(fmt, w0[0], pair ? w0[1] : 0.0f, w1[0], pair ? w1[1] : 0.0f, r0, r1, cols,
+                               op + i * out_rs, op + i1 * out_rs);
             }
         }
     }
@@ -613,37 +622,27 @@ static void q8_products_simd(int accumulate, const float *a, ptrdiff_t a_ps, ptr
                             s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + e), y, s1);
                         }
                     }
-                    __m128 both = sum4(s0, s1, s0, s1);
-                    op[i * out_rs + j] = _mm_cvtss_f32(both);
-                    op[i1 * out_rs + j] = _mm_cvtss_f32(_mm_shuffle_ps(both, both, 1));
+                    op[i * out_rs + j] = hsum(s0);
+                    op[i1 * out_rs + j] = hsum(s1);
                 }
             }
             continue;
         }
-        for (ptrdiff_t j0 = 0; j0 < n; j0 += ACC_ROWS)   /* ACC_ROWS stored rows stay in L1 */
-        for (ptrdiff_t i = 0; i < m; i += 2) {
-            ptrdiff_t i1 = i + 1 < m ? i + 1 : i, j1 = n - j0 < ACC_ROWS ? n : j0 + ACC_ROWS;
-            const float *w0 = ap + i * a_rs, *w1 = ap + i1 * a_rs;
-            float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
-            for (ptrdiff_t c = 0; c < cols; c += 32) {
-                __m256 acc0[4], acc1[4];
-                for (int v = 0; v < 4; v++) {
-                    acc0[v] = _mm256_loadu_ps(o0 + c + 8 * v);
-                    acc1[v] = _mm256_loadu_ps(o1 + c + 8 * v);
-                }
-                for (ptrdiff_t j = j0; j < j1; j++) {
-                    const int8_t *v8 = qp + j * q_rs + c;
-                    __m256 scale = _mm256_set1_ps(f16_to_float(dp[j * d_rs + c / 32]));
-                    __m256 x0 = _mm256_broadcast_ss(w0 + j), x1 = _mm256_broadcast_ss(w1 + j);
-                    for (int v = 0; v < 4; v++) {
-                        __m256 y = q8_load8(v8 + 8 * v, scale);
-                        acc0[v] = _mm256_fmadd_ps(x0, y, acc0[v]);
-                        acc1[v] = _mm256_fmadd_ps(x1, y, acc1[v]);
+        for (ptrdiff_t j = 0; j < n; j++) {   /* stored rows in memory order, the sums in L1 */
+            const int8_t *k = qp + j * q_rs;
+            const uint16_t *sc = dp + j * d_rs;
+            for (ptrdiff_t i = 0; i < m; i += 2) {
+                ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
+                __m256 x0 = _mm256_broadcast_ss(ap + i * a_rs + j), x1 = _mm256_broadcast_ss(ap + i1 * a_rs + j);
+                float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
+                for (ptrdiff_t c = 0; c < cols; c += 32) {
+                    __m256 scale = _mm256_set1_ps(f16_to_float(sc[c / 32]));
+                    for (ptrdiff_t e = c; e < c + 32; e += 8) {
+                        __m256 y = q8_load8(k + e, scale);
+                        _mm256_storeu_ps(o0 + e, _mm256_fmadd_ps(x0, y, _mm256_loadu_ps(o0 + e)));
+                        if (o1 != o0)
+                            _mm256_storeu_ps(o1 + e, _mm256_fmadd_ps(x1, y, _mm256_loadu_ps(o1 + e)));
                     }
-                }
-                for (int v = 0; v < 4; v++) {   /* o1 == o0 for a lone last row: both hold the same sum */
-                    _mm256_storeu_ps(o0 + c + 8 * v, acc0[v]);
-                    _mm256_storeu_ps(o1 + c + 8 * v, acc1[v]);
                 }
             }
         }
