@@ -55,7 +55,7 @@ def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]
     ("openvino[form=grown]", "form='grown', but should be one of state, static (accepted keys: device, form,"),
     ("openvino[compute=half]", "compute='half', but should be one of float32, cache"),
     ("openvino[threads=0]", "threads=0, but should be a positive integer"),
-    ("openvino[max_positions=4096]", "max_positions=4096, but should be unset with form=state"),
+    ("openvino[form=state,max_positions=4096]", "max_positions=4096, but should be unset with form=state"),
     ("openvino[form=static,max_positions=1000,align=64]", "max_positions=1000, but should be a multiple of align=64"),
     ("openvino[form=static,chunk=-5]", "chunk=-5, but should be a positive integer"),
 ])
@@ -251,9 +251,14 @@ def _suite(pytester: pytest.Pytester, backend: str, *args: str, positions: str =
     )
 
 
-def test_the_suite_passes_in_the_static_form(pytester: pytest.Pytester) -> None:
+def test_the_default_form_is_static_on_every_device() -> None:
+    """The NPU's form, and the one whose figures are the plugin's kernels (not a concatenating state)."""
+    assert O.OpenVinoBackend().form == "static" and O.OpenVinoBackend(device="CPU").form == "static"
+
+
+def test_the_suite_passes_in_the_default_static_form(pytester: pytest.Pytester) -> None:
     """Every group, float16 (the type an NPU holds); the done-when runs in the docs cover all three."""
-    result = _suite(pytester, "openvino[form=static]", "--longctx-kv-dtype=float16", positions="512")
+    result = _suite(pytester, "openvino", "--longctx-kv-dtype=float16", positions="512")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
     assert outcomes.get("passed", 0) >= 20 and outcomes.get("skipped", 0) == 0, outcomes
