@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import plots
+from .questions import QUESTIONS
 
 Table = Tuple[List[str], List[List[str]]]
 PLOTS_MISSING = "Plots need matplotlib: pip install 'pytest-longctx[report]'."
@@ -97,10 +98,18 @@ def _environment(doc: Dict[str, Any]) -> Section:
                                         backend_rows)])
 
 
+def _question_order(question: str) -> Tuple[int, str]:
+    """The questions in their own order (limits, memory, throughput, equivalence), others after."""
+    order = list(QUESTIONS)
+    return (order.index(question) if question in order else len(order), question)
+
+
 def _cases(doc: Dict[str, Any]) -> Section:
+    """Counts per question, then every case that did not pass (cases come sorted by question, then
+    case id, from certificate_sections)."""
     cases = doc["cases"]
     outcomes = sorted({c["outcome"] for c in cases})
-    questions = sorted({c["question"] for c in cases})
+    questions = sorted({c["question"] for c in cases}, key=_question_order)
     count_rows = [[q, *(str(sum(1 for c in cases if c["question"] == q and c["outcome"] == o)) for o in outcomes)]
                   for q in questions]
     tables = [(["question", *outcomes], count_rows)]
@@ -134,7 +143,10 @@ def _figures(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def certificate_sections(doc: Dict[str, Any]) -> Tuple[str, List[Section]]:
+    """The certificate's sections, its cases read by question and then case id: a stable order
+    whatever order they finished in (xdist workers finish them out of order)."""
     title = f"pytest-longctx certificate: {doc['verdict']}"
+    doc = dict(doc, cases=sorted(doc["cases"], key=lambda c: (_question_order(c["question"]), c["nodeid"])))
     head = Section("Verdict", [f"**{doc['verdict']}**: " + "; ".join(doc["reasons"]) + ".",
                                f"Started {doc['started']}, {doc['duration_s']:.1f} s; "
                                f"{', '.join(f'{v} {k}' for k, v in doc['counts'].items())}."

@@ -210,6 +210,21 @@ def test_markdown_has_verdict_claim_figures_and_environment(made: Path) -> None:
     assert re.search(r"^\| cpu \| float16 \| KV memory / analytic \| .* \| .* \|$", text, re.M)
 
 
+def test_cases_read_by_question_then_case_whatever_order_they_finished_in(made: Path) -> None:
+    """Under xdist cases finish out of order; the certificate's tables must not follow that order."""
+    document = json.loads((made / "cert.json").read_text())
+    failing = copy.deepcopy(document)
+    for case in failing["cases"][::3]:  # some not-passed cases, so that the case table is drawn
+        case["outcome"], case["message"] = "failed", "x=1, but should be 0"
+    shuffled = copy.deepcopy(failing)
+    shuffled["cases"].reverse()
+    assert render.markdown(shuffled) == render.markdown(failing)
+    text = render.markdown(failing)
+    counts = text[text.index("| question |"):].split("\n\n")[0]
+    rows = [line.split("|")[1].strip() for line in counts.splitlines()[2:]]
+    assert rows == [q for q in ("limits", "memory", "throughput", "equivalence") if q in rows], rows
+
+
 def test_html_has_plots_with_matplotlib(made: Path) -> None:
     pytest.importorskip("matplotlib")
     page = (made / "cert.html").read_text()

@@ -185,6 +185,16 @@ def test_shipped_profiles_state_the_seed_claims() -> None:
     assert sim.options["memory-allowance"] == "0.04" and sim.options["attention-floor"] == "20"
 
 
+def test_shipped_profiles_cite_sources_by_public_name_not_path() -> None:
+    """A user of the package has neither our docs/ folder nor another repository's files."""
+    import re
+
+    for name, path in shipped_profiles().items():
+        text = Path(path).read_text()
+        assert not re.search(r"[\w.-]+/[\w./-]*\.(md|txt|py|json)\b", text), (name, "cites a file by path")
+        assert load_profile(path).source, name
+
+
 @pytest.mark.parametrize("name", ["rk3588-npu-qwen3-0.6b-16k", "7b-sim-16k-ladder"])
 def test_shipped_profile_runs_by_name(pytester: pytest.Pytester, name: str) -> None:
     """By name, on a machine without its device: every case is skipped with the reason, none fails."""
