@@ -72,6 +72,7 @@ from pytest_longctx.spec import KV_DTYPES, CacheSpec, RopeSpec
 
 from . import _checks as C
 from ._host import cpu_name, one_line
+from ._runtime import RuntimeBase
 
 OPTIONS = ("kv_type", "type_k", "type_v", "flash_attn", "n_threads", "n_batch", "n_ubatch", "verbose")
 
@@ -295,7 +296,7 @@ def _check_model_file(path: str) -> None:
         raise SpecError(f"model {path!r} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(RuntimeBase):
     """One GGUF model and one llama.cpp context (a single sequence, id 0)."""
 
     def __init__(self, llama: Any, path: str, context: Optional[int], settings: Dict[str, Any]) -> None:
@@ -487,10 +488,7 @@ class LlamaCppRuntime:
         return logits.copy()
 
     def generate(self, n: int) -> List[int]:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n={n!r}, but should be a non-negative integer")
-        if n and self._logits is None:
-            raise ValueError("generate needs the logits of a prefill first (the context is empty or was reset)")
+        self._check_generate(n)
         before = self.positions()
         out: List[int] = []
         start_time = time.perf_counter()
@@ -534,21 +532,14 @@ class LlamaCppRuntime:
             llama.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> "LlamaCppRuntime":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
 
     # --- llama.cpp calls ---
 
-    def _check_open(self) -> None:
-        if self._ctx is None:
-            raise RuntimeFailure(f"the runtime of {self.model_path!r} is closed")
+    def _is_open(self) -> bool:
+        return self._ctx is not None
 
     def _ids(self, token_ids: Sequence[int]) -> np.ndarray:
         self._check_open()

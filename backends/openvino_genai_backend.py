@@ -66,6 +66,7 @@ from pytest_longctx.spec import CacheSpec, RopeSpec
 from . import _checks as C
 from ._gguf_meta import FILE_TYPES, GGUFHeaderError, read_header
 from ._host import cpu_name_and_vendor, one_line
+from ._runtime import RuntimeBase
 
 OPTIONS = ("device", "precision", "kv_dtype", "threads", "cache_dir", "max_prompt_len", "min_response_len")
 DEVICES = ("CPU", "GPU", "NPU")
@@ -351,7 +352,7 @@ def slice_logits_to_last(ov: Any, model: Any) -> bool:
     return True
 
 
-class OpenVinoGenAIRuntime:
+class OpenVinoGenAIRuntime(RuntimeBase):
     """One converted model compiled by OpenVINO, one infer request (its state is the KV cache)."""
 
     def __init__(self, ov: Any, core: Any, xml: str, meta: Dict[str, Any], context: Optional[int],
@@ -443,10 +444,7 @@ class OpenVinoGenAIRuntime:
         return logits.copy()
 
     def generate(self, n: int) -> List[int]:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n={n!r}, but should be a non-negative integer")
-        if n and self._logits is None:
-            raise ValueError("generate needs the logits of a prefill first (the context is empty or was reset)")
+        self._check_generate(n)
         out: List[int] = []
         started = time.perf_counter()
         try:
@@ -472,17 +470,10 @@ class OpenVinoGenAIRuntime:
         self._request = None
         self._compiled = None
 
-    def __enter__(self) -> "OpenVinoGenAIRuntime":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # --- OpenVINO calls ---
 
-    def _check_open(self) -> None:
-        if self._request is None:
-            raise RuntimeFailure(f"the runtime of {self.model_path!r} is closed")
+    def _is_open(self) -> bool:
+        return self._request is not None
 
     def _infer(self, ids: np.ndarray, call: str) -> np.ndarray:
         n, at = len(ids), self._held

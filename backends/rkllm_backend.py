@@ -74,6 +74,7 @@ from pytest_longctx.spec import KV_DTYPES, CacheSpec
 
 from . import _checks as C
 from . import _rkllm_abi as abi
+from ._runtime import RuntimeBase
 
 OPTIONS = ("library", "runtime_version", "shape", "kv_dtype", "vocab_size", "generate")
 RUNTIME_OPTIONS = ("shape", "kv_dtype", "vocab_size", "generate")
@@ -247,7 +248,7 @@ class _Run:
         return " and ".join(parts) + (f"; the runtime said {words}" if words else "")
 
 
-class RkllmRuntime:
+class RkllmRuntime(RuntimeBase):
     """One model loaded by rkllm_init, with its context (see the module docstring)."""
 
     def __init__(self, library: abi.Library, model: str, context: Optional[int], settings: Dict[str, Any]) -> None:

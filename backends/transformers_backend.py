@@ -59,6 +59,7 @@ from pytest_longctx.spec import CacheSpec, RopeSpec
 
 from . import _checks as C
 from ._host import cpu_name_and_vendor, one_line
+from ._runtime import RuntimeBase
 
 OPTIONS = ("device", "dtype", "threads", "attn", "n_batch", "verbose")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -311,7 +312,7 @@ def spec_of(config: Any, context: int, kv_dtype: str, path: str) -> CacheSpec:
     )
 
 
-class TransformersRuntime:
+class TransformersRuntime(RuntimeBase):
     """One loaded model and one static KV cache (a single sequence, batch 1)."""
 
     def __init__(self, torch: Any, transformers: Any, path: str, context: Optional[int],
@@ -427,10 +428,7 @@ class TransformersRuntime:
         return logits.copy()
 
     def generate(self, n: int) -> List[int]:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n={n!r}, but should be a non-negative integer")
-        if n and self._logits is None:
-            raise ValueError("generate needs the logits of a prefill first (the context is empty or was reset)")
+        self._check_generate(n)
         before = self.positions()
         if before + n > self.context_limit:
             raise ContextLimitExceeded(None, before, n, self.context_limit,
@@ -463,17 +461,10 @@ class TransformersRuntime:
         self._cache = None
         self._model = None
 
-    def __enter__(self) -> "TransformersRuntime":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # --- the model ---
 
-    def _check_open(self) -> None:
-        if self._model is None:
-            raise RuntimeFailure(f"the runtime of {self.model_path!r} is closed")
+    def _is_open(self) -> bool:
+        return self._model is not None
 
     def _ids(self, token_ids: Sequence[int]) -> np.ndarray:
         self._check_open()
