@@ -82,6 +82,14 @@ def judge_attention(got: np.ndarray, q: np.ndarray, spec: CacheSpec, k_true: np.
     return equivalence(got, truth, farthest(plains, truth), factor, terms=length)
 
 
+def verdict_line(verdict: Verdict, what: str, where: str) -> str:
+    """A comparison's line in the suite's one shape, "{what}={measured}, but should be {expected} [{case}]"."""
+    if verdict.nonfinite:
+        first = f" (the first at index {verdict.where})" if verdict.where is not None else ""
+        return f"{what}: NaN/Inf values={verdict.nonfinite}{first}, but should be 0 [{where}]"
+    return verdict.message(what, where)  # "{what}: max|error|=..., but should be <= ..." or a malformed result's
+
+
 def equivalence(candidate: np.ndarray, reference: np.ndarray, plain: np.ndarray, factor: float,
                 terms: int = 0) -> Verdict:
     """The FlashAttention-style criterion, with a floor for float32 rounding.

@@ -1,11 +1,18 @@
 """Context limits: does the backend hold exactly the context it claims, refuse one
 position more loudly, and lose nothing when it refuses?
 
-A cache of max_positions N must take N positions in every layer, raise
-ContextLimitExceeded at N+1 leaving every stored value as it was, reject a chunk
-that would cross N whole (never half-applied), and keep each layer's length
-apart. A ring buffer that overwrites position 0 when full, or a cache that
-quietly drops old positions, fails here with a message that says which.
+Requirements, one test each:
+- a cache of max_positions N takes N positions in every layer, and windows read at its
+  start, middle and end give back the V appended there;
+- one position more raises ContextLimitExceeded, leaving the length and every stored
+  value as they were (a ring buffer that overwrites position 0 is named as such);
+- a chunk that would cross N is rejected whole (never half-applied), nothing of it leaks
+  into the cache, and the positions that fit are then taken;
+- each layer keeps its own length (a length shared across layers fails).
+
+Tolerance: read-back V against what was appended, by the equivalence criterion
+(``_check.equivalence``: ``--longctx-error-factor`` x a plain store in the cache's
+dtype, plus the float32 rounding floor); lengths and refusals are exact.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ def check_holds(backend, cache, record: Fill, layer: int, factor: float, where: 
         _, expected = record.values(backend, layer, start, stop)
         verdict = equivalence(v, expected, roundtrip(expected, spec.kv_dtype), factor)
         if not verdict.passed:
-            fail(f"V of layer {layer} at positions {start}..{stop - 1}", f"max|error| {verdict.error:.3g}",
+            fail(f"V of layer {layer} at positions {start}..{stop - 1}: max|error|", f"{verdict.error:.3g}",
                  f"<= {verdict.allowed:.3g}: the cache dropped or overwrote positions it should hold", where)
 
 
@@ -137,7 +144,7 @@ def test_chunk_crossing_the_limit_is_rejected_whole(longctx_backend, longctx_set
         expected = v.astype(np.float64)
         verdict = equivalence(stored_v, expected, roundtrip(expected, spec.kv_dtype), longctx_settings.error_factor)
         if not verdict.passed:
-            fail(f"V at positions {held}..{spec.max_positions - 1}", f"max|error| {verdict.error:.3g}",
+            fail(f"V at positions {held}..{spec.max_positions - 1}: max|error|", f"{verdict.error:.3g}",
                  f"<= {verdict.allowed:.3g}: values of the rejected chunk leaked into the cache", where)
 
 

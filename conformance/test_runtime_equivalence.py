@@ -1,18 +1,20 @@
 """Output equivalence of a whole-model runtime at long positions: do its logits stay
 the same however the prompt is fed, and match a float reference of the same model?
 
-At each positions value d the same d tokens are prefilled three ways: in one
-call, in chunks (then the last 16 one token at a time), and in one call again
-after ``reset()``. The last logits must agree within the consistency
-bound (a KL divergence, 10 x the noise a correct llama.cpp shows for the
-runtime's KV dtype: pytest_longctx/consistency.py) with the same top-1
-token: chunked prefill that diverges from
-one-shot prefill (a chunk seen at the wrong positions, a stale slot) and a
-reset that leaves state behind are bug classes that reached users. With
-``--longctx-reference-logits`` the last 16 positions are also judged against
-golden logits from a float reference run of the same model and tokens: mean KL
-divergence at most ``logits-kl`` and top-1 agreement at least
-``top1-agreement``.
+Requirements, one test each, at every positions value d:
+- chunked prefill (chunks, then the last 16 tokens one at a time) gives the last logits
+  of one-shot prefill of the same d tokens;
+- the same prompt after ``reset()`` gives the first run's last logits;
+- with ``--longctx-reference-logits``, the last 16 positions match golden logits of a
+  float reference run of the same model and tokens.
+
+Tolerances: the consistency bound, a KL divergence of 10 x the noise a correct
+llama.cpp shows for the runtime's KV dtype, with the same top-1 token
+(``pytest_longctx.consistency``); against the reference, mean KL at most
+``--longctx-logits-kl`` and top-1 agreement at least ``--longctx-top1-agreement``.
+Chunked prefill that diverges from one-shot prefill (a chunk seen at the wrong
+positions, a stale slot) and a reset that leaves state behind are bug classes that
+reached users.
 """
 
 from __future__ import annotations

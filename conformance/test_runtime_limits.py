@@ -1,13 +1,18 @@
 """Context limits of a whole-model runtime: does it hold exactly the context its model
 claims, refuse one token more loudly, and lose nothing when it refuses?
 
-The model file states a limit (RKLLM bakes it in at conversion, a GGUF names
-its training context). Asking for more must be refused or clamped with a
-warning naming both numbers. A prompt of exactly the limit is held; one token
-more is rejected with ContextLimitExceeded, and a prompt crossing the limit is
-rejected whole: positions unchanged, and the next token's logits the same as
-if the rejected prompt had never been sent. A runtime that applies part of the
-prompt before failing fails here with how many tokens it took.
+Requirements, one test each:
+- the model's own limit (RKLLM bakes it in at conversion, a GGUF names its training
+  context) is read and reported, and the context granted is within it and within
+  ``--longctx-context``;
+- asking for more than the model holds is refused, or clamped with a warning naming both
+  numbers;
+- a prompt of exactly the limit is held (positions() is the limit);
+- one token more is rejected with ContextLimitExceeded, positions unchanged;
+- a prompt crossing the limit is rejected whole: positions unchanged, and the next
+  token's logits the same as if it had never been sent (within the consistency bound,
+  ``pytest_longctx.consistency``). A runtime that applies part of the prompt before
+  failing is named with how many tokens it took.
 """
 
 from __future__ import annotations

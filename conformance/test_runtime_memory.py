@@ -1,14 +1,16 @@
 """KV memory of a whole-model runtime: does its memory grow by what the analytic KV size
 says, no more?
 
-The runtime is opened fresh for this module and filled from empty to each
-positions value in turn; between consecutive depths the process's peak
-resident memory (Linux VmHWM, reset at the start of each stretch) may grow by
-at most kv_bytes(positions added) × (1 + allowance) + slack. A runtime that
-allocates its whole cache when it is opened stays flat; one that grows per
-position grows linearly; one that keeps twice its need, or leaks a prompt's
-scratch per call, fails. What the runtime reports as its own peak is recorded
-beside it.
+Requirement, one test at each positions value: from the previous depth to this one the
+process's peak resident memory (Linux VmHWM, reset at the start of each stretch) grows by
+at most kv_bytes(positions added) × (1 + ``--longctx-memory-allowance``) +
+the fixed 16 MiB ``Settings.memory_slack``. A runtime that allocates its whole cache when it is opened
+stays flat; one that grows per position grows linearly; one that keeps twice its need,
+or leaks a prompt's scratch per call, fails. What the runtime reports as its own peak is
+recorded beside it.
+
+The runtime is opened fresh for this module and filled from empty to each positions
+value in turn.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ DEFECTS = [
         "Float16OutputAccumulator", (*EQUIVALENCE, "-k", "flat_attention"),
         [("test_equivalence.py", "test_flat_attention_over_large_values_is_exact[float16-32760]")],
         ["attend with a flat query over 32760 keys of v=2 (a float16 sum of them overflows 65520 at 32760 keys): "
-         "has * NaN/Inf values, the first at index (0, 0, 0), but should have none "
+         "NaN/Inf values=* (the first at index (0, 0, 0)), but should be 0 "
          "[[]float16-accumulator float16 @ 32760 positions, *]"],
         positions="32760", outcomes={"passed": 1, "failed": 1},  # float32 caches accumulate in float32
     ),
@@ -167,8 +167,8 @@ DEFECTS = [
     Defect(
         "NoMaxSubtraction", (*EQUIVALENCE, "-k", "4096 or softcap"),
         [("test_equivalence.py", "test_attention_matches_reference[float32-4096]")],
-        ["attend with 1 query at positions ..127, worst at query 0 head * (loud): has * NaN/Inf values, "
-         "the first at index (0, *), but should have none " + CASE.format(name="no-max-subtraction")],
+        ["attend with 1 query at positions ..127, worst at query 0 head * (loud): NaN/Inf values=* "
+         "(the first at index (0, *)), but should be 0 " + CASE.format(name="no-max-subtraction")],
         outcomes={"passed": 2, "failed": 1},  # read, and softcap (which caps the logits at 30)
     ),
     Defect(
@@ -200,7 +200,7 @@ DEFECTS = [
     Defect(
         "KeepsEveryInput", ("-m", "longctx_memory"),
         [("test_memory.py", "test_memory_grows_linearly_or_stays_flat[float32-4096]")],
-        ["KV memory while filling=*+3.0 MiB (tracemalloc) from 1024 to 4096 positions, but should be flat "
+        ["KV memory growth from 1024 to 4096 positions (tracemalloc)=+3.0 MiB*, but should be flat "
          "(preallocated at open: 8.0 MiB), <= 1.8 MiB*"],
         # 2 layers, 8 MiB of KV: 1.5x of it hid in the 16 MiB working-memory slack at one checkpoint.
         outcomes={"passed": 2, "failed": 1},
@@ -222,12 +222,12 @@ DEFECTS = [
     ),
     Defect(
         "DeferredAttend", ("-m", "longctx_throughput"),
-        [("test_throughput.py", "test_decode_attention_rate_meets_floor_and_is_correct[float32-4096]")],
+        [("test_throughput.py", "test_decode_attention_rate_meets_floor[float32-4096]")],
         ["to_numpy of a timed attend result=* ms more than of a materialized one (* ms per timed call), but should "
          "be <= 50% of a timed call: deferred work runs after the timed region (synchronize waits for nothing), "
          "so the rate figures measure nothing " + CASE.format(name="deferred-attend"),
          "*decode attention  * tok/s UNTRUSTED: deferred work FAIL"],
-        outcomes={"passed": 4, "failed": 1},
+        outcomes={"passed": 6, "failed": 1},  # its answers are right and not remembered
     ),
 ]
 

@@ -87,7 +87,7 @@ def test_native_crash_fails_the_case_and_the_run_goes_on(pytester: pytest.Pytest
     """Isolated: the crashing case fails with the signal and the last output; the next case
     gets a new child process; the certificate records both."""
     result, document = run(pytester, f"misbehaving_backends:{backend}", "--longctx-isolate",
-                           "-k", "decode_attention or lengths", positions="1024,2048")
+                           "-k", "decode_attention_rate or lengths", positions="1024,2048")
     result.assert_outcomes(failed=2, passed=2, deselected=result.parseoutcomes()["deselected"])
     name = {"Segfault": "segfault", "Aborts": "aborts", "ExitsProcess": "exits-process"}[backend]
     lines = [f"case call=process {how}, but should be an answer or an exception "
@@ -98,15 +98,15 @@ def test_native_crash_fails_the_case_and_the_run_goes_on(pytester: pytest.Pytest
     result.stdout.fnmatch_lines(lines)
     no_traceback(result)
     assert document["verdict"] == "not certified"
-    for case in cases(document, "decode_attention"):
+    for case in cases(document, "decode_attention_rate"):
         assert case["outcome"] == "failed" and how in case["message"], case
         assert case["rerun"].endswith("--longctx-isolate") and f"--longctx-seed={document['settings']['seed']}" in case["rerun"]
     assert {c["outcome"] for c in cases(document, "lengths")} == {"passed"}
 
 
 def test_rerun_command_of_a_crashed_case_reproduces_it(pytester: pytest.Pytester) -> None:
-    first, document = run(pytester, "misbehaving_backends:Segfault", "--longctx-isolate", "-k", "decode_attention")
-    (case,) = cases(document, "decode_attention")
+    first, document = run(pytester, "misbehaving_backends:Segfault", "--longctx-isolate", "-k", "decode_attention_rate")
+    (case,) = cases(document, "decode_attention_rate")
     argv = shlex.split(case["rerun"])
     assert argv[0] == "pytest"
     again = pytester.runpytest(*argv[1:])
@@ -117,22 +117,22 @@ def test_rerun_command_of_a_crashed_case_reproduces_it(pytester: pytest.Pytester
 def test_crash_without_isolation_leaves_a_checkpoint_certificate(pytester: pytest.Pytester) -> None:
     """Without --longctx-isolate a segfault ends the run, but not the certificate: the JSON
     written as each case starts names the case that was running."""
-    result, document = run(pytester, "misbehaving_backends:Segfault", "-k", "decode_attention or lengths",
+    result, document = run(pytester, "misbehaving_backends:Segfault", "-k", "decode_attention_rate or lengths",
                            subprocess=True)
     assert result.ret not in (0, 1)  # the process died
     assert document["verdict"] == "incomplete" and not document["complete"]
-    assert any("the run did not finish" in r and "decode_attention" in r for r in document["reasons"])
-    (crashed,) = cases(document, "decode_attention")
+    assert any("the run did not finish" in r and "decode_attention_rate" in r for r in document["reasons"])
+    (crashed,) = cases(document, "decode_attention_rate")
     assert crashed["outcome"] == "not run" and "the run ended while this case was running" in crashed["message"]
     assert {c["outcome"] for c in cases(document, "lengths")} == {"passed"}
 
 
 def test_crashed_xdist_worker_is_a_failed_case_in_the_certificate(pytester: pytest.Pytester) -> None:
     """pytest-xdist replaces a crashed worker; its report of the crash reaches the certificate."""
-    result, document = run(pytester, "misbehaving_backends:Segfault", "-n", "1", "-k", "decode_attention or lengths",
+    result, document = run(pytester, "misbehaving_backends:Segfault", "-n", "1", "-k", "decode_attention_rate or lengths",
                            subprocess=True)
     assert result.ret == 1
-    (crashed,) = cases(document, "decode_attention")
+    (crashed,) = cases(document, "decode_attention_rate")
     assert crashed["outcome"] == "failed" and "crashed while running" in crashed["message"]
     assert document["verdict"] == "not certified"
 
@@ -206,13 +206,13 @@ def test_correct_backend_returns_its_memory(pytester: pytest.Pytester) -> None:
 
 def test_memorising_backend_fails_throughput(pytester: pytest.Pytester) -> None:
     """Right answers from a cache of earlier answers: MLPerf TEST04's probe catches it."""
-    result, document = run(pytester, "misbehaving_backends:Memorises", "-k", "decode_attention")
+    result, document = run(pytester, "misbehaving_backends:Memorises", "-k", "decode_attention_is_not_answered")
     result.assert_outcomes(failed=1, deselected=result.parseoutcomes()["deselected"])
     result.stdout.fnmatch_lines([
         "attend of a repeated query on layer *=*x faster than fresh queries (median of 9 triplets, measured twice), "
         "but should be at most 3x x *.* (two fresh queries' own ratio): the backend answers from a cache of "
         "earlier answers (MLPerf TEST04) [[]memorises float32 @ 1024 positions, *]"])
-    (case,) = cases(document, "decode_attention")
+    (case,) = cases(document, "decode_attention_is_not_answered")
     (figure,) = [f for f in case["figures"] if f["check"] == "repeated input"]
     assert figure["value"] > 3 * figure["noise"] and not figure["passed"]
 
@@ -252,14 +252,14 @@ def test_fast_wrong_reads_fail_throughput_not_limits(pytester: pytest.Pytester) 
 def test_nan_after_8k_fails_only_past_8k(pytester: pytest.Pytester) -> None:
     """NaN past 8192 positions: equivalence fails there, and so does the timed attention
     sampled against the reference (TEST01: a fast wrong answer is not a speed)."""
-    result, document = run(pytester, "misbehaving_backends:NaNAfter8K", "-k", "attention_matches or decode_attention",
+    result, document = run(pytester, "misbehaving_backends:NaNAfter8K", "-k", "attention_matches or decode_attention_timed",
                            positions="2048,8320")
     result.assert_outcomes(failed=2, passed=2, deselected=result.parseoutcomes()["deselected"])
     result.stdout.fnmatch_lines([
-        "timed decode attention of layer * (token *): has * NaN/Inf values, the first at index (0, 1, 0), but should "
-        "have none [[]nan-after-8k float32 @ 8320 positions, *]"])
-    result.stdout.fnmatch_lines(["attend with * at positions ..8319*: has * NaN/Inf values, the first at index *"])
-    outcomes = {c["positions"]: c["outcome"] for c in document["cases"] if "decode_attention" in c["nodeid"]}
+        "timed decode attention of layer * (token *): NaN/Inf values=* (the first at index (0, 1, 0)), but should "
+        "be 0 [[]nan-after-8k float32 @ 8320 positions, *]"])
+    result.stdout.fnmatch_lines(["attend with * at positions ..8319*: NaN/Inf values=* (the first at index *), but should be 0*"])
+    outcomes = {c["positions"]: c["outcome"] for c in document["cases"] if "decode_attention_timed" in c["nodeid"]}
     assert outcomes == {2048: "passed", 8320: "failed"}
 
 

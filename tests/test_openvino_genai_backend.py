@@ -330,7 +330,7 @@ def test_runtime_suite_on_openvino_genai_gives_the_real_verdicts(pytester: pytes
     failed = {line.split("::")[-1].split("[")[0] for line in result.outlines if line.startswith("FAILED")}
     assert failed == {"test_one_token_more_is_rejected_and_changes_nothing",
                       "test_prompt_crossing_the_limit_is_rejected_whole"}, result.stdout.str()
-    assert outcomes.get("passed") == 13 and "errors" not in outcomes, result.stdout.str()
+    assert outcomes.get("passed") == 15 and "errors" not in outcomes, result.stdout.str()
     result.stdout.fnmatch_lines([
         "*prefill of 1 token at the limit 1024=accepted (positions 1025), but should be ContextLimitExceeded*",
         "*prefill of 264 tokens at position 768 (limit 1024)=accepted (positions 1032), but should be "

@@ -561,7 +561,7 @@ def test_runtime_suite_passes_on_the_standin(pytester: pytest.Pytester, library:
     """The same suite that runs on a board runs here through ctypes on the stand-in."""
     result = run_suite(pytester, library, model)
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed") == 20 and "failed" not in outcomes and "errors" not in outcomes, \
+    assert outcomes.get("passed") == 23 and "failed" not in outcomes and "errors" not in outcomes, \
         result.stdout.str()
 
 
@@ -571,7 +571,7 @@ def test_runtime_suite_passes_with_13s_own_greedy_decode(pytester: pytest.Pytest
     ignore_eos_token), so the rate and limit groups can time the runtime's own decode."""
     result = run_suite(pytester, standin(standin_dir, "1.3.0"), model, options=",generate=native")
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed") == 20 and "failed" not in outcomes and "errors" not in outcomes, \
+    assert outcomes.get("passed") == 23 and "failed" not in outcomes and "errors" not in outcomes, \
         result.stdout.str()
 
 

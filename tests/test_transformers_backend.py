@@ -278,9 +278,9 @@ def _run(pytester: pytest.Pytester, backend: str, model: Path, *args: str) -> py
 def test_the_runtime_groups_pass_the_transformers_runtime(pytester: pytest.Pytester, model_dir: Path) -> None:
     result = _run(pytester, "transformers[threads=1]", model_dir)
     outcomes = result.parseoutcomes()
-    # 5 limits tests, 3 depths x (memory, prefill, decode, chunked, reset); the reference-logits
-    # test skips at each depth without a reference file.
-    assert outcomes.get("passed") == 20 and outcomes.get("skipped") == 3, result.stdout.str()
+    # 5 limits tests, 3 depths x (memory, prefill, decode, greedy, chunked, reset); the
+    # reference-logits test skips at each depth without a reference file.
+    assert outcomes.get("passed") == 23 and outcomes.get("skipped") == 3, result.stdout.str()
     assert "failed" not in outcomes and "errors" not in outcomes
     result.stdout.fnmatch_lines(["*model tiny-llama (2L 4h/2kv d16 rope=default/neox)*"])
 
