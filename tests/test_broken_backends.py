@@ -20,6 +20,8 @@ from typing import Dict, List, Sequence, Set, Tuple
 
 import pytest
 
+import _suite_runs as suite_runs
+
 TESTS_DIR = Path(__file__).parent
 SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
 WINDOW_SHAPE = SHAPE + ",sliding_window=512"
@@ -38,14 +40,8 @@ _FAILED = re.compile(r"^(FAILED|ERROR) (?P<module>[\w/.]+?)::(?P<test>\w+)(?:\[(
 def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: str = SHAPE,
               positions: str = POSITIONS) -> pytest.RunResult:
     """Run the installed suite on ``broken_backends:<backend>`` (or ``module:Name``), in process."""
-    pytester.syspathinsert(TESTS_DIR)
-    return pytester.runpytest(
-        f"--longctx-backend={backend if ':' in backend else 'broken_backends:' + backend}",
-        f"--longctx-shape={shape}",
-        f"--longctx-positions={positions}",
-        "-rfE",
-        *args,
-    )
+    return suite_runs.run_suite(pytester, backend if ":" in backend else f"broken_backends:{backend}", "-rfE", *args,
+                                shape=shape, positions=positions, module=None)
 
 
 def not_passed(result: pytest.RunResult) -> Set[Tuple[str, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +22,9 @@ from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotS
 from pytest_longctx.measure import cache_preflight
 from pytest_longctx.registry import load_backend
 from pytest_longctx.spec import CacheSpec, RopeSpec
+
+from _suite_runs import kv as _kv
+from _suite_runs import run_suite, small_spec
 
 # --- any machine ------------------------------------------------------------------------
 
@@ -86,10 +89,7 @@ def test_gpu_alias_is_unavailable_naming_cupy(monkeypatch) -> None:
 
 def test_suite_on_gpu_without_one_skips_every_case_with_the_reason(pytester, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)
-    result = pytester.runpytest_inprocess(
-        "--longctx-backend=gpu", "--longctx-positions=1024",
-        "--longctx-shape=n_layers=2,n_heads=4,n_kv_heads=2,head_dim=64", "-rs", "-p", "no:cacheprovider",
-    )
+    result = run_suite(pytester, "gpu", "-rs", shape="n_layers=2,n_heads=4,n_kv_heads=2,head_dim=64", module=None)
     outcomes = result.parseoutcomes()
     assert result.ret == 0 and outcomes.get("skipped", 0) > 0 and set(outcomes) <= {"skipped", "warnings", "deselected"}
     result.stdout.fnmatch_lines(["*backend 'gpu' unavailable: no gpu backend is available (cupy: CuPy is not*"])
@@ -107,16 +107,7 @@ def gpu() -> CupyBackend:
 
 
 def _spec(kv_dtype: str = "float32", positions: int = 3000, **fields: Any) -> CacheSpec:
-    rope = fields.pop("rope", RopeSpec(theta=10000.0))
-    base = dict(n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, max_positions=positions)
-    base.update(fields)
-    return CacheSpec(**base, kv_dtype=kv_dtype, rope=rope)
-
-
-def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (n, spec.n_kv_heads, spec.head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    return small_spec(kv_dtype, positions, **fields)
 
 
 def _both(gpu: CupyBackend, spec: CacheSpec, n: int, chunk: int = 701, seed: int = 0):

@@ -8,7 +8,6 @@ shared 2-core machine llama.cpp's two threads wait on each other.
 
 from __future__ import annotations
 
-import builtins
 import sys
 import types
 import warnings
@@ -28,6 +27,8 @@ from pytest_longctx.errors import (  # noqa: E402
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.tinygguf import write_tiny_gguf  # noqa: E402
+
+from _suite_runs import failing_import, run_suite  # noqa: E402
 
 VOCAB = 256
 
@@ -88,27 +89,16 @@ def test_options_reach_the_backend_by_name() -> None:
     assert L.LlamaCppBackend(kv_type="float16").options["kv_type"] == "f16"  # the contract's names work too
 
 
-def _failing_import(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
-    real_import = builtins.__import__
-
-    def fake(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name == "llama_cpp" or name.startswith("llama_cpp."):
-            raise exc
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
-
-
 def test_missing_llama_cpp_is_unavailable_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    _failing_import(monkeypatch, ImportError("No module named 'llama_cpp'"))
+    failing_import(monkeypatch, ImportError("No module named 'llama_cpp'"), "llama_cpp")
     with pytest.raises(BackendUnavailable, match=r"llama_cpp is not installed .*pip install 'pytest-longctx\[llamacpp\]'"):
         L.LlamaCppBackend()
 
 
 def test_a_library_of_the_wrong_abi_is_unavailable_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """llama_cpp's import raises RuntimeError("Failed to load shared library ...") for a libllama it cannot load."""
-    _failing_import(monkeypatch, RuntimeError(
-        "Failed to load shared library '/x/llama_cpp/lib/libllama.so': wrong ELF class: ELFCLASS32"))
+    failing_import(monkeypatch, RuntimeError(
+        "Failed to load shared library '/x/llama_cpp/lib/libllama.so': wrong ELF class: ELFCLASS32"), "llama_cpp")
     with pytest.raises(BackendUnavailable, match="cannot be loaded: RuntimeError: .*libllama.so.*ELFCLASS32"):
         L.LlamaCppBackend()
 
@@ -411,10 +401,9 @@ def test_runtime_suite_on_llamacpp_with_reference_logits(pytester: pytest.Pytest
                           "--positions", "1024,2048,4096", "--seed", "5", "-o", str(golden)])
     assert status == 0
     report = tmp_path / "llamacpp.json"
-    result = pytester.runpytest(
-        "--longctx-profile=llamacpp-cpu", "--longctx-backend=llamacpp[n_threads=1]", f"--longctx-model={model}",
-        "--longctx-positions=1024,2048,4096", f"--longctx-reference-logits={golden}", "--longctx-seed=5",
-        f"--longctx-report={report}", "-rxXfE")
+    result = run_suite(pytester, "llamacpp[n_threads=1]", "--longctx-profile=llamacpp-cpu",
+                       f"--longctx-reference-logits={golden}", "--longctx-seed=5", f"--longctx-report={report}",
+                       "-rxXfE", model=model, shape=None, module=None, positions="1024,2048,4096")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed") == 25 and outcomes.get("xfailed") == 1, result.stdout.str()
     assert "failed" not in outcomes and "errors" not in outcomes
@@ -436,9 +425,8 @@ def test_equivalence_on_an_unseen_geometry_passes_within_the_measured_noise(pyte
     own geometry, not the run's --longctx-shape."""
     model = write_tiny_gguf(tmp_path / "unseen-3L.gguf", context=2048, layers=3, width=192, heads=6, kv_heads=2,
                             seed=7)
-    result = pytester.runpytest(f"--longctx-backend=llamacpp[kv_type={kv_type},flash_attn=true,n_threads=1]",
-                                f"--longctx-model={model}", "--longctx-positions=2048", "--longctx-seed=3",
-                                "-m", "longctx_equivalence", "-rfEs")
+    result = run_suite(pytester, f"llamacpp[kv_type={kv_type},flash_attn=true,n_threads=1]", "--longctx-seed=3",
+                       "-m", "longctx_equivalence", "-rfEs", model=model, shape=None, module=None, positions="2048")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed") == 2 and "failed" not in outcomes, result.stdout.str()
     result.stdout.fnmatch_lines(["*longctx figures*", "model unseen-3L.gguf (3L 6h/2kv d32 rope=default/gptj), seed 3",

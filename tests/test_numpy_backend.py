@@ -18,27 +18,15 @@ from pytest_longctx.registry import load_backend
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
+from _suite_runs import ROPES as SHARED_ROPES
+from _suite_runs import kv as _kv
+
 SMALL = CacheSpec(2, 4, 2, 64, 300, kv_dtype="float32", rope=RopeSpec(theta=10000.0))
 # Largest error of a stored value over |value|: half a quantum; q8_0 is checked per block.
 STORAGE_RTOL = {"float32": 2e-6, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
-ROPES: Dict[str, RopeSpec] = {
-    "none": RopeSpec(kind="none"),
-    "default": RopeSpec(theta=10000.0),
-    "partial": RopeSpec(theta=10000.0, rotary_dim=16),
-    "linear": RopeSpec(kind="linear", theta=10000.0, factor=4.0),
-    "dynamic": RopeSpec(kind="dynamic", theta=10000.0, factor=2.0, original_max_positions=128),
-    "yarn": RopeSpec(kind="yarn", theta=1e6, factor=4.0, original_max_positions=64),
-    "longrope": RopeSpec(
-        kind="longrope", theta=10000.0, original_max_positions=64,
-        short_factor=tuple(1.0 + 0.05 * j for j in range(32)),
-        long_factor=tuple(1.0 + 2.0 * j for j in range(32)),
-    ),
-    "llama3": RopeSpec(
-        kind="llama3", theta=500000.0, factor=8.0, original_max_positions=64,
-        low_freq_factor=1.0, high_freq_factor=4.0,
-    ),
-}
+# The pairing-independent cases: gptj pairing is the kernels' own test below.
+ROPES: Dict[str, RopeSpec] = {name: rope for name, rope in SHARED_ROPES.items() if "gptj" not in name}
 
 
 @pytest.fixture(autouse=True, params=["native", "numpy"])
@@ -54,12 +42,6 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    rng = _rng(seed)
-    shape = (n, spec.n_kv_heads, spec.head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
 
 
 def _filled(spec: CacheSpec, n: int, chunk: int = 97, seed: int = 0, **options: Any) -> Tuple[KVCache, np.ndarray, np.ndarray]:

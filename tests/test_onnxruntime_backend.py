@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import numpy as np
 import pytest
 
@@ -12,48 +10,24 @@ pytest.importorskip("onnx")
 
 from pytest_longctx import reference as ref  # noqa: E402
 from pytest_longctx.backends import onnxruntime_backend as O  # noqa: E402
-from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError  # noqa: E402
+from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError  # noqa: E402
 from pytest_longctx.protocol import KVBackend, KVCache  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.spec import CacheSpec, RopeSpec  # noqa: E402
 
-import pytest_longctx.conformance as conformance  # noqa: E402
+from _suite_runs import ROPES, check_refuses_when_full, failing_import, run_suite  # noqa: E402
+from _suite_runs import kv as _kv  # noqa: E402
 
 SMALL = CacheSpec(3, 8, 2, 64, 300, kv_dtype="float32", rope=RopeSpec(theta=10000.0))
 # Stored K against the float64 rotation: float32 rounding; in float16 the op rounds its inputs,
 # cos/sin and the rotated result to float16 (two float16 quanta of |K| <= ~4).
 K_TOL = {"float32": dict(rtol=0, atol=2e-6), "float16": dict(rtol=2.0**-9, atol=2.0**-9)}
 
-ROPES: Dict[str, RopeSpec] = {
-    "none": RopeSpec(kind="none"),
-    "default": RopeSpec(theta=10000.0),
-    "gptj": RopeSpec(theta=10000.0, style="gptj"),
-    "partial": RopeSpec(theta=10000.0, rotary_dim=16),
-    "partial-gptj": RopeSpec(theta=10000.0, rotary_dim=16, style="gptj"),
-    "linear": RopeSpec(kind="linear", theta=10000.0, factor=4.0),
-    "dynamic": RopeSpec(kind="dynamic", theta=10000.0, factor=2.0, original_max_positions=128),
-    "yarn": RopeSpec(kind="yarn", theta=1e6, factor=4.0, original_max_positions=64),
-    "longrope": RopeSpec(
-        kind="longrope", theta=10000.0, original_max_positions=64,
-        short_factor=tuple(1.0 + 0.05 * j for j in range(32)),
-        long_factor=tuple(1.0 + 2.0 * j for j in range(32)),
-    ),
-    "llama3": RopeSpec(
-        kind="llama3", theta=500000.0, factor=8.0, original_max_positions=64,
-        low_freq_factor=1.0, high_freq_factor=4.0,
-    ),
-}
 
 
 @pytest.fixture(scope="module")
 def backend() -> O.OnnxRuntimeBackend:
     return O.OnnxRuntimeBackend()
-
-
-def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (n, spec.n_kv_heads, spec.head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
 
 
 # --- options and availability ---
@@ -78,16 +52,7 @@ def test_missing_provider_is_unavailable_and_named() -> None:
 
 
 def test_missing_onnxruntime_is_unavailable_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name == "onnxruntime":
-            raise ImportError("No module named 'onnxruntime'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    failing_import(monkeypatch, ImportError("No module named 'onnxruntime'"), "onnxruntime")
     with pytest.raises(BackendUnavailable, match=r"pip install 'pytest-longctx\[onnxruntime\]'"):
         O.OnnxRuntimeBackend()
 
@@ -205,15 +170,7 @@ def test_float32_inputs_beside_a_float16_cache_fall_back_to_whole_layer_stores()
 def test_full_cache_refuses_and_changes_nothing(backend: O.OnnxRuntimeBackend) -> None:
     spec = SMALL.replace(max_positions=40)
     cache = backend.open_cache(spec)
-    k, v = _kv(spec, 41)
-    cache.append(0, k[:30], v[:30])
-    before = cache.read(0, 0, 30)
-    with pytest.raises(ContextLimitExceeded):
-        cache.append(0, k[30:41], v[30:41])
-    assert cache.length(0) == 30
-    assert all(np.array_equal(a, b) for a, b in zip(before, cache.read(0, 0, 30)))
-    cache.append(0, k[30:40], v[30:40])
-    assert cache.length(0) == 40 and cache.length(1) == 0
+    check_refuses_when_full(cache)
 
 
 def test_bad_calls_are_value_errors(backend: O.OnnxRuntimeBackend) -> None:
@@ -245,17 +202,10 @@ def test_nbytes_is_the_bound_buffer(backend: O.OnnxRuntimeBackend) -> None:
 
 # --- the suite on this backend ---
 
-SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
-
 
 def test_the_suite_passes_on_the_cpu_provider(pytester: pytest.Pytester) -> None:
     """What `pytest` runs on the backend: every question, both cache types, a small shape."""
-    import os
-
-    result = pytester.runpytest(
-        os.path.dirname(conformance.__file__), "-p", "no:cacheprovider", "--longctx-profile=onnxruntime-cpu",
-        "--longctx-backend=onnxruntime", f"--longctx-shape={SHAPE}", "--longctx-positions=2048",
-    )
+    result = run_suite(pytester, "onnxruntime", "--longctx-profile=onnxruntime-cpu", positions="2048")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
     # The shipped profile lists float16 attention outputs as expected failures, not strict
@@ -266,13 +216,8 @@ def test_the_suite_passes_on_the_cpu_provider(pytester: pytest.Pytester) -> None
 
 
 def test_an_absent_provider_skips_every_case_with_the_reason(pytester: pytest.Pytester) -> None:
-    import os
-
-    result = pytester.runpytest(
-        os.path.join(os.path.dirname(conformance.__file__), "test_limits.py"), "-p", "no:cacheprovider", "-rs",
-        "--longctx-backend=onnxruntime[ep=QNNExecutionProvider]", f"--longctx-shape={SHAPE}",
-        "--longctx-positions=256",
-    )
+    result = run_suite(pytester, "onnxruntime[ep=QNNExecutionProvider]", "-rs", module="test_limits.py",
+                       positions="256")
     outcomes = result.parseoutcomes()
     assert outcomes.get("skipped", 0) >= 1 and "passed" not in outcomes and "failed" not in outcomes
     result.stdout.fnmatch_lines(["*unavailable: onnxruntime * has no QNNExecutionProvider*"])

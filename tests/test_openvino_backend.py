@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Tuple
-
 import numpy as np
 import pytest
 
@@ -18,11 +14,10 @@ from pytest_longctx.protocol import KVBackend, KVCache  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.spec import CacheSpec, RopeSpec  # noqa: E402
 
-import pytest_longctx.conformance as conformance  # noqa: E402
+from _suite_runs import check_refuses_when_full, failing_import, run_suite  # noqa: E402
+from _suite_runs import kv as _kv  # noqa: E402
 
-TESTS_DIR = Path(__file__).parent
 SMALL = CacheSpec(2, 8, 2, 64, 300, kv_dtype="float32", rope=RopeSpec(theta=10000.0))
-SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
 FORMS = ("state", "static")
 # Stored K against the float64 rotation: float32 rounding; a float16 cache rounds the rotated
 # float32 value once more (one float16 quantum of |K| <= ~4 either way of the exact rounding).
@@ -39,12 +34,6 @@ ROPES = {
 @pytest.fixture(scope="module", params=FORMS)
 def backend(request: pytest.FixtureRequest) -> O.OpenVinoBackend:
     return O.OpenVinoBackend(form=request.param)
-
-
-def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (n, spec.n_kv_heads, spec.head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
 
 
 # --- options and availability ---
@@ -66,16 +55,7 @@ def test_malformed_option_is_a_spec_error_naming_the_keys(text: str, message: st
 
 
 def test_missing_openvino_is_unavailable_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_openvino(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name == "openvino":
-            raise ImportError("No module named 'openvino'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    failing_import(monkeypatch, ImportError("No module named 'openvino'"), "openvino")
     with pytest.raises(BackendUnavailable, match=r"pip install 'pytest-longctx\[openvino\]'"):
         O.OpenVinoBackend()
 
@@ -167,15 +147,7 @@ def test_full_cache_refuses_and_changes_nothing(backend: O.OpenVinoBackend) -> N
     spec = SMALL.replace(max_positions=40)
     cache = backend.open_cache(spec)
     assert isinstance(cache, KVCache)
-    k, v = _kv(spec, 41)
-    cache.append(0, k[:30], v[:30])
-    before = cache.read(0, 0, 30)
-    with pytest.raises(ContextLimitExceeded):
-        cache.append(0, k[30:41], v[30:41])
-    assert cache.length(0) == 30
-    assert all(np.array_equal(a, b) for a, b in zip(before, cache.read(0, 0, 30)))
-    cache.append(0, k[30:40], v[30:40])
-    assert cache.length(0) == 40 and cache.length(1) == 0
+    check_refuses_when_full(cache)
 
 
 def test_bad_calls_are_value_errors(backend: O.OpenVinoBackend) -> None:
@@ -244,11 +216,7 @@ def test_static_padding_is_masked_out_entirely() -> None:
 # --- the suite on this backend ---
 
 def _suite(pytester: pytest.Pytester, backend: str, *args: str, positions: str = "1024") -> pytest.RunResult:
-    pytester.syspathinsert(TESTS_DIR)
-    return pytester.runpytest(
-        os.path.dirname(conformance.__file__), "-p", "no:cacheprovider", "-rfEs", f"--longctx-backend={backend}",
-        f"--longctx-shape={SHAPE}", f"--longctx-positions={positions}", *args,
-    )
+    return run_suite(pytester, backend, "-rfEs", *args, positions=positions)
 
 
 def test_the_default_form_is_static_on_every_device() -> None:
@@ -276,10 +244,7 @@ def test_the_state_form_passes_equivalence_and_limits(pytester: pytest.Pytester)
 
 def test_an_absent_npu_skips_every_case_with_one_line(pytester: pytest.Pytester) -> None:
     _absent("NPU")
-    result = pytester.runpytest(
-        os.path.join(os.path.dirname(conformance.__file__), "test_limits.py"), "-p", "no:cacheprovider", "-rs",
-        "--longctx-backend=openvino[device=NPU]", f"--longctx-shape={SHAPE}", "--longctx-positions=256",
-    )
+    result = run_suite(pytester, "openvino[device=NPU]", "-rs", module="test_limits.py", positions="256")
     outcomes = result.parseoutcomes()
     assert outcomes.get("skipped", 0) >= 1 and "passed" not in outcomes and "failed" not in outcomes
     result.stdout.fnmatch_lines(["*unavailable: openvino * has no NPU device (available: CPU*cannot load library*"])

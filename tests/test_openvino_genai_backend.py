@@ -8,7 +8,6 @@ forward pass of the same file (``tinygguf.reference_logits``) is the accuracy ya
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import warnings
@@ -29,6 +28,8 @@ from pytest_longctx.errors import (  # noqa: E402
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.tinygguf import reference_logits, write_tiny_gguf  # noqa: E402
+
+from _suite_runs import failed_tests, failing_import, run_suite  # noqa: E402
 
 VOCAB = 320
 
@@ -82,14 +83,7 @@ def test_options_reach_the_backend_by_name() -> None:
 
 
 def test_missing_openvino_genai_is_unavailable_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def fake(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name == "openvino_genai":
-            raise ImportError("No module named 'openvino_genai'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    failing_import(monkeypatch, ImportError("No module named 'openvino_genai'"), "openvino_genai")
     with pytest.raises(BackendUnavailable, match=r"openvino_genai is not importable .*pytest-longctx\[openvino\]"):
         G.OpenVinoGenAIBackend()
 
@@ -322,12 +316,11 @@ def test_runtime_suite_on_openvino_genai_gives_the_real_verdicts(pytester: pytes
     golden = tmp_path / "golden.npz"
     golden_logits.write(str(golden), tokens, [512, 1024], 16, np.stack([full[496:512], full[1008:1024]]),
                         {"backend": "tinygguf.reference_logits (float64)"})
-    result = pytester.runpytest(
-        f"--longctx-backend=openvino-genai[threads=1,cache_dir={cache}]", f"--longctx-model={model}",
-        "--longctx-positions=512,1024", f"--longctx-reference-logits={golden}", "--longctx-seed=5",
-        "--longctx-chunk=256", "-m", "not longctx_memory", "-rfEs")
+    result = run_suite(pytester, f"openvino-genai[threads=1,cache_dir={cache}]", f"--longctx-reference-logits={golden}",
+                       "--longctx-seed=5", "--longctx-chunk=256", "-m", "not longctx_memory", "-rfEs", model=model,
+                       shape=None, module=None, positions="512,1024")
     outcomes = result.parseoutcomes()
-    failed = {line.split("::")[-1].split("[")[0] for line in result.outlines if line.startswith("FAILED")}
+    failed = set(failed_tests(result))
     assert failed == {"test_one_token_more_is_rejected_and_changes_nothing",
                       "test_prompt_crossing_the_limit_is_rejected_whole"}, result.stdout.str()
     assert outcomes.get("passed") == 15 and "errors" not in outcomes, result.stdout.str()

@@ -18,6 +18,7 @@ from typing import Dict, Iterator
 import numpy as np
 import pytest
 
+import _suite_runs as suite_runs
 import rkllm_standin as S
 from pytest_longctx.backends import _rkllm_abi as abi
 from pytest_longctx.backends import rkllm_backend as R
@@ -552,9 +553,8 @@ def test_a_closed_runtime_says_so(backend: R.RkllmBackend, model: str) -> None:
 
 def run_suite(pytester: pytest.Pytester, library: str, model: str, *args: str, options: str = "") -> pytest.RunResult:
     shape = S.write_shape(pytester.path)
-    return pytester.runpytest(f"--longctx-backend=rkllm[library={library},shape={shape}{options}]",
-                              f"--longctx-model={model}", "--longctx-positions=1024,2048,4096",
-                              "--longctx-seed=5", "-rfEs", *args)
+    return suite_runs.run_suite(pytester, f"rkllm[library={library},shape={shape}{options}]", "--longctx-seed=5",
+                                "-rfEs", *args, model=model, shape=None, module=None, positions="1024,2048,4096")
 
 
 def test_runtime_suite_passes_on_the_standin(pytester: pytest.Pytester, library: str, model: str) -> None:

@@ -18,6 +18,8 @@ import pytest
 from pytest_longctx import logits
 from pytest_longctx.metrics import compare_logits
 
+from _suite_runs import failed_tests, run_suite
+
 TESTS_DIR = Path(__file__).parent
 POSITIONS = "1024,2048,4096"
 
@@ -35,9 +37,8 @@ def run(pytester: pytest.Pytester, backend: str, model: Path, *args: str,
         subprocess: bool = False) -> pytest.RunResult:
     """The suite on a toy runtime; in a subprocess where memory is measured, so that the
     allocator's state left by earlier in-process runs cannot hide growth."""
-    runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
-    return runner(f"--longctx-backend=runtime_backends:{backend}", f"--longctx-model={model}",
-                  f"--longctx-positions={POSITIONS}", "-rfEs", "--longctx-seed=3", *args)
+    return run_suite(pytester, f"runtime_backends:{backend}", "-rfEs", "--longctx-seed=3", *args, model=model,
+                     shape=None, module=None, positions=POSITIONS, subprocess=subprocess)
 
 
 def test_correct_runtime_passes_every_runtime_group(pytester: pytest.Pytester, toy: Path) -> None:
@@ -79,7 +80,7 @@ DEFECTS = [
 def test_runtime_groups_catch_defect(pytester: pytest.Pytester, toy: Path, backend: str,
                                      failing: Sequence[str], message: str) -> None:
     result = run(pytester, backend, toy, subprocess=backend == "KeepsTwoCopiesBackend")
-    failed = [line.split("::")[1].split("[")[0] for line in result.outlines if line.startswith("FAILED ")]
+    failed = failed_tests(result)
     if failing is not None:
         assert sorted(failed) == sorted(failing), result.stdout.str()
     else:
@@ -93,7 +94,7 @@ def test_a_runtime_that_exits_fails_its_cases_in_one_line(pytester: pytest.Pytes
     """exit() is not an Exception: the runtime side's guard catches it as the KV side's does
     (it escaped as a SystemExit traceback when the runtime groups caught Exception)."""
     result = run(pytester, "ExitsPastTheLimitBackend", toy, "-m", "longctx_limits")
-    failed = sorted(line.split("::")[1].split("[")[0] for line in result.outlines if line.startswith("FAILED "))
+    failed = sorted(failed_tests(result))
     assert failed == ["test_one_token_more_is_rejected_and_changes_nothing",
                       "test_prompt_crossing_the_limit_is_rejected_whole"], result.stdout.str()
     result.stdout.fnmatch_lines([

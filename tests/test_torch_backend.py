@@ -8,8 +8,6 @@ path is exercised where a GPU is, by the same suite run with ``device=cuda``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any, Tuple
 
 import numpy as np
 import pytest
@@ -20,28 +18,16 @@ from pytest_longctx import reference as ref  # noqa: E402
 from pytest_longctx.backends import torch_backend as T  # noqa: E402
 from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
-from pytest_longctx.spec import CacheSpec, RopeSpec  # noqa: E402
+from pytest_longctx.spec import RopeSpec  # noqa: E402
 
-TESTS_DIR = Path(__file__).parent
-SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
+from _suite_runs import run_suite  # noqa: E402
+from _suite_runs import kv as _kv  # noqa: E402
+from _suite_runs import small_spec as _spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def backend() -> T.TorchBackend:
     return T.TorchBackend(device="cpu", threads=1)
-
-
-def _spec(kv_dtype: str = "float32", positions: int = 1200, **fields: Any) -> CacheSpec:
-    rope = fields.pop("rope", RopeSpec(theta=10000.0))
-    base = dict(n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, max_positions=positions)
-    base.update(fields)
-    return CacheSpec(**base, kv_dtype=kv_dtype, rope=rope)
-
-
-def _kv(spec: CacheSpec, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (n, spec.n_kv_heads, spec.head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
 
 
 # --- options and bad input ------------------------------------------------------------------
@@ -231,8 +217,7 @@ def test_wrong_input_shape_is_a_one_line_value_error(backend: T.TorchBackend) ->
 def test_the_suite_passes_on_the_cpu(pytester: pytest.Pytester) -> None:
     """What `pytest --longctx-backend=torch` runs: every group, at float32 and a small size to
     stay fast (each storage dtype's own path is checked above, and at 4K..16K in docs/backends/torch.md)."""
-    result = pytester.runpytest("-p", "no:cacheprovider", "--longctx-backend=torch[device=cpu]",
-                                f"--longctx-shape={SHAPE}", "--longctx-positions=1024", "--longctx-kv-dtype=float32")
+    result = run_suite(pytester, "torch[device=cpu]", "--longctx-kv-dtype=float32", module=None)
     outcomes = result.parseoutcomes()
     assert set(outcomes) <= {"passed", "deselected", "warnings"}, result.stdout.str()[-4000:]
     assert outcomes["passed"] >= 30, outcomes
@@ -264,11 +249,10 @@ def test_the_suite_catches_each_broken_torch_backend(pytester: pytest.Pytester) 
     """One run over the three broken variants and the shipped backend (the control): each variant
     fails exactly the tests its defect breaks, with its diagnosis; the shipped one passes. A fixed
     seed: which stage shows a defect worst depends on where the inputs put needles and decoys."""
-    pytester.syspathinsert(TESTS_DIR)
-    backends = [f"--longctx-backend=broken_torch_backends:{name}" for name in BROKEN]
-    result = pytester.runpytest("-p", "no:cacheprovider", *backends, "--longctx-backend=torch[device=cpu]",
-                                f"--longctx-shape={SHAPE}", "--longctx-positions=1024", "--longctx-kv-dtype=float32",
-                                "--longctx-seed=1", "-rf", "-m", "longctx_equivalence", "-k", "float32-1024")
+    first, *rest = [f"broken_torch_backends:{name}" for name in BROKEN]
+    result = run_suite(pytester, first, *[f"--longctx-backend={b}" for b in rest], "--longctx-backend=torch[device=cpu]",
+                       "--longctx-kv-dtype=float32", "--longctx-seed=1", "-rf", "-m", "longctx_equivalence",
+                       "-k", "float32-1024", module=None)
     failed: dict = {}
     for line in result.outlines:
         if line.startswith("FAILED "):

@@ -10,7 +10,6 @@ little for the equivalence group to tell a bug from rounding. One torch thread: 
 
 from __future__ import annotations
 
-import builtins
 import os
 import sys
 import warnings
@@ -30,6 +29,8 @@ from pytest_longctx.errors import (  # noqa: E402
 from pytest_longctx.metrics import compare_logits  # noqa: E402
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
 from pytest_longctx.registry import load_backend  # noqa: E402
+
+from _suite_runs import failed_tests, failing_import, run_suite  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 CONTEXT, VOCAB = 2048, 256
@@ -100,18 +101,11 @@ def test_a_device_this_torch_lacks_is_unavailable_naming_what_exists() -> None:
 
 def test_missing_torch_or_transformers_is_unavailable_with_the_install_command(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-    missing = {"name": "torch"}
-
-    def fake(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name == missing["name"] or name.startswith(missing["name"] + "."):
-            raise ImportError(f"No module named {missing['name']!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    failing_import(monkeypatch, ImportError("No module named 'torch'"), "torch")
     with pytest.raises(BackendUnavailable, match=r"torch is not installed .*pip install torch==.*\[transformers\]"):
         T.TransformersBackend()
-    missing["name"] = "transformers"
+    monkeypatch.undo()
+    failing_import(monkeypatch, ImportError("No module named 'transformers'"), "transformers")
     with pytest.raises(BackendUnavailable, match=r"transformers with StaticCache is not importable .*"
                                                  r"pip install 'pytest-longctx\[transformers\]'"):
         T.TransformersBackend()
@@ -270,9 +264,8 @@ def test_batched_prefill_gives_the_one_pass_logits(backend: T.TransformersBacken
 # --- the suite on it ---
 
 def _run(pytester: pytest.Pytester, backend: str, model: Path, *args: str) -> pytest.RunResult:
-    pytester.syspathinsert(TESTS_DIR)
-    return pytester.runpytest(f"--longctx-backend={backend}", f"--longctx-model={model}",
-                              f"--longctx-positions={POSITIONS}", "--longctx-seed=3", "-rfEs", *args)
+    return run_suite(pytester, backend, "--longctx-seed=3", "-rfEs", *args, model=model, shape=None, module=None,
+                     positions=POSITIONS)
 
 
 def test_the_runtime_groups_pass_the_transformers_runtime(pytester: pytest.Pytester, model_dir: Path) -> None:
@@ -304,8 +297,7 @@ def test_the_runtime_groups_catch_a_broken_variant(pytester: pytest.Pytester, mo
         result = _run(pytester, f"broken_transformers:{backend}[threads=1]", model_dir, "-m", group)
     finally:
         monkey.undo()
-    failed = [line.split("::")[1].split("[")[0] for line in result.outlines if line.startswith("FAILED ")]
-    assert sorted(failed) == sorted(failing), result.stdout.str()
+    assert sorted(failed_tests(result)) == sorted(failing), result.stdout.str()
     result.stdout.fnmatch_lines([message])
     result.stdout.no_fnmatch_line("E   *")  # one-line diagnoses
     assert "errors" not in result.parseoutcomes()
