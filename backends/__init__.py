@@ -5,6 +5,6 @@ pyproject.toml maps this top-level folder there). A backend imports the contract
 only (``pytest_longctx.spec``, ``.protocol``, ``.errors``, ``.rope``, ``.shapes``)
 and its private helpers here (``_*.py``); never the plugin, the reference or the
 suite. The plugin finds built-ins by ``module:factory`` text in
-``pytest_longctx.registry.BUILTINS``, as it finds a third party's entry point, so
+``pytest_longctx.access.registry.BUILTINS``, as it finds a third party's entry point, so
 nothing here is imported until a backend is chosen.
 """

@@ -14,8 +14,8 @@ from typing import Any, Sequence, Tuple
 import numpy as np
 
 from pytest_longctx import CacheSpec, KVBackend, KVCache
-from pytest_longctx.guard import call, fail, guarded
-from pytest_longctx.metrics import Verdict, judge
+from pytest_longctx.access.guard import call, fail, guarded
+from pytest_longctx.measure.metrics import Verdict, judge
 from pytest_longctx.reference import apply_rope, attention, farthest, plain_attention, plain_variants
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from pytest_longctx import CacheSpec, RopeSpec
-from pytest_longctx.fixtures import opened, skip_unless_fits
-from pytest_longctx.inputs import Inputs
-from pytest_longctx.metrics import Verdict
+from pytest_longctx.measure.inputs import Inputs
+from pytest_longctx.measure.metrics import Verdict
 from pytest_longctx.reference import apply_rope, farthest, stored_k_variants, stored_v
+from pytest_longctx.session.fixtures import opened, skip_unless_fits
 
-from ._needles import NeedleCase, plant_needles
 from ._check import append, attend, case, equivalence, judge_attention, read, verdict_line
+from ._needles import NeedleCase, plant_needles
 
 N_Q = (1, 16)
 START = 128  # cache length of the "start" stage

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from pytest_longctx import CacheSpec
-from pytest_longctx.inputs import CHECK_POSITIONS, Inputs
+from pytest_longctx.measure.inputs import CHECK_POSITIONS, Inputs
 from pytest_longctx.reference import apply_rope
 
 # Scores after scaling: a needle must dominate thousands of Gaussian keys; a loud one

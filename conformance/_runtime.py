@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from pytest_longctx import ModelRuntime
-from pytest_longctx import logits
-from pytest_longctx.consistency import ConsistencyBound, consistency_bound, same_top1
-from pytest_longctx.logits import GoldenLogits, load, token_ids
-from pytest_longctx.metrics import LogitsComparison, compare_logits
-from pytest_longctx.settings import Settings
+from pytest_longctx.measure.consistency import ConsistencyBound, consistency_bound, same_top1
+from pytest_longctx.measure.golden import GoldenLogits, load
+from pytest_longctx.measure.metrics import LogitsComparison, compare_logits
+from pytest_longctx.measure.prefill import prefill_chunks as chunked
+from pytest_longctx.measure.prefill import token_ids
+from pytest_longctx.session.settings import Settings
 
 from ._check import call, fail
 
@@ -64,7 +65,7 @@ def prefill(runtime: ModelRuntime, ids: Sequence[int], at: str, what: str = "") 
 def prefill_chunks(runtime: ModelRuntime, ids: Sequence[int], chunk: int, at: str) -> Optional[np.ndarray]:
     """Prefill in chunks, each call guarded; the last chunk's logits."""
     __tracebackhide__ = True
-    return logits.prefill_chunks(lambda part: prefill(runtime, part, at), ids, chunk)
+    return chunked(lambda part: prefill(runtime, part, at), ids, chunk)
 
 
 def positions(runtime: ModelRuntime) -> int:

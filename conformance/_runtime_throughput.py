@@ -15,9 +15,9 @@ from typing import Any, List, Tuple
 import numpy as np
 import pytest
 
-from pytest_longctx.contention import HostShare
-from pytest_longctx.measure import Stats
-from pytest_longctx.metrics import is_top1
+from pytest_longctx.measure.contention import HostShare
+from pytest_longctx.measure.metrics import is_top1
+from pytest_longctx.measure.stats import Stats
 
 from ._check import call, fail
 from ._runtime import positions, prefill, prefill_chunks, prompt, reset

@@ -16,11 +16,11 @@ from typing import Any, List
 import numpy as np
 import pytest
 
-from pytest_longctx.contention import HostMeter, HostShare
-from pytest_longctx.inputs import Inputs
-from pytest_longctx.measure import Stats
+from pytest_longctx.measure.contention import HostMeter, HostShare
+from pytest_longctx.measure.inputs import Inputs
+from pytest_longctx.measure.stats import Stats
+from pytest_longctx.measure.workloads import fill_traffic, time_conversion, time_decode_attention, time_repeated_input
 from pytest_longctx.reference import apply_rope, roundtrip, stored_k_variants, stored_v
-from pytest_longctx.workloads import fill_traffic, time_conversion, time_decode_attention, time_repeated_input
 
 from ._check import call, case, equivalence, fail, guarded, host, judge_attention, read, verdict_line
 
@@ -59,7 +59,7 @@ def check_fraction(what, fraction, floor, of, where, share, settings):
 
 def not_judged_if_contended(what, measured, expected, share: HostShare, settings, where):
     """A floor missed while other processes took the host says nothing about the backend
-    (``pytest_longctx.contention``): the case is skipped with its figure, so the certificate
+    (``pytest_longctx.measure.contention``): the case is skipped with its figure, so the certificate
     holds the floor as not shown."""
     __tracebackhide__ = True
     if share.contended(settings.contended_cores):

@@ -15,11 +15,11 @@ from typing import Dict, Optional
 import pytest
 
 from pytest_longctx import KVCache
-from pytest_longctx.fixtures import open_cache
-from pytest_longctx.guard import close_warned
-from pytest_longctx.inputs import Inputs
-from pytest_longctx.measure import Held, MemoryProbe, MemorySample
-from pytest_longctx.workloads import Fill, fill, native_pool
+from pytest_longctx.access.guard import close_warned
+from pytest_longctx.measure.inputs import Inputs
+from pytest_longctx.measure.memory import Held, MemoryProbe, MemorySample
+from pytest_longctx.measure.workloads import Fill, fill, native_pool
+from pytest_longctx.session.fixtures import open_cache
 
 from ._check import call
 

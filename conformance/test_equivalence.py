@@ -35,10 +35,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytest_longctx.spec import ATTENTION_FEATURES, ROPE_KINDS, ROPE_STYLES
-from pytest_longctx.fixtures import opened
-from pytest_longctx.inputs import CHECK_POSITIONS, Inputs
+from pytest_longctx.measure.inputs import CHECK_POSITIONS, Inputs
 from pytest_longctx.reference import stored_v
+from pytest_longctx.session.fixtures import opened
+from pytest_longctx.spec import ATTENTION_FEATURES, ROPE_KINDS, ROPE_STYLES
 
 from ._check import append, attend, equivalence
 from ._equivalence import Outcome, compare_read, equivalence_run, report, rope_variant, stage_lengths, variant_spec

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from pytest_longctx import ContextLimitExceeded
-from pytest_longctx.fixtures import opened
-from pytest_longctx.guard import guarded
+from pytest_longctx.access.guard import guarded
 from pytest_longctx.reference import roundtrip
+from pytest_longctx.session.fixtures import opened
 
-from pytest_longctx.workloads import Fill, fill, native_pool
+from pytest_longctx.measure.workloads import Fill, fill, native_pool
 
 from ._check import call, case, equivalence, fail, read
 

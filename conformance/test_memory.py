@@ -7,7 +7,7 @@ Requirements, one test each:
 - from the first checkpoint to each later one (every certified length and every quarter
   of the way) a growing cache grows by at most the KV it gained × (1 + allowance), and a
   preallocated one stays flat within the allowance, each up to what the observer cannot
-  resolve (``measure.PROBE_SLACK``): fixed working memory cancels out there, so a cache
+  resolve (``measure.memory.PROBE_SLACK``): fixed working memory cancels out there, so a cache
   that keeps 1.5× its KV fails at any size, one that allocates twice its need either way;
 - after close(), what opening and filling took comes back within analytic × allowance +
   slack: a backend that leaks fails.
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_longctx.measure import MemoryProbe, format_bytes, release_free_memory
+from pytest_longctx.measure.memory import MemoryProbe, release_free_memory
+from pytest_longctx.measure.units import format_bytes
 
 from ._check import call, case, fail
 

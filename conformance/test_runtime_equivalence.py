@@ -10,7 +10,7 @@ Requirements, one test each, at every positions value d:
 
 Tolerances: the consistency bound, a KL divergence of 10 x the noise a correct
 llama.cpp shows for the runtime's KV dtype, with the same top-1 token
-(``pytest_longctx.consistency``); against the reference, mean KL at most
+(``pytest_longctx.measure.consistency``); against the reference, mean KL at most
 ``--longctx-logits-kl`` and top-1 agreement at least ``--longctx-top1-agreement``.
 Chunked prefill that diverges from one-shot prefill (a chunk seen at the wrong
 positions, a stale slot) and a reset that leaves state behind are bug classes that
@@ -25,8 +25,9 @@ from typing import Dict, Optional
 import numpy as np
 import pytest
 
-from pytest_longctx.logits import TAIL, tail_logits
-from pytest_longctx.metrics import compare_logits
+from pytest_longctx.measure.golden import TAIL
+from pytest_longctx.measure.metrics import compare_logits
+from pytest_longctx.measure.prefill import tail_logits
 
 from ._check import fail
 from ._runtime import (

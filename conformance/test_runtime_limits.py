@@ -11,7 +11,7 @@ Requirements, one test each:
 - one token more is rejected with ContextLimitExceeded, positions unchanged;
 - a prompt crossing the limit is rejected whole: positions unchanged, and the next
   token's logits the same as if it had never been sent (within the consistency bound,
-  ``pytest_longctx.consistency``). A runtime that applies part of the prompt before
+  ``pytest_longctx.measure.consistency``). A runtime that applies part of the prompt before
   failing is named with how many tokens it took.
 """
 
@@ -23,8 +23,8 @@ import pytest
 
 from pytest_longctx import ContextClamped, ContextLimitExceeded, LongctxError
 
-from pytest_longctx.guard import close_warned, guarded
-from pytest_longctx.runcontrol import captured
+from pytest_longctx.access.guard import close_warned, guarded
+from pytest_longctx.access.runcontrol import captured
 
 from ._check import fail
 from ._runtime import (

@@ -20,7 +20,8 @@ from typing import Dict, Optional
 
 import pytest
 
-from pytest_longctx.measure import ProcessPeak, format_bytes
+from pytest_longctx.measure.memory import ProcessPeak
+from pytest_longctx.measure.units import format_bytes
 
 from ._check import call, fail
 from ._runtime import prefill_chunks, prompt, reset, tags, where

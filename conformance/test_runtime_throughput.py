@@ -24,7 +24,7 @@ from typing import Dict
 
 import pytest
 
-from pytest_longctx.contention import HostMeter
+from pytest_longctx.measure.contention import HostMeter
 
 from ._check import fail
 from ._runtime import need_depth, tags, where

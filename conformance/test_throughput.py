@@ -43,12 +43,14 @@ import time
 import numpy as np
 import pytest
 
-from pytest_longctx.contention import HostMeter
-from pytest_longctx.fixtures import opened
-from pytest_longctx.guard import guarded
-from pytest_longctx.inputs import Inputs
-from pytest_longctx.measure import Stats, backend_bandwidth, preflight
-from pytest_longctx.workloads import native_pool, time_retrieve, timed_fill, timed_pool_positions
+from pytest_longctx.access.guard import guarded
+from pytest_longctx.measure.bandwidth import backend_bandwidth
+from pytest_longctx.measure.contention import HostMeter
+from pytest_longctx.measure.inputs import Inputs
+from pytest_longctx.measure.preflight import preflight
+from pytest_longctx.measure.stats import Stats
+from pytest_longctx.measure.workloads import native_pool, time_retrieve, timed_fill, timed_pool_positions
+from pytest_longctx.session.fixtures import opened
 
 from ._check import call, fail
 from ._throughput import (PROBE_PAIRS, DecodeTimed, bound, check_floor, check_fraction, check_not_deferred,

@@ -1,7 +1,7 @@
 """pytest-longctx: certify a long-context inference backend with measured figures.
 
 The public contract a backend implements is exported here; the pytest plugin
-itself lives in ``pytest_longctx.plugin``. The arrows point one way: the contract
+itself lives in ``pytest_longctx.session.plugin``. The arrows point one way: the contract
 (spec, protocol, errors, rope, shapes, hookspec, questions) imports nothing else
 of the project; registry, runcontrol and guard (finding and calling backends)
 build on it only; backends and the reference import the contract only; the plugin never
@@ -11,6 +11,7 @@ The package raises its own errors and uses no bare asserts, so it opts out of
 assertion rewriting: PYTEST_DONT_REWRITE.
 """
 
+from .access.registry import load_backend
 from .errors import (
     BackendUnavailable,
     ContextClamped,
@@ -21,7 +22,6 @@ from .errors import (
     SpecError,
 )
 from .protocol import BackendInfo, KVBackend, KVCache, ModelRuntime, RuntimeBackend, RuntimeStats
-from .registry import load_backend
 from .rope import RopeFrequencies, rope_frequencies
 from .shapes import SHAPES, parse_shape
 from .spec import KV_DTYPES, CacheSpec, RopeSpec

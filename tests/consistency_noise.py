@@ -14,7 +14,7 @@ KV cache type and flash attention on and off, and prints one row per way:
   configuration (n_batch 512, 1 thread) of the same cache type.
 
 KL is llama.cpp's ``perplexity --kl-divergence`` figure: KL(reference || test) in
-nats on the softmax of the logits. The bounds of pytest_longctx/consistency.py
+nats on the softmax of the logits. The bounds of pytest_longctx/measure/consistency.py
 are derived from the largest KL of each cache type.
 
     .venv/bin/python tests/consistency_noise.py [--depth 8192] [--seeds 5,6]
@@ -30,9 +30,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from pytest_longctx.backends import llamacpp_backend as L
-from pytest_longctx.logits import tail_logits, token_ids
-from pytest_longctx.metrics import compare_logits
-from pytest_longctx.tinygguf import write_tiny_gguf
+from pytest_longctx.measure.metrics import compare_logits
+from pytest_longctx.measure.prefill import tail_logits, token_ids
+from pytest_longctx.tools.tinygguf import write_tiny_gguf
 
 # (n_batch, n_ubatch, threads): the first is the reference of the across-configuration rows.
 CONFIGS: List[Tuple[int, int, int]] = [(512, 512, 1), (256, 128, 2), (512, 512, 2), (2048, 512, 1), (8192, 2048, 1)]

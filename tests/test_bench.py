@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_longctx import bench
 from pytest_longctx.shapes import parse_shape
+from pytest_longctx.tools import bench
 
 TINY = "n_layers=2,n_heads=4,n_kv_heads=2,head_dim=64"
 

@@ -21,8 +21,9 @@ from typing import Any, Dict
 
 import pytest
 
-from pytest_longctx import certificate as cert
-from pytest_longctx import merge, plots, render
+from pytest_longctx.certify import certificate as cert
+from pytest_longctx.certify import plots, render
+from pytest_longctx.tools import report
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -298,7 +299,7 @@ def test_merge_makes_one_matrix_from_two_hosts(made: Path, tmp_path: Path) -> No
     document = json.loads((made / "cert.json").read_text())
     (tmp_path / "b.json").write_text(json.dumps(on_host(document, "other-host")))
     outputs = [str(tmp_path / f"matrix.{kind}") for kind in ("json", "md", "html")]
-    assert merge.main(["merge", str(made / "cert.json"), str(tmp_path / "b.json"), "-o", *outputs]) == 0
+    assert report.main(["merge", str(made / "cert.json"), str(tmp_path / "b.json"), "-o", *outputs]) == 0
     matrix = json.loads((tmp_path / "matrix.json").read_text())
     columns = {f["column"] for f in matrix["figures"]}
     assert len(columns) == 2 and any(c.endswith("@ other-host") for c in columns)
@@ -311,7 +312,7 @@ def test_merge_makes_one_matrix_from_two_hosts(made: Path, tmp_path: Path) -> No
 
 def test_merge_refuses_the_same_case_twice(made: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = str(made / "cert.json")
-    assert merge.main(["merge", path, path, "-o", str(tmp_path / "m.json")]) == 2
+    assert report.main(["merge", path, path, "-o", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.match(
         r"longctx-report: error: case \S+ on cpu on cpu .* \(shape .*\) is in .* and .*, but should be in one "
@@ -325,7 +326,7 @@ def test_merge_refuses_another_schema_version(made: Path, tmp_path: Path) -> Non
     document["schema_version"] = 2
     (tmp_path / "v2.json").write_text(json.dumps(on_host(document, "newer")))
     script = Path(sys.executable).with_name("longctx-report")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "pytest_longctx.merge"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pytest_longctx.tools.report"]
     done = subprocess.run([*command, "merge", str(made / "cert.json"), str(tmp_path / "v2.json"),
                            "-o", str(tmp_path / "m.md")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pytest_longctx.contention import CONTENDED_CORES, HostMeter, HostShare
+from pytest_longctx.measure.contention import CONTENDED_CORES, HostMeter, HostShare
 
 
 def _spin(seconds: float) -> None:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from pytest_longctx import reference as ref
+from pytest_longctx.access.registry import load_backend
 from pytest_longctx.backends.cupy_backend import CupyBackend
 from pytest_longctx.backends.numpy_backend import NumpyBackend
 from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError
-from pytest_longctx.measure import cache_preflight
-from pytest_longctx.registry import load_backend
+from pytest_longctx.measure.preflight import cache_preflight
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
 from _suite_runs import kv as _kv

@@ -101,8 +101,8 @@ def test_questions_page_names_the_registered_markers_and_every_module(pytestconf
 
 def test_certification_page_shows_a_shipped_profile_and_lists_all(pytester: pytest.Pytester) -> None:
     page = _page("certification.md")
-    profiles = sorted((ROOT / "pytest_longctx" / "profiles").glob("*.toml"))
-    assert (ROOT / "pytest_longctx" / "profiles" / "7b-sim-16k-ladder.toml").read_text() in _blocks(page, "toml")
+    profiles = sorted((ROOT / "pytest_longctx" / "session" / "profiles").glob("*.toml"))
+    assert (ROOT / "pytest_longctx" / "session" / "profiles" / "7b-sim-16k-ladder.toml").read_text() in _blocks(page, "toml")
     assert [p.stem for p in profiles if f"| `{p.stem}` |" not in page] == []
 
 

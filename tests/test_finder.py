@@ -14,9 +14,9 @@ from typing import List
 
 import pytest
 
-from pytest_longctx import certificate as cert
-from pytest_longctx import merge, render
-from pytest_longctx.finder import ladder, search
+from pytest_longctx.certify import certificate as cert
+from pytest_longctx.certify import merge, render
+from pytest_longctx.certify.finder import ladder, search
 
 TESTS_DIR = Path(__file__).parent
 TINY = "n_layers=1,n_heads=4,n_kv_heads=1,head_dim=32,theta=10000"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_longctx.guard import CloseWarning, call, close_warned, guarded
-from pytest_longctx.registry import BackendLoadError, load_backend
-from pytest_longctx.runcontrol import captured
+from pytest_longctx.access.guard import CloseWarning, call, close_warned, guarded
+from pytest_longctx.access.registry import BackendLoadError, load_backend
+from pytest_longctx.access.runcontrol import captured
 
 
 class VendorAbort(BaseException):

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pytest
 
-from pytest_longctx import certificate as cert
-from pytest_longctx import forked, isolate
-from pytest_longctx.runcontrol import is_run_control
-from pytest_longctx.inputs import Inputs, Pool, distinct_slices
-from pytest_longctx.settings import Settings
+from pytest_longctx.access.runcontrol import is_run_control
+from pytest_longctx.certify import certificate as cert
+from pytest_longctx.isolation import forked, isolate
+from pytest_longctx.measure.inputs import Inputs, Pool, distinct_slices
+from pytest_longctx.measure.workloads import timed_pool_positions
+from pytest_longctx.session.settings import Settings
 from pytest_longctx.shapes import parse_shape
-from pytest_longctx.workloads import timed_pool_positions
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -221,7 +221,7 @@ def test_repeat_probe_rotates_its_order_and_measures_the_machines_own_noise() ->
     """Each kind of call (fresh, repeated, control) takes each place of a triplet equally often,
     and the bar follows the fresh-vs-fresh ratio: a machine that makes two fresh calls differ
     3x cannot pass for a cache of answers, while one 1000x faster still shows."""
-    from pytest_longctx.workloads import RepeatProbe, time_repeated_input
+    from pytest_longctx.measure.workloads import RepeatProbe, time_repeated_input
 
     order: List[str] = []
 

@@ -1,26 +1,33 @@
 """The import arrows point one way: every module's imports, read with ``ast`` (function-level
 and ``TYPE_CHECKING`` imports included), checked against the layers below.
 
-No module is on an import circle either. The layers, lowest first, and what each may import of the project (itself always)::
+No module is on an import circle either. A module's layer is its subpackage (one level under
+``pytest_longctx``); the flat modules are the contract. The layers, lowest first, and what
+each may import of the project (itself always)::
 
     contract   spec protocol errors rope shapes hookspec questions   nothing else of the project
-    access     registry runcontrol guard                             contract
+    access     pytest_longctx.access.*     registry runcontrol guard contract
     facade     pytest_longctx (the package __init__)                 contract, access
-    backends   pytest_longctx.backends.*    (folder backends/)      contract
-    reference  pytest_longctx.reference.*   (folder reference/)     contract
-    plugin     every other pytest_longctx.* module                   contract, access, facade
-    tools      bench merge tinygguf (console scripts)                plugin's and the reference
-    suite      pytest_longctx.conformance.* (folder conformance/)   contract, access, facade, plugin, reference
+    measure    pytest_longctx.measure.*                              contract, access
+    session    pytest_longctx.session.*    (the pytest11 entry)      contract, access, facade, measure
+    isolation  pytest_longctx.isolation.*                            ... and session
+    certify    pytest_longctx.certify.*                              ... and isolation
+    tools      pytest_longctx.tools.*      (console scripts)         every layer of the package, reference
+    backends   pytest_longctx.backends.*   (folder backends/)        contract
+    reference  pytest_longctx.reference.*  (folder reference/)       contract
+    suite      pytest_longctx.conformance.* (folder conformance/)    every layer of the package but tools, reference
 
 Backends and the suite are found at run time (``registry.BUILTINS`` as ``module:factory``
 text, the suite's folder by ``find_spec``), never imported by the plugin. Importing any
-submodule runs the package ``__init__`` first (the facade); that implicit step is not an
-arrow. A new module of ``pytest_longctx/`` is plugin unless listed here.
+submodule runs the package ``__init__`` first (the facade) and its subpackage's; those
+implicit steps are not arrows. A new flat module, or a new subpackage, has no layer until
+it is placed here: the test fails until it is.
 """
 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,47 +44,56 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "pytest_longctx"
 
 CONTRACT = ("spec", "protocol", "errors", "rope", "shapes", "hookspec", "questions")
-ACCESS = ("registry", "runcontrol", "guard")
-TOOLS = ("bench", "merge", "tinygguf")
+SUBPACKAGES = ("access", "measure", "session", "isolation", "certify", "tools")
+PACKAGE_LAYERS = ("facade", *SUBPACKAGES)
 
 ALLOWED: Dict[str, Tuple[str, ...]] = {
     "contract": ("contract",),
     "access": ("contract", "access"),
     "facade": ("contract", "access"),
+    "measure": ("contract", "access", "measure"),
+    "session": ("contract", "access", "facade", "measure", "session"),
+    "isolation": ("contract", "access", "facade", "measure", "session", "isolation"),
+    "certify": ("contract", "access", "facade", "measure", "session", "isolation", "certify"),
+    "tools": (*PACKAGE_LAYERS, "contract", "reference"),
     "backends": ("contract", "backends"),
     "reference": ("contract", "reference"),
-    "plugin": ("contract", "access", "facade", "plugin"),
-    "tools": ("contract", "access", "facade", "plugin", "reference", "tools"),
-    "suite": ("contract", "access", "facade", "plugin", "reference", "suite"),
+    "suite": ("contract", "access", "facade", "measure", "session", "isolation", "certify", "reference", "suite"),
+    "unplaced": (),
 }
 
 
 def layer_of(module: str) -> str:
-    """The layer of a project module (a dotted name under ``pytest_longctx``)."""
+    """The layer of a project module (a dotted name under ``pytest_longctx``): its subpackage,
+    or the contract for a listed flat module; anything else is "unplaced"."""
     if module == PACKAGE:
         return "facade"
-    parts = module.split(".")
-    top = parts[1]
-    if top == "backends":
-        return "backends"
-    if top == "reference":
-        return "reference"
+    top = module.split(".")[1]
+    if top in SUBPACKAGES:
+        return top
+    if top in ("backends", "reference"):
+        return top
     if top == "conformance":
         return "suite"
-    if top in CONTRACT:
-        return "contract"
-    if top in ACCESS:
-        return "access"
-    return "tools" if top in TOOLS else "plugin"
+    return "contract" if top in CONTRACT else "unplaced"
+
+
+def folder_of(package: str, mapping: Mapping[str, str]) -> str:
+    """The folder of a package as setuptools finds it: the longest mapped prefix, then the rest."""
+    parts = package.split(".")
+    for cut in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in mapping:
+            return "/".join([mapping[prefix], *parts[cut:]])
+    return "/".join(parts)
 
 
 def source_modules(root: Path) -> Dict[str, Path]:
-    """Dotted module name -> file, through pyproject's package-dir mapping (as installed)."""
-    config = tomllib.loads((root / "pyproject.toml").read_text())
-    mapping: Mapping[str, str] = config["tool"]["setuptools"]["package-dir"]
+    """Dotted module name -> file, through pyproject's packages and package-dir mapping (as installed)."""
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     modules: Dict[str, Path] = {}
-    for package, folder in mapping.items():
-        for path in sorted((root / folder).glob("*.py")):
+    for package in config["packages"]:
+        for path in sorted((root / folder_of(package, config["package-dir"])).glob("*.py")):
             modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return modules
 
@@ -152,40 +168,61 @@ def test_no_import_circle() -> None:
 
 
 def test_a_circle_hidden_in_a_function_is_found() -> None:
-    sources = {"pytest_longctx.fixtures": "def f():\n    from .finder import lengths\n",
-               "pytest_longctx.finder": "from .deadline import x\n",
-               "pytest_longctx.deadline": "from .fixtures import get_state\n"}
+    sources = {"pytest_longctx.session.fixtures": "def f():\n    from ..certify.finder import lengths\n",
+               "pytest_longctx.certify.finder": "from ..isolation.deadline import x\n",
+               "pytest_longctx.isolation.deadline": "from ..session.fixtures import get_state\n"}
     assert circles(sources, source_modules(ROOT))[0] == (
-        "pytest_longctx.deadline -> pytest_longctx.fixtures -> pytest_longctx.finder -> pytest_longctx.deadline")
+        "pytest_longctx.certify.finder -> pytest_longctx.isolation.deadline -> pytest_longctx.session.fixtures"
+        " -> pytest_longctx.certify.finder")
 
 
-def test_every_listed_contract_module_exists() -> None:
+def test_every_listed_layer_and_contract_module_exists() -> None:
     modules = source_modules(ROOT)
-    missing = [name for name in (*CONTRACT, *ACCESS, *TOOLS) if f"{PACKAGE}.{name}" not in modules]
+    missing = [name for name in (*CONTRACT, *SUBPACKAGES) if f"{PACKAGE}.{name}" not in modules]
     assert missing == []
 
 
+def test_every_module_has_a_layer_and_every_subpackage_is_installed() -> None:
+    """A new flat module or subpackage must be placed in a layer; a folder with an ``__init__``
+    that pyproject does not list would be left out of the wheel (and of these checks)."""
+    modules = source_modules(ROOT)
+    assert [m for m in modules if layer_of(m) == "unplaced"] == []
+    folders = sorted(p.parent.name for p in (ROOT / PACKAGE).glob("*/__init__.py"))
+    assert [f for f in folders if f"{PACKAGE}.{f}" not in modules] == []
+    assert layer_of(f"{PACKAGE}.helpers") == "unplaced" and ALLOWED["unplaced"] == ()
+
+
 @pytest.mark.parametrize(("module", "source", "expected"), [
-    ("pytest_longctx.spec", "def f():\n    from .fixtures import get_state\n",
-     "pytest_longctx.spec (contract) line 2 imports pytest_longctx.fixtures (plugin); "
+    ("pytest_longctx.spec", "def f():\n    from .session.fixtures import get_state\n",
+     "pytest_longctx.spec (contract) line 2 imports pytest_longctx.session.fixtures (session); "
      "contract may import only contract"),
-    ("pytest_longctx.registry", "from pytest_longctx import backends\n",
-     "pytest_longctx.registry (access) line 1 imports pytest_longctx.backends (backends); "
+    ("pytest_longctx.access.registry", "from pytest_longctx import backends\n",
+     "pytest_longctx.access.registry (access) line 1 imports pytest_longctx.backends (backends); "
      "access may import only contract, access"),
-    ("pytest_longctx.options", "import pytest_longctx.conformance.conftest\n",
-     "pytest_longctx.options (plugin) line 1 imports pytest_longctx.conformance.conftest (suite); "
-     "plugin may import only contract, access, facade, plugin"),
-    ("pytest_longctx.inputs", "if True:\n    from .reference import apply_rope\n",
-     "pytest_longctx.inputs (plugin) line 2 imports pytest_longctx.reference (reference); "
-     "plugin may import only contract, access, facade, plugin"),
-    ("pytest_longctx.backends.numpy_backend", "from ..fixtures import opened\n",
-     "pytest_longctx.backends.numpy_backend (backends) line 1 imports pytest_longctx.fixtures (plugin); "
+    ("pytest_longctx.session.options", "import pytest_longctx.conformance.conftest\n",
+     "pytest_longctx.session.options (session) line 1 imports pytest_longctx.conformance.conftest (suite); "
+     "session may import only contract, access, facade, measure, session"),
+    ("pytest_longctx.measure.inputs", "if True:\n    from ..reference import apply_rope\n",
+     "pytest_longctx.measure.inputs (measure) line 2 imports pytest_longctx.reference (reference); "
+     "measure may import only contract, access, measure"),
+    ("pytest_longctx.measure.workloads", "from ..session.settings import Settings\n",
+     "pytest_longctx.measure.workloads (measure) line 1 imports pytest_longctx.session.settings (session); "
+     "measure may import only contract, access, measure"),
+    ("pytest_longctx.session.terminal", "from ..certify import render\n",
+     "pytest_longctx.session.terminal (session) line 1 imports pytest_longctx.certify.render (certify); "
+     "session may import only contract, access, facade, measure, session"),
+    ("pytest_longctx.certify.writer", "from ..tools.bench import main\n",
+     "pytest_longctx.certify.writer (certify) line 1 imports pytest_longctx.tools.bench (tools); "
+     "certify may import only contract, access, facade, measure, session, isolation, certify"),
+    ("pytest_longctx.backends.numpy_backend", "from ..session.fixtures import opened\n",
+     "pytest_longctx.backends.numpy_backend (backends) line 1 imports pytest_longctx.session.fixtures (session); "
      "backends may import only contract, backends"),
     ("pytest_longctx.conformance.test_x", "from pytest_longctx.backends import numpy_backend\n",
      "pytest_longctx.conformance.test_x (suite) line 1 imports pytest_longctx.backends.numpy_backend (backends); "
-     "suite may import only contract, access, facade, plugin, reference, suite"),
-], ids=["contract-to-plugin-in-a-function", "access-to-backends", "plugin-to-suite", "plugin-to-reference-nested",
-        "backend-to-plugin-relative", "suite-to-backend"])
+     "suite may import only contract, access, facade, measure, session, isolation, certify, reference, suite"),
+], ids=["contract-to-session-in-a-function", "access-to-backends", "session-to-suite", "measure-to-reference-nested",
+        "measure-to-session", "session-to-certify", "certify-to-tools", "backend-to-session-relative",
+        "suite-to-backend"])
 def test_a_wrong_arrow_fails_naming_module_and_import(module: str, source: str, expected: str) -> None:
     known = source_modules(ROOT)
     assert wrong_arrows({module: source}, known) == [expected]
@@ -195,24 +232,22 @@ def test_a_wrong_import_written_into_a_copy_of_the_tree_is_found(tmp_path: Path)
     """The whole path, files and pyproject mapping included, on a tree with one module made wrong."""
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     for folder in ("pytest_longctx", "backends", "reference", "conformance"):
-        (tmp_path / folder).mkdir()
-        for path in (ROOT / folder).glob("*.py"):
-            (tmp_path / folder / path.name).write_text(path.read_text())
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     rope = tmp_path / "pytest_longctx" / "rope.py"
-    rope.write_text(rope.read_text() + "\n\ndef _late():\n    from pytest_longctx.measure import Stats\n")
+    rope.write_text(rope.read_text() + "\n\ndef _late():\n    from pytest_longctx.measure.stats import Stats\n")
     modules = source_modules(tmp_path)
     wrong = wrong_arrows({name: path.read_text() for name, path in modules.items()}, modules)
     assert len(wrong) == 1 and wrong[0].startswith("pytest_longctx.rope (contract) line ")
-    assert "imports pytest_longctx.measure (plugin)" in wrong[0]
+    assert "imports pytest_longctx.measure.stats (measure)" in wrong[0]
 
 
-def test_loading_the_plugin_imports_no_backend_reference_or_suite() -> None:
+def test_loading_the_plugin_imports_no_backend_reference_suite_or_tool() -> None:
     """The same arrows at run time, where an importlib call would not show in the source: a
     fresh interpreter loads the plugin modules and lists what of the project it imported."""
     code = ("import importlib, sys\n"
-            "import pytest_longctx.plugin as p\n"
+            "import pytest_longctx.session.plugin as p\n"
             "for name in p.pytest_plugins: importlib.import_module(name)\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('pytest_longctx'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert "pytest_longctx.fixtures" in out and "pytest_longctx.finder" in out
-    assert [m for m in out if layer_of(m) in ("backends", "reference", "suite")] == []
+    assert "pytest_longctx.session.fixtures" in out and "pytest_longctx.certify.finder" in out
+    assert [m for m in out if layer_of(m) in ("backends", "reference", "suite", "tools")] == []

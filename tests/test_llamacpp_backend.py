@@ -1,6 +1,6 @@
 """The llamacpp backend against the runtime contract, on tiny random-weight GGUFs it writes.
 
-Models are written once per session (``pytest_longctx.tinygguf``): a 2048-position one for
+Models are written once per session (``pytest_longctx.tools.tinygguf``): a 2048-position one for
 most tests, the docs' 16384-position one for the crossing prompt llama.cpp half-applies, and
 one whose training context (2000) is not a multiple of llama.cpp's 256. One thread: on a
 shared 2-core machine llama.cpp's two threads wait on each other.
@@ -20,13 +20,13 @@ import pytest
 pytest.importorskip("gguf", reason="the gguf package writes the test models: pip install -e '.[llamacpp]'")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
 
+from pytest_longctx.access.registry import load_backend  # noqa: E402
 from pytest_longctx.backends import llamacpp_backend as L  # noqa: E402
 from pytest_longctx.errors import (  # noqa: E402
     BackendUnavailable, ContextClamped, ContextLimitExceeded, NotSupported, RuntimeFailure, SpecError,
 )
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
-from pytest_longctx.registry import load_backend  # noqa: E402
-from pytest_longctx.tinygguf import write_tiny_gguf  # noqa: E402
+from pytest_longctx.tools.tinygguf import write_tiny_gguf  # noqa: E402
 
 from _suite_runs import failing_import, run_suite  # noqa: E402
 
@@ -393,7 +393,7 @@ def test_runtime_suite_on_llamacpp_with_reference_logits(pytester: pytest.Pytest
     check passes but the crossing prompt, which llama.cpp half-applies (the profile's expected
     failure); the f16 cache is judged against golden logits of an f32 cache, and the
     certificate is written."""
-    from pytest_longctx import logits
+    from pytest_longctx.tools import logits
 
     model = write_tiny_gguf(tmp_path / "tiny-4k.gguf", context=4096)
     golden = tmp_path / "golden.npz"

@@ -15,19 +15,14 @@ from typing import List, Optional
 import numpy as np
 import pytest
 
-from pytest_longctx import measure
-from pytest_longctx.measure import (
-    Bandwidth,
-    ExclusiveLock,
-    MemoryProbe,
-    Stats,
-    backend_bandwidth,
-    format_bytes,
-    host_bandwidth,
-    memory_available,
-    preflight,
-    timed,
-)
+from pytest_longctx.measure import bandwidth, lock, memory
+from pytest_longctx.measure.bandwidth import Bandwidth, backend_bandwidth, host_bandwidth
+from pytest_longctx.measure.lock import ExclusiveLock
+from pytest_longctx.measure.memory import MemoryProbe, memory_available
+from pytest_longctx.measure.preflight import preflight
+from pytest_longctx.measure.stats import Stats
+from pytest_longctx.measure.timer import timed
+from pytest_longctx.measure.units import format_bytes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -178,7 +173,7 @@ def test_preflight_refuses_more_than_free_naming_both_numbers() -> None:
 
 def test_preflight_message_and_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = SimpleNamespace(available=int(7.1 * GiB))
-    monkeypatch.setattr(measure.psutil, "virtual_memory", lambda: fake)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: fake)
     assert preflight(int(9.4 * GiB)) == "needs 9.4 GiB of host memory, 7.1 GiB free"
     assert preflight(int(7.0 * GiB)) == (
         "needs 7.0 GiB of host memory, 7.1 GiB free (0.7 GiB kept in reserve)"
@@ -221,7 +216,7 @@ def _context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-@pytest.mark.skipif(measure.fcntl is None, reason="no fcntl: the lock is a no-op")
+@pytest.mark.skipif(lock.fcntl is None, reason="no fcntl: the lock is a no-op")
 def test_exclusive_waits_for_shared_holders(tmp_path) -> None:
     ctx, path = _context(), str(tmp_path / "lock")
     started, acquired = ctx.Event(), ctx.Event()
@@ -235,7 +230,7 @@ def test_exclusive_waits_for_shared_holders(tmp_path) -> None:
     assert child.exitcode == 0
 
 
-@pytest.mark.skipif(measure.fcntl is None, reason="no fcntl: the lock is a no-op")
+@pytest.mark.skipif(lock.fcntl is None, reason="no fcntl: the lock is a no-op")
 def test_shared_holders_coexist_and_wait_for_exclusive(tmp_path) -> None:
     ctx, path = _context(), str(tmp_path / "lock")
     held, release = ctx.Event(), ctx.Event()
@@ -288,9 +283,9 @@ def test_host_bandwidth_is_plausible() -> None:
 
 
 def test_backend_bandwidth_prefers_the_backend_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(measure, "_BANDWIDTH", {})
+    monkeypatch.setattr(bandwidth, "_BANDWIDTH", {})
     host = Bandwidth(copy_gbps=20.0, read_gbps=30.0, nbytes=1, method="stub")
-    monkeypatch.setattr(measure, "host_bandwidth", lambda: host)
+    monkeypatch.setattr(bandwidth, "host_bandwidth", lambda: host)
     device = FakeDevice()
     first = backend_bandwidth(device)
     assert (first.copy_gbps, first.read_gbps) == (3000.0, 2500.0)

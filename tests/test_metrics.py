@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_longctx.metrics import compare, judge
+from pytest_longctx.measure.metrics import compare, judge
 
 REFERENCE = np.array([1.0, 2.0, 3.0, 4.0])
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from pytest_longctx import reference as ref
+from pytest_longctx.access.registry import load_backend
 from pytest_longctx.backends import _kernels as K
 from pytest_longctx.backends import _native as N
 from pytest_longctx.backends.numpy_backend import KV_DTYPES, NumpyBackend
 from pytest_longctx.errors import ContextLimitExceeded, NotSupported, SpecError
 from pytest_longctx.protocol import KVBackend, KVCache
-from pytest_longctx.registry import load_backend
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
@@ -105,7 +105,7 @@ def test_storage_is_prepared_at_open_or_a_layer_at_its_first_write(kernels: str)
         pytest.skip("preparation does not depend on the kernels; 256 MiB of first touches once is enough")
     import psutil
 
-    from pytest_longctx.measure import release_free_memory
+    from pytest_longctx.measure.memory import release_free_memory
 
     spec = CacheSpec(2, 2, 2, 64, 65536, kv_dtype="float32", rope=RopeSpec(theta=10000.0))
     layer = spec.kv_bytes(spec.max_positions) // 2  # 64 MiB per layer (K and V)

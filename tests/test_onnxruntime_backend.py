@@ -9,10 +9,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from pytest_longctx import reference as ref  # noqa: E402
+from pytest_longctx.access.registry import load_backend  # noqa: E402
 from pytest_longctx.backends import onnxruntime_backend as O  # noqa: E402
 from pytest_longctx.errors import BackendUnavailable, NotSupported, SpecError  # noqa: E402
 from pytest_longctx.protocol import KVBackend, KVCache  # noqa: E402
-from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.spec import CacheSpec, RopeSpec  # noqa: E402
 
 from _suite_runs import ROPES, check_refuses_when_full, failing_import, run_suite  # noqa: E402

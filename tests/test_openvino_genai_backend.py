@@ -20,14 +20,15 @@ import pytest
 pytest.importorskip("gguf", reason="the gguf package writes the test models: pip install -e '.[llamacpp]'")
 pytest.importorskip("openvino_genai", reason="openvino-genai is not installed: pip install -e '.[openvino]'")
 
-from pytest_longctx import logits as golden_logits  # noqa: E402
+from pytest_longctx.access.registry import load_backend  # noqa: E402
 from pytest_longctx.backends import openvino_genai_backend as G  # noqa: E402
 from pytest_longctx.errors import (  # noqa: E402
     BackendUnavailable, ContextClamped, NotSupported, RuntimeFailure, SpecError,
 )
+from pytest_longctx.measure import golden as golden_logits  # noqa: E402
+from pytest_longctx.measure import prefill  # noqa: E402
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
-from pytest_longctx.registry import load_backend  # noqa: E402
-from pytest_longctx.tinygguf import reference_logits, write_tiny_gguf  # noqa: E402
+from pytest_longctx.tools.tinygguf import reference_logits, write_tiny_gguf  # noqa: E402
 
 from _suite_runs import failed_tests, failing_import, run_suite  # noqa: E402
 
@@ -311,7 +312,7 @@ def test_runtime_suite_on_openvino_genai_gives_the_real_verdicts(pytester: pytes
     sits at the bound's 16 MiB slack (it passes or fails by 1 MiB); at 1024..4096 positions in
     512-token chunks it fails clearly (docs/findings/openvino-genai.md)."""
     model = write_tiny_gguf(tmp_path / "suite-1k.gguf", context=1024, dtype="f16", tokenizer="gpt2", seed=3)
-    tokens = golden_logits.token_ids(5, VOCAB, 1024)
+    tokens = prefill.token_ids(5, VOCAB, 1024)
     full = reference_logits(model, tokens)
     golden = tmp_path / "golden.npz"
     golden_logits.write(str(golden), tokens, [512, 1024], 16, np.stack([full[496:512], full[1008:1024]]),

@@ -21,7 +21,7 @@ from typing import Dict, List
 import pytest
 
 from pytest_longctx import SpecError, load_backend
-from pytest_longctx.registry import BackendLoadError
+from pytest_longctx.access.registry import BackendLoadError
 
 TESTS_DIR = Path(__file__).parent
 SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"
@@ -462,7 +462,7 @@ SEED_PROBE = """
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(item, call):
-        from pytest_longctx.options import settings_key  # imported late: the plugin's own import rewrites it
+        from pytest_longctx.session.options import settings_key  # imported late: the plugin's own import rewrites it
 
         report = yield
         report.user_properties.append(("seed_seen", item.config.stash[settings_key].seed))
@@ -568,7 +568,7 @@ def test_alias_options_meant_for_one_member_do_not_stop_the_others() -> None:
     every member's reason (its cases skip), not a usage error from openvino[device=NPU]; options
     that no member takes are the usage error."""
     from pytest_longctx.errors import BackendUnavailable, SpecError
-    from pytest_longctx.registry import load_backend
+    from pytest_longctx.access.registry import load_backend
 
     with pytest.raises(BackendUnavailable, match=r"no npu backend is available \(rkllm: .*openvino\[device=NPU\]: "):
         load_backend("npu[shape=qwen3-0.6b,kv_dtype=float16]")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_longctx.profile import load_profile, shipped_profiles
+from pytest_longctx.session.profile import load_profile, shipped_profiles
 
 TESTS_DIR = Path(__file__).parent
 SHAPE = "n_layers=2,n_heads=8,n_kv_heads=2,head_dim=64,theta=10000"

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
-SHIPPED_TEXT = PAGES + sorted((ROOT / "pytest_longctx" / "profiles").glob("*.toml"))
+SHIPPED_TEXT = PAGES + sorted((ROOT / "pytest_longctx" / "session" / "profiles").glob("*.toml"))
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)

@@ -20,6 +20,7 @@ import pytest
 
 import _suite_runs as suite_runs
 import rkllm_standin as S
+from pytest_longctx.access.registry import load_backend
 from pytest_longctx.backends import _rkllm_abi as abi
 from pytest_longctx.backends import rkllm_backend as R
 from pytest_longctx.errors import (
@@ -31,7 +32,6 @@ from pytest_longctx.errors import (
     SpecError,
 )
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend
-from pytest_longctx.registry import load_backend
 
 MODEL = S.StandinModel()  # 4 layers, 4 KV heads, d64, float16: 4096 KV bytes a position; vocab 512; ctx 4096
 SHAPE = MODEL.shape()

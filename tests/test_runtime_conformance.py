@@ -15,8 +15,10 @@ from typing import Sequence, Tuple
 import numpy as np
 import pytest
 
-from pytest_longctx import logits
-from pytest_longctx.metrics import compare_logits
+from pytest_longctx.measure import golden as golden_logits
+from pytest_longctx.measure import prefill
+from pytest_longctx.measure.metrics import compare_logits
+from pytest_longctx.tools import logits
 
 from _suite_runs import failed_tests, run_suite
 
@@ -127,7 +129,7 @@ def test_reference_logits_written_by_the_command_judge_a_runtime(pytester: pytes
     status = logits.main(["--backend", "runtime_backends:ToyRuntimeBackend", "--model", str(toy),
                           "--positions", POSITIONS, "--seed", "11", "-o", str(golden)])
     assert status == 0
-    loaded = logits.load(str(golden))
+    loaded = golden_logits.load(str(golden))
     assert loaded.depths == [1024, 2048, 4096] and loaded.logits.shape == (3, 16, 64)
     assert loaded.meta["seed"] == 11 and loaded.meta["context"] == 4096
 
@@ -195,8 +197,8 @@ def test_tail_logits_gives_one_row_per_single_token_prefill(toy: Path) -> None:
     import runtime_backends
 
     runtime = runtime_backends.ToyRuntimeBackend().open_runtime(str(toy))
-    ids = logits.token_ids(1, runtime.vocab_size, 600)
-    rows = logits.tail_logits(runtime.prefill, ids, 4, 512)
+    ids = prefill.token_ids(1, runtime.vocab_size, 600)
+    rows = prefill.tail_logits(runtime.prefill, ids, 4, 512)
     assert rows.shape == (4, runtime.vocab_size) and runtime.positions() == 600
     runtime.reset()
     np.testing.assert_allclose(rows[-1], runtime.prefill(ids), rtol=1e-5, atol=1e-6)  # the same position
@@ -221,7 +223,7 @@ def test_figures_of_a_runtime_run_name_the_models_geometry_and_rerun_without_a_s
 
 
 def test_geometry_line_names_the_shape_for_cache_figures_and_the_model_for_runtime_figures() -> None:
-    from pytest_longctx.render import geometry_line
+    from pytest_longctx.session.terminal import geometry_line
 
     cache = {"check": "attend"}
     runtime = {"check": "chunked", "model": "m.gguf", "geometry": "3L 6h/2kv d32 rope=default/gptj"}
@@ -235,7 +237,7 @@ def test_geometry_line_names_the_shape_for_cache_figures_and_the_model_for_runti
 
 
 def test_consistency_bound_is_measured_and_keyed_on_the_declared_kv_precision() -> None:
-    from pytest_longctx.consistency import FACTOR, NOISE, PRECISION_ORDER, consistency_bound
+    from pytest_longctx.measure.consistency import FACTOR, NOISE, PRECISION_ORDER, consistency_bound
 
     for dtype, noise in NOISE.items():
         bound = consistency_bound(dtype)

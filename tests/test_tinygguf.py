@@ -9,7 +9,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install -e '.[llamacpp]'")
 
-from pytest_longctx.tinygguf import main, write_tiny_gguf  # noqa: E402
+from pytest_longctx.tools.tinygguf import main, write_tiny_gguf  # noqa: E402
 
 
 def _field(reader: "gguf.GGUFReader", key: str):  # type: ignore[name-defined]

@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pytest_longctx import reference as ref  # noqa: E402
+from pytest_longctx.access.registry import load_backend  # noqa: E402
 from pytest_longctx.backends import torch_backend as T  # noqa: E402
 from pytest_longctx.errors import BackendUnavailable, ContextLimitExceeded, NotSupported, SpecError  # noqa: E402
-from pytest_longctx.registry import load_backend  # noqa: E402
 from pytest_longctx.spec import RopeSpec  # noqa: E402
 
 from _suite_runs import run_suite  # noqa: E402

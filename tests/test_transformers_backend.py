@@ -22,13 +22,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0")
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[transformers]'")
 
+from pytest_longctx.access.registry import load_backend  # noqa: E402
 from pytest_longctx.backends import transformers_backend as T  # noqa: E402
 from pytest_longctx.errors import (  # noqa: E402
     BackendUnavailable, ContextClamped, ContextLimitExceeded, NotSupported, RuntimeFailure, SpecError,
 )
-from pytest_longctx.metrics import compare_logits  # noqa: E402
+from pytest_longctx.measure.metrics import compare_logits  # noqa: E402
 from pytest_longctx.protocol import ModelRuntime, RuntimeBackend  # noqa: E402
-from pytest_longctx.registry import load_backend  # noqa: E402
 
 from _suite_runs import failed_tests, failing_import, run_suite  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_missing_torch_or_transformers_is_unavailable_with_the_install_command(
 
 
 def test_registered_as_a_runtime_and_reports_versions(backend: T.TransformersBackend) -> None:
-    from pytest_longctx.registry import BUILTINS
+    from pytest_longctx.access.registry import BUILTINS
 
     assert BUILTINS["transformers"].kind == "runtime"
     loaded = load_backend("transformers[device=cpu,dtype=float32,threads=1]")

@@ -18,7 +18,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as og
 
-from pytest_longctx.tinygguf import write_tiny_gguf
+from pytest_longctx.tools.tinygguf import write_tiny_gguf
 
 
 def main():

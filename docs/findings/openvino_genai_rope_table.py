@@ -29,7 +29,7 @@ import openvino as ov
 import openvino_genai as og
 from openvino import opset13 as ops
 
-from pytest_longctx.tinygguf import reference_logits, write_tiny_gguf
+from pytest_longctx.tools.tinygguf import reference_logits, write_tiny_gguf
 
 LENGTHS = (1, 64, 512, 2048, 4096)
 HEAD_DIM, THETA = 32, 10000.0

@@ -14,6 +14,6 @@ timeout "${SUITE_S:-280}" python3 -m pytest -p no:cacheprovider -q -rfEs -n 8 \
     --longctx-backend='torch[device=cuda]' --longctx-backend=cupy \
     --longctx-shape=qwen3-0.6b --longctx-positions=4096,16384 --longctx-seed=1 \
     --longctx-report="$out/h200-suite.json" 2>&1 | tail -40 | tee "$out/suite.txt"
-timeout "${BENCH_S:-220}" python3 -c "import sys; from pytest_longctx.bench import main; sys.exit(main())" \
+timeout "${BENCH_S:-220}" python3 -c "import sys; from pytest_longctx.tools.bench import main; sys.exit(main())" \
     --backend cupy --backend 'torch[device=cuda:0]' --shape qwen3-0.6b \
     --positions 4096,8192,16384,32768,65536 --kv-dtype float16 --repeats 3 2>&1 | tee "$out/bench.md"

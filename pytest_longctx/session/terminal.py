@@ -15,7 +15,6 @@ from tabulate import tabulate
 
 from .fixtures import get_state, records_of
 from .options import profile_key, settings_key
-from .render import geometry_line
 
 RERUN_KEY = "longctx_rerun"
 
@@ -64,6 +63,15 @@ class SummaryCollector:
         body = [[*key, *(cells.get(p, "") for p in columns)] for key, cells in rows.items()]
         headers = ["backend", "kv dtype", "check", *(str(p) if p != "" else "other" for p in columns)]
         return tabulate(body, headers=headers, tablefmt="simple")
+
+
+def geometry_line(shape_text: str, described: str, seed: Any, figures: List[Dict[str, Any]]) -> str:
+    """What the figures were measured on: the run's shape for KV-cache figures, each model's
+    own geometry (its runtime's kv_spec, carried as ``geometry``) for whole-model figures."""
+    parts = [f"shape {shape_text} ({described})"] if any(not f.get("geometry") for f in figures) else []
+    models = dict.fromkeys((f.get("model") or "model", f["geometry"]) for f in figures if f.get("geometry"))
+    parts += [f"model {model} ({geometry})" for model, geometry in models]
+    return ", ".join(parts + [f"seed {seed}"])
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -46,12 +46,12 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 import pytest
 
+from ..access.registry import BackendLoadError, backend_kind, load_backend
+from ..protocol import BackendInfo
+from ..session.fixtures import _Loaded, get_state
+from ..session.options import settings_key
 from . import deadline as dl
 from . import forked
-from .fixtures import _Loaded, get_state
-from .options import settings_key
-from .protocol import BackendInfo
-from .registry import BackendLoadError, backend_kind, load_backend
 
 runner_key = pytest.StashKey["IsolatedRunner"]()
 

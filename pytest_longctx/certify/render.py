@@ -11,8 +11,9 @@ import html as _html
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..questions import QUESTIONS
+from ..session.terminal import geometry_line
 from . import plots
-from .questions import QUESTIONS
 
 Table = Tuple[List[str], List[List[str]]]
 PLOTS_MISSING = "Plots need matplotlib: pip install 'pytest-longctx[report]'."
@@ -29,15 +30,6 @@ class Section:
 
 def _fmt_bytes(n: Optional[int]) -> str:
     return "" if not n else f"{n / (1 << 30):.1f} GiB"
-
-
-def geometry_line(shape_text: str, described: str, seed: Any, figures: List[Dict[str, Any]]) -> str:
-    """What the figures were measured on: the run's shape for KV-cache figures, each model's
-    own geometry (its runtime's kv_spec, carried as ``geometry``) for whole-model figures."""
-    parts = [f"shape {shape_text} ({described})"] if any(not f.get("geometry") for f in figures) else []
-    models = dict.fromkeys((f.get("model") or "model", f["geometry"]) for f in figures if f.get("geometry"))
-    parts += [f"model {model} ({geometry})" for model, geometry in models]
-    return ", ".join(parts + [f"seed {seed}"])
 
 
 def figure_table(figures: List[Dict[str, Any]], label_keys: Tuple[str, ...] = ("backend", "kv_dtype")) -> Table:

@@ -20,12 +20,12 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from ..questions import QUESTIONS
+from ..session.fixtures import get_state, records_of
+from ..session.options import profile_key, settings_key
+from ..session.terminal import RERUN_KEY
 from . import certificate as cert
 from .coverage import coverage
-from .fixtures import get_state, records_of
-from .options import profile_key, settings_key
-from .questions import QUESTIONS
-from .summary import RERUN_KEY
 
 CASE_KEY = "longctx_case"
 _OPTIONS = (("report", "write the certificate as JSON to PATH (Markdown beside it, PATH with .md)"),

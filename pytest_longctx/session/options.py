@@ -17,13 +17,13 @@ from typing import Any, Callable, Dict, Optional
 
 import pytest
 
-from . import hookspec
-from .errors import SpecError
+from .. import hookspec
+from ..access.registry import check_backend_name
+from ..errors import SpecError
+from ..questions import QUESTIONS
+from ..shapes import DEFAULT_SHAPE, parse_shape
 from .profile import Profile, load_profile, resolve_profile
-from .questions import QUESTIONS
-from .registry import check_backend_name
 from .settings import DEFAULT_POSITIONS, Settings, parse_kv_dtypes, parse_length, parse_positions
-from .shapes import DEFAULT_SHAPE, parse_shape
 
 SUITE = "pytest_longctx.conformance"  # run by path when no test path is given
 

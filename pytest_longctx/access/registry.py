@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Union
 
-from .errors import BackendUnavailable, LongctxError, SpecError
+from ..errors import BackendUnavailable, LongctxError, SpecError
+from ..protocol import KVBackend, RuntimeBackend
 from .runcontrol import captured
-from .protocol import KVBackend, RuntimeBackend
 
 Backend = Union[KVBackend, RuntimeBackend]
 Factory = Union[Callable[..., Backend], str]

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import SpecError
+from ..errors import SpecError
 
 try:  # Python 3.11+
     import tomllib

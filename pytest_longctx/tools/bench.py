@@ -41,16 +41,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 import numpy as np
 from tabulate import tabulate
 
-from . import __version__
-from .errors import LongctxError, NotSupported
-from .inputs import Inputs
-from .measure import HostProbe, Roofline, Stats, backend_bandwidth, cache_preflight, format_bytes, matmul_rate, timed
-from .reference import apply_rope, attention
-from .registry import load_backend
-from .settings import parse_kv_dtypes, parse_positions
-from .shapes import parse_shape
-from .spec import CacheSpec
-from .workloads import fill, native_pool, time_retrieve, timed_pool_positions
+from .. import __version__
+from ..access.registry import load_backend
+from ..errors import LongctxError, NotSupported
+from ..measure.bandwidth import HostProbe, Roofline, backend_bandwidth, matmul_rate
+from ..measure.inputs import Inputs
+from ..measure.preflight import cache_preflight
+from ..measure.stats import Stats
+from ..measure.timer import timed
+from ..measure.units import format_bytes
+from ..measure.workloads import fill, native_pool, time_retrieve, timed_pool_positions
+from ..reference import apply_rope, attention
+from ..session.settings import parse_kv_dtypes, parse_positions
+from ..shapes import parse_shape
+from ..spec import CacheSpec
 
 DECODE_POSITIONS = 128  # decode-style fill at the end of the cache
 

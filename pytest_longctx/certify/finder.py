@@ -52,14 +52,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from . import deadline as dl
+from ..access.guard import close_warned
+from ..access.runcontrol import captured, raised
+from ..isolation import deadline as dl
+from ..measure.preflight import cache_preflight, preflight
+from ..session.fixtures import get_state, most_precise, searched_positions_key
+from ..session.options import settings_key, usage_error
+from ..session.settings import MAX_POSITIONS, Settings
 from .certificate import question_of
-from .fixtures import get_state, most_precise, searched_positions_key
-from .guard import close_warned
-from .measure import cache_preflight, preflight
-from .options import settings_key, usage_error
-from .runcontrol import captured, raised
-from .settings import MAX_POSITIONS, Settings
 
 plan_key = pytest.StashKey[Dict[str, "Plan"]]()
 searches_key = pytest.StashKey[List["Search"]]()

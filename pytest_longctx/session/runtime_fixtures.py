@@ -12,10 +12,11 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from .errors import BackendUnavailable, NotSupported
-from .guard import close_warned, guarded
-from .measure import format_bytes, memory_available
-from .protocol import ModelRuntime, RuntimeBackend
+from ..access.guard import close_warned, guarded
+from ..errors import BackendUnavailable, NotSupported
+from ..measure.memory import memory_available
+from ..measure.units import format_bytes
+from ..protocol import ModelRuntime, RuntimeBackend
 from .settings import Settings
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
-from .questions import QUESTIONS
-from .spec import ATTENTION_FEATURES, KV_DTYPES, ROPE_KINDS, ROPE_STYLES
+from ..questions import QUESTIONS
+from ..spec import ATTENTION_FEATURES, KV_DTYPES, ROPE_KINDS, ROPE_STYLES
 
 LADDER = (4096, 8192, 16384, 32768, 65536, 131072)
 

@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 from _pytest.runner import runtestprotocol  # what pytest-xdist and pytest-forked run in their children
 
+from ..access.registry import BackendLoadError
+from ..errors import BackendUnavailable
+from ..session.fixtures import get_state
 from . import deadline as dl
-from .errors import BackendUnavailable
-from .fixtures import get_state
-from .registry import BackendLoadError
 
 POLL_S = 0.2
 TAIL_BYTES = 64 << 10

@@ -14,11 +14,11 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .runcontrol import captured, raised
+from ..access.runcontrol import captured, raised
+from ..protocol import KVBackend, KVCache
+from ..spec import CacheSpec
 from .inputs import Inputs, Pool
-from .measure import timed
-from .protocol import KVBackend, KVCache
-from .spec import CacheSpec
+from .timer import timed
 
 
 # Pools are larger than a CPU's last-level cache, so that inputs come from memory as a

@@ -7,13 +7,13 @@ the isolation of cases in child processes and the context finder.
 """
 
 pytest_plugins = (
-    "pytest_longctx.options",
-    "pytest_longctx.fixtures",
-    "pytest_longctx.runtime_fixtures",
-    "pytest_longctx.summary",
-    "pytest_longctx.expected",
-    "pytest_longctx.report",
-    "pytest_longctx.deadline",
-    "pytest_longctx.isolate",
-    "pytest_longctx.finder",
+    "pytest_longctx.session.options",
+    "pytest_longctx.session.fixtures",
+    "pytest_longctx.session.runtime_fixtures",
+    "pytest_longctx.session.terminal",
+    "pytest_longctx.session.expected",
+    "pytest_longctx.certify.writer",
+    "pytest_longctx.isolation.deadline",
+    "pytest_longctx.isolation.isolate",
+    "pytest_longctx.certify.finder",
 )

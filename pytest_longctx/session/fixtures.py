@@ -18,16 +18,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .errors import BackendUnavailable, NotSupported
-from .guard import close_warned, guarded
-from .inputs import Inputs
-from .measure import ExclusiveLock, MemoryProbe, backend_bandwidth, cache_preflight
+from ..access.guard import close_warned, guarded
+from ..access.registry import backend_kind, declared_kind, load_backend
+from ..access.runcontrol import captured
+from ..errors import BackendUnavailable, NotSupported
+from ..measure.bandwidth import backend_bandwidth
+from ..measure.inputs import Inputs
+from ..measure.lock import ExclusiveLock
+from ..measure.memory import MemoryProbe
+from ..measure.preflight import cache_preflight
+from ..protocol import KVBackend, KVCache
+from ..spec import CacheSpec
 from .options import factories_key, settings_key
-from .protocol import KVBackend, KVCache
-from .registry import backend_kind, declared_kind, load_backend
-from .runcontrol import captured
 from .settings import Settings
-from .spec import CacheSpec
 
 RECORD_KEY = "longctx"
 # Most precise first: a check marked longctx_storage_independent runs at the first claimed.

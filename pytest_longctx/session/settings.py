@@ -12,9 +12,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from .errors import SpecError
-from .registry import alias_first_kind, declared_kind
-from .spec import KV_DTYPES, CacheSpec
+from ..access.registry import alias_first_kind, declared_kind
+from ..errors import SpecError
+from ..spec import KV_DTYPES, CacheSpec
 
 MAX_POSITIONS = 131072
 # The "auto" deadline of a case: AUTO_DEADLINE_MARGIN x the seconds to stream the case's
@@ -119,14 +119,14 @@ class Settings:
     top1_agreement: float = 0.9
     # The same tokens one-shot, in chunks or after reset: KL(one-shot || other) in nats at
     # most this, same top-1; None: the bound measured for the runtime's KV dtype
-    # (pytest_longctx/consistency.py).
+    # (pytest_longctx/measure/consistency.py).
     consistency_kl: Optional[float] = None
     # Runtime throughput floors (prefill positions/s, decode tokens/s) at every depth; None:
     # reported, not judged. A profile states them from the vendor's claim.
     prefill_floor: Optional[float] = None
     decode_floor: Optional[float] = None
     # A rate floor missed while other processes used at least this many cores over the timed
-    # region is reported, not judged (pytest_longctx/contention.py); None: always judged (a
+    # region is reported, not judged (pytest_longctx/measure/contention.py); None: always judged (a
     # dedicated host, or tests of the floors themselves).
     contended_cores: Optional[float] = 0.5
     # Integrity of the run (see deadline.py, isolate.py). A case (setup, call, teardown) that

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
-from .questions import QUESTIONS
+from ..questions import QUESTIONS
 
 SCHEMA_ID = "pytest-longctx/certificate"
 SCHEMA_VERSION = 1
@@ -168,7 +168,7 @@ def package_versions() -> Dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def git_revision(path: Optional[str] = None) -> Dict[str, Any]:
     """The suite's git revision when it runs from a checkout; null fields when installed."""
-    path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = path or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         rev = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)
@@ -243,7 +243,7 @@ def build(*, settings: Any, profile: Optional[Dict[str, Any]], cases: List[Case]
     if context is not None:
         context = [checked_context(search, cases) for search in context]
         verdict["reasons"] += [f"{search['backend']}: {search['line']}" for search in context]
-    from . import __version__
+    from .. import __version__
 
     return plain({
         "schema": SCHEMA_ID,

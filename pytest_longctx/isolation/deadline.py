@@ -37,9 +37,9 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from .fixtures import get_state
-from .options import settings_key
-from .settings import AUTO, AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_MARGIN
+from ..session.fixtures import get_state
+from ..session.options import settings_key
+from ..session.settings import AUTO, AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_MARGIN
 
 started_key = pytest.StashKey[float]()
 hung_key = pytest.StashKey[Dict[str, str]]()  # backend text -> the failure line of the case where it hung
@@ -66,7 +66,7 @@ def copy_gbps(config: pytest.Config) -> Optional[float]:
     if config.stash[settings_key].deadline != AUTO:
         return None
     if _copy_gbps_key not in config.stash:
-        from .measure import host_bandwidth
+        from ..measure.bandwidth import host_bandwidth
 
         config.stash[_copy_gbps_key] = host_bandwidth(64 << 20, 3).copy_gbps
     return config.stash[_copy_gbps_key]

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .spec import CacheSpec
+from ..spec import CacheSpec
 
 # Positions where float16 stops representing integers (2048), the 4K/8K/16K boundaries
 # and the powers of two past them: RoPE is checked at each that fits.
