@@ -44,13 +44,12 @@ import numpy as np
 import pytest
 
 from pytest_longctx.access.guard import guarded
-from pytest_longctx.measure.bandwidth import backend_bandwidth
 from pytest_longctx.measure.contention import HostMeter
 from pytest_longctx.measure.inputs import Inputs
 from pytest_longctx.measure.preflight import preflight
 from pytest_longctx.measure.stats import Stats
 from pytest_longctx.measure.workloads import native_pool, time_retrieve, timed_fill, timed_pool_positions
-from pytest_longctx.session.fixtures import opened
+from pytest_longctx.session.fixtures import bandwidth_of, opened
 
 from ._check import call, fail
 from ._throughput import (PROBE_PAIRS, DecodeTimed, bound, check_floor, check_fraction, check_not_deferred,
@@ -89,10 +88,10 @@ def run(longctx_backend, longctx_kv_dtype, longctx_positions, longctx_settings, 
 
 
 @pytest.fixture(scope="session")
-def bandwidth(longctx_backend, _longctx_lock):
-    """The device's copy and streaming-read bandwidth, probed once per run."""
+def bandwidth(pytestconfig, longctx_backend, _longctx_lock):
+    """The device's copy and streaming-read bandwidth, probed once per run and backend selection."""
     with _longctx_lock.exclusive():
-        return backend_bandwidth(longctx_backend)
+        return bandwidth_of(pytestconfig, longctx_backend)
 
 
 def test_prefill_fill_rate_meets_floor(longctx_backend, longctx_settings, longctx_measure, run, bandwidth):

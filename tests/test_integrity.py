@@ -174,7 +174,7 @@ def test_native_hang_is_ended_with_isolation(pytester: pytest.Pytester) -> None:
 def test_host_memory_running_out_ends_the_child(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """The parent ends a child that holds memory while the host runs out (simulated: no memory free)."""
     monkeypatch.setattr(isolate, "host_free", lambda: 0)
-    monkeypatch.setattr(isolate, "HOST_RESERVE_BYTES", 1)
+    monkeypatch.setattr(isolate, "host_reserve_bytes", lambda: 1)
     result, document = run(pytester, "broken_backends:CorrectBackend", "--longctx-isolate", "-k", "softcap")
     result.stdout.fnmatch_lines(["case *=process ended holding * GiB while the host had 0.00 GiB free, but should "
                                  "be leaving the host at least 0.00 GiB [[]correct float32 @ 1024 positions, *]"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pytest_longctx.measure import bandwidth, lock, memory
-from pytest_longctx.measure.bandwidth import Bandwidth, backend_bandwidth, host_bandwidth
+from pytest_longctx.measure.bandwidth import Bandwidth, RooflineCache, host_bandwidth
 from pytest_longctx.measure.lock import ExclusiveLock
 from pytest_longctx.measure.memory import MemoryProbe, memory_available
 from pytest_longctx.measure.preflight import preflight
@@ -282,12 +282,64 @@ def test_host_bandwidth_is_plausible() -> None:
     assert found.method.startswith("host numpy")
 
 
-def test_backend_bandwidth_prefers_the_backend_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bandwidth, "_BANDWIDTH", {})
+def test_roofline_cache_prefers_the_backend_and_measures_once_per_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     host = Bandwidth(copy_gbps=20.0, read_gbps=30.0, nbytes=1, method="stub")
     monkeypatch.setattr(bandwidth, "host_bandwidth", lambda: host)
-    device = FakeDevice()
-    first = backend_bandwidth(device)
-    assert (first.copy_gbps, first.read_gbps) == (3000.0, 2500.0)
-    assert backend_bandwidth(device) is first and device.bandwidth_calls == 1
-    assert backend_bandwidth(FakeHost()) is host
+    monkeypatch.setattr(bandwidth, "host_matmul_flops", lambda: 5e9)
+    cache, device = RooflineCache(), FakeDevice()
+    first = cache.bandwidth("fake-device", device)
+    assert (first.copy_gbps, first.read_gbps, first.method) == (3000.0, 2500.0, "fake-device.bandwidth()")
+    assert cache.bandwidth("fake-device", device) is first and device.bandwidth_calls == 1
+    assert cache.bandwidth("fake-host", FakeHost()) is host
+    assert cache.matmul("fake-host", FakeHost()) == (5e9, "host numpy float32 matmul 1024x1024x1024, best of 3")
+
+
+def test_two_selections_of_one_backend_class_get_their_own_rooflines() -> None:
+    """Two GPUs are both named "cupy": the cache is keyed by the selection text, so the second
+    is measured, not handed the first one's figure."""
+    cache, gpu0, gpu1 = RooflineCache(), FakeDevice(), FakeDevice()
+    gpu1.bandwidth = lambda: SimpleNamespace(copy_gbps=900.0, read_gbps=800.0)  # type: ignore[method-assign]
+    assert gpu0.name == gpu1.name
+    assert cache.bandwidth("fake-device", gpu0).copy_gbps == 3000.0
+    assert cache.bandwidth("fake-device[device=1]", gpu1).copy_gbps == 900.0
+    assert sorted(cache.bandwidths) == ["fake-device", "fake-device[device=1]"]
+
+
+TWO_DEVICES = '''
+from types import SimpleNamespace
+
+from pytest_longctx.backends.numpy_backend import NumpyBackend
+
+
+class Device(NumpyBackend):
+    """The NumPy backend posing as one of two GPUs of one class: same name, own bandwidth."""
+
+    name = "fakegpu"
+
+    def __init__(self, device=0):
+        super().__init__()
+        self.device = int(device)
+        self.probes = 0
+
+    def bandwidth(self):
+        self.probes += 1
+        return SimpleNamespace(copy_gbps=100.0 * (self.device + 1), read_gbps=50.0 * (self.device + 1),
+                               nbytes=1, method=f"probe of device {self.device}")
+'''
+
+
+def test_a_session_measures_each_selection_of_one_backend_class_once(pytester: pytest.Pytester) -> None:
+    """Through the plugin: ``longctx_measure.bandwidth()`` of ``Device[device=1]`` is its own
+    figure, probed once however many cases ask, though both backends are named "fakegpu"."""
+    pytester.makepyfile(twodevices=TWO_DEVICES)
+    pytester.makepyfile(test_rooflines="""
+        def test_bandwidth(longctx_backend, longctx_measure):
+            first = longctx_measure.bandwidth()
+            assert longctx_measure.bandwidth() is first and longctx_backend.probes == 1
+            assert first.method == f"probe of device {longctx_backend.device}"
+            assert first.copy_gbps == 100.0 * (longctx_backend.device + 1)
+    """)
+    pytester.syspathinsert()
+    result = pytester.runpytest("-p", "no:cacheprovider", "--longctx-backend=twodevices:Device[device=0]",
+                                "--longctx-backend=twodevices:Device[device=1]", "-q", "test_rooflines.py")
+    result.assert_outcomes(passed=2)

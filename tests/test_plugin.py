@@ -296,6 +296,20 @@ def test_package_module_factory_path(pytester: pytest.Pytester) -> None:
     assert outcomes["passed"] >= 1 and "failed" not in outcomes, result.stdout.str()
 
 
+def test_a_module_beside_the_user_is_importable_for_the_load_only(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``module:factory`` finds a module in the working directory, whose path is on sys.path for
+    that import only: the session's imports are not changed by it afterwards."""
+    (tmp_path / "besideme.py").write_text("from pytest_longctx.backends.numpy_backend import NumpyBackend\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    backend = load_backend("besideme:NumpyBackend")
+    assert type(backend).__module__ == "pytest_longctx.backends.numpy_backend"
+    assert sys.path == before
+    monkeypatch.delitem(sys.modules, "besideme")
+
+
 def test_load_backend_outside_pytest(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain Python process loads a backend with options, as a bench script would."""
     pytester.makepyfile(configurable=CONFIGURABLE)

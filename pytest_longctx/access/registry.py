@@ -141,13 +141,20 @@ def registered_factories(extra: Optional[Mapping[str, Factory]] = None) -> Dict[
 
 def _resolve(path: str) -> Callable[..., Any]:
     module_name, _, attribute = path.partition(":")
-    # As uvicorn does for "module:app": an in-house module beside the user is importable.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    with captured(BackendUnavailable) as caught:  # a vendor module may exit() when its library is missing
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+    # As uvicorn does for "module:app": an in-house module beside the user is importable. The
+    # directory is on sys.path for this import only, not for the rest of the session.
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.append(here)
+    try:
+        with captured(BackendUnavailable) as caught:  # a vendor module may exit() when its library is missing
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
     if caught.error is not None:
         raise BackendLoadError(f"importing {path} raised {type(caught.error).__name__}: {caught.error}") \
             from caught.error

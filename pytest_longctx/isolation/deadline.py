@@ -45,6 +45,8 @@ started_key = pytest.StashKey[float]()
 hung_key = pytest.StashKey[Dict[str, str]]()  # backend text -> the failure line of the case where it hung
 _copy_gbps_key = pytest.StashKey[float]()
 _stderr_key = pytest.StashKey[int]()
+# True in a forked child that runs isolated cases: its parent watches the deadline there.
+isolated_child_key = pytest.StashKey[bool]()
 
 
 class DeadlineExceeded(pytest.fail.Exception):  # type: ignore[misc,name-defined]
@@ -231,7 +233,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
     ``faulthandler_timeout``, which uses the same single timer."""
     deadline = deadline_of(item)
     fd = item.config.stash.get(_stderr_key, None)
-    if (deadline is None or fd is None or _isolated_child[0] or not get_state(item.config).runs_cases
+    if (deadline is None or fd is None or item.config.stash.get(isolated_child_key, False) or not get_state(item.config).runs_cases
             or float(item.config.getini("faulthandler_timeout") or 0)):
         return (yield)
     import faulthandler
@@ -243,9 +245,6 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
         faulthandler.cancel_dump_traceback_later()
 
 
-_isolated_child = [False]
-
-
-def mark_isolated_child() -> None:
-    """Called by ``isolate.py`` in a forked child."""
-    _isolated_child[0] = True
+def mark_isolated_child(config: pytest.Config) -> None:
+    """Called by ``forked.py`` in a forked child: the child's copy of the config says so."""
+    config.stash[isolated_child_key] = True

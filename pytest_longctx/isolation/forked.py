@@ -262,7 +262,7 @@ class _ChildReporter:
 def _child_main(session: pytest.Session, conn: Connection, output: Output) -> int:
     """Run cases as the parent asks, until it says exit."""
     config = session.config
-    dl.mark_isolated_child()
+    dl.mark_isolated_child(config)
     state = get_state(config)
     state.loaded = {text: loaded for text, loaded in state.loaded.items() if loaded.error is not None}
     state.loader, state.runs_cases = None, True

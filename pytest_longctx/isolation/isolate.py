@@ -55,8 +55,11 @@ from . import forked
 
 runner_key = pytest.StashKey["IsolatedRunner"]()
 
-# The parent ends a child that holds more than this while the host has less than this free.
-HOST_RESERVE_BYTES = max(256 << 20, psutil.virtual_memory().total // 50)
+def host_reserve_bytes() -> int:
+    """What the parent keeps free for the host: it ends a child that holds more than this while
+    the host has less than this free. 2% of the host's memory, at least 256 MiB; asked when a
+    run starts, not when the module is imported."""
+    return max(256 << 20, psutil.virtual_memory().total // 50)
 
 
 def host_free() -> int:
@@ -144,6 +147,7 @@ class IsolatedRunner:
         self.config = config
         self.child: Optional[forked.Child] = None
         self.index: Dict[int, int] = {}
+        self.reserve = host_reserve_bytes()
 
     def run(self, item: pytest.Item, nextitem: Optional[pytest.Item]) -> bool:
         if not self.index:
@@ -231,19 +235,19 @@ class IsolatedRunner:
 
     def _memory_low(self, child: forked.Child) -> Optional[Tuple[str, str]]:
         free = host_free()
-        if free >= HOST_RESERVE_BYTES:
+        if free >= self.reserve:
             return None
         try:
             process = psutil.Process(child.pid)
             held = sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
         except psutil.Error:
             return None
-        if held < HOST_RESERVE_BYTES:
+        if held < self.reserve:
             return None  # someone else is using the memory
         child.end()
         gib = 1 << 30
         return (f"process ended holding {held / gib:.1f} GiB while the host had {free / gib:.2f} GiB free",
-                f"leaving the host at least {HOST_RESERVE_BYTES / gib:.2f} GiB")
+                f"leaving the host at least {self.reserve / gib:.2f} GiB")
 
     def _fail_rest(self, item: pytest.Item, phases: List[str], problem: Tuple[str, str], shown: str,
                    elapsed: float) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
@@ -29,7 +29,6 @@ class Bandwidth:
         return asdict(self)
 
 
-_BANDWIDTH: Dict[str, Bandwidth] = {}
 _READ_ALIGN = 1024  # values per slice boundary of the parallel read (4 KiB)
 
 
@@ -151,24 +150,16 @@ class HostProbe:
         return Roofline(self.copy_gbps(), self.read_gbps())
 
 
-_MATMUL: Dict[str, Tuple[float, str]] = {}
-
-
-def matmul_rate(backend: Any) -> Tuple[float, str]:
-    """FLOP/s of a large matrix product where the backend computes, and how it was measured;
-    once per process and backend name. A device backend measures its own through an
-    optional ``matmul_flops()`` (returning FLOP/s, or (FLOP/s, method)); any other gets the
-    host's float32 BLAS on all its cores."""
-    key = str(getattr(backend, "name", type(backend).__name__))
-    if key not in _MATMUL:
-        probe = getattr(backend, "matmul_flops", None)
-        if callable(probe):
-            found = probe()
-            _MATMUL[key] = (float(found[0]), str(found[1])) if isinstance(found, tuple) else (
-                float(found), f"{key}.matmul_flops()")
-        else:
-            _MATMUL[key] = (host_matmul_flops(), "host numpy float32 matmul 1024x1024x1024, best of 3")
-    return _MATMUL[key]
+def measure_matmul(backend: Any) -> Tuple[float, str]:
+    """FLOP/s of a large matrix product where the backend computes, and how it was measured.
+    A device backend measures its own through an optional ``matmul_flops()`` (returning
+    FLOP/s, or (FLOP/s, method)); any other gets the host's float32 BLAS on all its cores."""
+    probe = getattr(backend, "matmul_flops", None)
+    if not callable(probe):
+        return host_matmul_flops(), "host numpy float32 matmul 1024x1024x1024, best of 3"
+    found = probe()
+    name = str(getattr(backend, "name", type(backend).__name__))
+    return (float(found[0]), str(found[1])) if isinstance(found, tuple) else (float(found), f"{name}.matmul_flops()")
 
 
 def host_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
@@ -178,20 +169,9 @@ def host_matmul_flops(size: int = 1024, repeats: int = 3) -> float:
     return 2 * size ** 3 / _best_seconds(lambda: np.matmul(a, b, out=out), repeats)
 
 
-def backend_bandwidth(backend: Any) -> Bandwidth:
-    """Bandwidth of the backend's memory, measured once per process and backend name.
-
-    A device backend measures its own memory through an optional
-    ``bandwidth()`` method; any other backend gets ``host_bandwidth()``.
-    """
-    key = str(getattr(backend, "name", type(backend).__name__))
-    cached = _BANDWIDTH.get(key)
-    if cached is None:
-        cached = _BANDWIDTH[key] = _measure_backend_bandwidth(backend, key)
-    return cached
-
-
-def _measure_backend_bandwidth(backend: Any, key: str) -> Bandwidth:
+def measure_bandwidth(backend: Any) -> Bandwidth:
+    """Bandwidth of the backend's memory: its own ``bandwidth()`` probe where it has one (a
+    device), else ``host_bandwidth()``."""
     probe = getattr(backend, "bandwidth", None)
     if not callable(probe):
         return host_bandwidth()
@@ -202,5 +182,25 @@ def _measure_backend_bandwidth(backend: Any, key: str) -> Bandwidth:
         copy_gbps=float(found.copy_gbps),
         read_gbps=float(found.read_gbps),
         nbytes=int(getattr(found, "nbytes", 0)),
-        method=str(getattr(found, "method", f"{key}.bandwidth()")),
+        method=str(getattr(found, "method", f"{getattr(backend, 'name', type(backend).__name__)}.bandwidth()")),
     )
+
+
+@dataclass
+class RooflineCache:
+    """Rooflines measured once per backend selection and kept for the run (a session's state,
+    or a command's own object). Keyed by the selection's full text, not the backend's name:
+    ``cupy[device=1]`` and ``cupy`` are two GPUs, both named "cupy", with their own figures."""
+
+    bandwidths: Dict[str, Bandwidth] = field(default_factory=dict)
+    matmuls: Dict[str, Tuple[float, str]] = field(default_factory=dict)
+
+    def bandwidth(self, selection: str, backend: Any) -> Bandwidth:
+        if selection not in self.bandwidths:
+            self.bandwidths[selection] = measure_bandwidth(backend)
+        return self.bandwidths[selection]
+
+    def matmul(self, selection: str, backend: Any) -> Tuple[float, str]:
+        if selection not in self.matmuls:
+            self.matmuls[selection] = measure_matmul(backend)
+        return self.matmuls[selection]

@@ -22,7 +22,7 @@ from ..access.guard import close_warned, guarded
 from ..access.registry import backend_kind, declared_kind, load_backend
 from ..access.runcontrol import captured
 from ..errors import BackendUnavailable, NotSupported
-from ..measure.bandwidth import backend_bandwidth
+from ..measure.bandwidth import Bandwidth, RooflineCache
 from ..measure.inputs import Inputs
 from ..measure.lock import ExclusiveLock
 from ..measure.memory import MemoryProbe
@@ -52,7 +52,8 @@ class _Loaded:
 
 @dataclass
 class LongctxState:
-    """Per-process state: the backends constructed once, the lock for timed sections.
+    """Per-process state: the backends constructed once, their rooflines measured once (by
+    selection text), the lock for timed sections.
 
     ``loader`` replaces construction in a process that must not run backend code
     (the parent of isolated cases, see ``isolate.py``: it learns ``info()`` from a
@@ -65,6 +66,15 @@ class LongctxState:
     loaded: Dict[str, _Loaded] = field(default_factory=dict)
     loader: Optional[Callable[[str], _Loaded]] = None
     runs_cases: bool = True
+    rooflines: RooflineCache = field(default_factory=RooflineCache)
+
+    def selection_of(self, backend: Any) -> str:
+        """The selection text a loaded backend was constructed from (``cupy[device=1]``), which
+        tells two backends of one class apart where their ``name`` does not."""
+        for text, loaded in self.loaded.items():
+            if loaded.backend is backend:
+                return text
+        return str(getattr(backend, "name", type(backend).__name__))
 
     def kind(self, text: str) -> Optional[str]:
         """"cache" or "runtime"; None when it cannot be told (a backend that failed to load and
@@ -95,6 +105,13 @@ def get_state(config: pytest.Config) -> LongctxState:
     if state_key not in config.stash:
         config.stash[state_key] = LongctxState(config.stash[settings_key], config.stash[factories_key])
     return config.stash[state_key]
+
+
+def bandwidth_of(config: pytest.Config, backend: Any) -> Bandwidth:
+    """A loaded backend's memory bandwidth, measured once per run and selection text (not
+    per name: ``cupy[device=1]`` is not ``cupy``'s GPU)."""
+    state = get_state(config)
+    return state.rooflines.bandwidth(state.selection_of(backend), backend)
 
 
 # A case of the other kind of backend (a KV-cache group on a whole-model runtime, or the
@@ -257,10 +274,10 @@ class Measure:
     def memory(self) -> MemoryProbe:
         return MemoryProbe(self.backend)
 
-    def bandwidth(self) -> Any:
-        """The device's memory bandwidth, probed once per process."""
+    def bandwidth(self) -> Bandwidth:
+        """The device's memory bandwidth, probed once per process and backend selection."""
         with self._lock.exclusive():
-            return backend_bandwidth(self.backend)
+            return bandwidth_of(self._node.config, self.backend)
 
     def exclusive(self) -> Any:
         """Hold while timing, so that pytest-xdist workers do not measure against each other."""

@@ -44,7 +44,7 @@ from tabulate import tabulate
 from .. import __version__
 from ..access.registry import load_backend
 from ..errors import LongctxError, NotSupported
-from ..measure.bandwidth import HostProbe, Roofline, backend_bandwidth, matmul_rate
+from ..measure.bandwidth import HostProbe, Roofline, RooflineCache
 from ..measure.inputs import Inputs
 from ..measure.preflight import cache_preflight
 from ..measure.stats import Stats
@@ -163,17 +163,17 @@ class Progress:
 class Limits:
     """Where a backend's rooflines come from: sampled host probes, or its device's probes once."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, label: str, rooflines: RooflineCache) -> None:
         self._host: Optional[HostProbe] = None
         self._fixed: Optional[Roofline] = None
         if callable(getattr(backend, "bandwidth", None)):
-            found = backend_bandwidth(backend)
+            found = rooflines.bandwidth(label, backend)
             self._fixed = Roofline(found.copy_gbps / 2, found.read_gbps)
             self.method = f"{found.method}; copy counted one way"
         else:
             self._host = HostProbe()
             self.method = HostProbe.method
-        self.matmul_flops, self.matmul_method = matmul_rate(backend)
+        self.matmul_flops, self.matmul_method = rooflines.matmul(label, backend)
 
     def sample(self) -> Roofline:
         return self._fixed if self._host is None else self._host.sample()
@@ -492,7 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(exc))
     floors = Floors(args.fill_floor, args.decode_floor, args.prefill_attention_floor)
     progress = Progress(not args.no_progress)
-    limits = [Limits(backend) for backend in backends]
+    rooflines = RooflineCache()  # one per command: two --backend cupy[device=N] get their own figures
+    limits = [Limits(backend, label, rooflines) for label, backend in zip(labels, backends)]
     described = [{"label": label, "description": _describe(label, b, lim)}
                  for label, b, lim in zip(labels, backends, limits)]
     print(f"longctx-bench {__version__}: python {platform.python_version()}, numpy {np.__version__}")
