@@ -2,11 +2,12 @@
 
 The public contract a backend implements is exported here; the pytest plugin
 itself lives in ``pytest_longctx.session.plugin``. The arrows point one way: the contract
-(spec, protocol, errors, rope, shapes, hookspec, questions) imports nothing else
-of the project; registry, runcontrol and guard (finding and calling backends)
-build on it only; backends and the reference import the contract only; the plugin never
-imports a backend, the reference or the suite; the suite imports the contract,
-the reference and the plugin. The project's layering test holds these arrows.
+(spec, protocol, errors, rope, shapes, hookspec, questions: the flat modules) imports nothing
+else of the project; ``access`` (finding and calling backends) builds on it only; then
+``measure``, ``session``, ``isolation``, ``certify`` and ``tools``, each subpackage importing
+only those before it. Backends and the reference import the contract only; the plugin never
+imports a backend, the reference or the suite. docs/architecture.md draws the layers and
+tests/test_layering.py holds them.
 The package raises its own errors and uses no bare asserts, so it opts out of
 assertion rewriting: PYTEST_DONT_REWRITE.
 """
