@@ -162,6 +162,16 @@ def test_every_arrow_points_the_right_way() -> None:
     assert wrong_arrows(sources, modules) == []
 
 
+def test_every_project_import_names_a_module_that_exists() -> None:
+    """A module that moved leaves no import of its old place behind (a relative import into a
+    sibling that is not there would otherwise pass as an arrow of the right layer)."""
+    modules = source_modules(ROOT)
+    missing = [f"{name} line {line} imports {target}"
+               for name, path in sorted(modules.items())
+               for line, target in imports_of(name, path.read_text(), modules) if target not in modules]
+    assert missing == []
+
+
 def test_no_import_circle() -> None:
     modules = source_modules(ROOT)
     assert circles({name: path.read_text() for name, path in modules.items()}, modules) == []
