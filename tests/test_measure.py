@@ -237,10 +237,13 @@ def test_shared_holders_coexist_and_wait_for_exclusive(tmp_path) -> None:
     child = ctx.Process(target=_hold, args=(path, "shared", held, release, 10))
     child.start()
     assert held.wait(10)
-    start = time.monotonic()
-    with ExclusiveLock(path).shared():
-        assert time.monotonic() - start < 2.0
+    started, acquired = threading.Event(), threading.Event()
+    sharer = threading.Thread(target=_acquire, args=(path, "shared", started, acquired), daemon=True)
+    sharer.start()
+    # Granted while the other process still holds it shared (it is released only below).
+    assert acquired.wait(10), "a second shared holder waited for the first"
     release.set()
+    sharer.join(10)
     child.join(10)
 
     held, release = ctx.Event(), ctx.Event()
@@ -259,16 +262,27 @@ def test_shared_holders_coexist_and_wait_for_exclusive(tmp_path) -> None:
 
 
 def test_lock_nests_within_one_process(tmp_path) -> None:
+    """Nested holds in one process convert instead of deadlocking; run in a thread with a
+    timeout, so that a regression fails here instead of hanging the run."""
     path = str(tmp_path / "lock")
-    outer, inner = ExclusiveLock(path), ExclusiveLock(path)
-    with outer.shared():
-        with inner.exclusive():  # same process: converts instead of deadlocking
-            with outer.shared():
-                pass
-        with inner.shared():
-            pass
-    with inner.exclusive():
-        pass
+    steps: List[str] = []
+
+    def nest() -> None:
+        outer, inner = ExclusiveLock(path), ExclusiveLock(path)
+        with outer.shared():
+            with inner.exclusive():  # same process: converts instead of deadlocking
+                with outer.shared():
+                    steps.append("shared in exclusive")
+            with inner.shared():
+                steps.append("shared in shared")
+        with inner.exclusive():
+            steps.append("exclusive again")
+
+    worker = threading.Thread(target=nest, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), f"nested holds deadlocked after {steps}"
+    assert steps == ["shared in exclusive", "shared in shared", "exclusive again"]
 
 
 # ----------------------------------------------------------------- bandwidth
