@@ -53,6 +53,12 @@ def suite_module(name: str = "") -> str:
     return os.path.join(SUITE_DIR, name) if name else SUITE_DIR
 
 
+# The rate floors off, for runs that assert no failure: the checks of correctness and cost
+# shape (fill growth, deferred work, cached answers) still run; a floor missed on a loaded
+# host is the throughput group's own business (judged or skipped as contended there).
+FLOORS_OFF = ("--longctx-fill-floor=0", "--longctx-retrieve-floor=0")
+
+
 def run_suite(pytester: pytest.Pytester, backend: str, *args: str, shape: Optional[str] = SHAPE,
               positions: str = "1024", module: Optional[str] = "", model: Optional[Any] = None,
               subprocess: bool = False) -> pytest.RunResult:
