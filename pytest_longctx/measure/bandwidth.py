@@ -46,14 +46,21 @@ class ParallelRead:
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     def __call__(self) -> None:
-        pending = [self._pool.submit(np.max, part) for part in self._parts[1:]] if self._pool else []
+        if self._pool is None:  # one core, or closed
+            for part in self._parts:
+                np.max(part)
+            return
+        pending = [self._pool.submit(np.max, part) for part in self._parts[1:]]
         np.max(self._parts[0])
         for future in pending:
             future.result()
 
     def close(self) -> None:
+        """Join the threads: a process that forks later (--longctx-isolate) should not carry
+        idle threads whose locks its children would inherit."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def available_cores() -> int:
@@ -148,6 +155,9 @@ class HostProbe:
 
     def sample(self) -> Roofline:
         return Roofline(self.copy_gbps(), self.read_gbps())
+
+    def close(self) -> None:
+        self._read.close()
 
 
 def measure_matmul(backend: Any) -> Tuple[float, str]:

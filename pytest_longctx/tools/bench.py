@@ -178,6 +178,10 @@ class Limits:
     def sample(self) -> Roofline:
         return self._fixed if self._host is None else self._host.sample()
 
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
+
 
 # --- one case -----------------------------------------------------------------------------
 
@@ -502,13 +506,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"shape {args.shape} ({shape.describe()}); fill: stored bytes/s over copy (one way); decode attention: "
           f"K+V bytes/s over read; each the median of per-repeat ratios to probes beside them", flush=True)
     cases: List[Case] = []
-    for dtype in dtypes:
-        for n in positions:
-            spec = shape.replace(kv_dtype=dtype, max_positions=n)
-            batch = [run_case(b, label, spec, lim, args, floors, progress)
-                     for label, b, lim in zip(labels, backends, limits)]
-            cases += batch
-            _print_cases(batch, labels)
+    try:
+        for dtype in dtypes:
+            for n in positions:
+                spec = shape.replace(kv_dtype=dtype, max_positions=n)
+                batch = [run_case(b, label, spec, lim, args, floors, progress)
+                         for label, b, lim in zip(labels, backends, limits)]
+                cases += batch
+                _print_cases(batch, labels)
+    finally:
+        for lim in limits:
+            lim.close()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(to_json(cases, described, args), handle, indent=1)
