@@ -3,6 +3,7 @@ so that every backend names the same CPU and keeps a message to one line."""
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Dict, Tuple
 
@@ -26,6 +27,14 @@ def cpu_name_and_vendor() -> Tuple[str, str]:
 
 def cpu_name() -> str:
     return cpu_name_and_vendor()[0]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity, where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:

@@ -71,7 +71,7 @@ from pytest_longctx.protocol import BackendInfo, RuntimeStats
 from pytest_longctx.spec import KV_DTYPES, CacheSpec, RopeSpec
 
 from . import _checks as C
-from ._host import cpu_name, one_line
+from ._host import available_cores, cpu_name, one_line
 from ._runtime import RuntimeBase
 
 OPTIONS = ("kv_type", "type_k", "type_v", "flash_attn", "n_threads", "n_batch", "n_ubatch", "verbose")
@@ -392,7 +392,7 @@ class LlamaCppRuntime(RuntimeBase):
         params.n_batch = s["n_batch"]
         params.n_ubatch = min(s["n_ubatch"], s["n_batch"])
         params.n_seq_max = 1
-        threads = s["n_threads"] or _cpu_count()
+        threads = s["n_threads"] or available_cores()
         params.n_threads = threads
         params.n_threads_batch = threads
         params.type_k = getattr(llama, CACHE_TYPES[s["type_k"]][0])
@@ -602,10 +602,3 @@ def _ggml_versions(llama: Any) -> Dict[str, str]:
     with contextlib.suppress(Exception):
         out["llama.cpp system"] = llama.llama_print_system_info().decode("utf-8", errors="replace").strip()
     return out
-
-
-def _cpu_count() -> int:
-    with contextlib.suppress(AttributeError, OSError):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
-

@@ -16,7 +16,6 @@ as stored through their products instead of decoding blocks for BLAS.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -29,7 +28,7 @@ from pytest_longctx.spec import CacheSpec
 from . import _checks as C
 from . import _kernels as K
 from . import _native as N
-from ._host import cpu_name_and_vendor
+from ._host import available_cores, cpu_name_and_vendor
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 PREPARE = ("open", "write")
@@ -452,13 +451,6 @@ def _blas_version() -> Optional[str]:
         return None
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class NumpyBackend:
     """The "numpy" backend. Options: block (keys per attention block; by default
     DEFAULT_BLOCK, or NATIVE_SCORES per query row for the native products), threads, native (false:
@@ -478,7 +470,7 @@ class NumpyBackend:
         if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
             raise SpecError(f"numpy backend option block={block!r}, but should be a positive integer")
         if threads is None:
-            threads = _available_cores()
+            threads = available_cores()
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise SpecError(f"numpy backend option threads={threads!r}, but should be a positive integer")
         if not isinstance(native, bool):

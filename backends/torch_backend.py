@@ -25,7 +25,6 @@ compiled kernels would recompile per step, and on the CPU it needs a C++ compile
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,7 +36,7 @@ from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec
 
 from . import _checks as C
-from ._host import cpu_name_and_vendor, one_line
+from ._host import available_cores, cpu_name_and_vendor, one_line
 
 KV_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3")
 _TORCH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp8_e4m3": "float8_e4m3fn"}
@@ -407,13 +406,6 @@ def _out_of_memory(torch: Any) -> type:
     return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class TorchBackend:
     """The "torch" backend. Options: device (cpu, cuda, cuda:N, xpu[:N], mps; default cuda
     when torch sees one, else cpu), threads (device=cpu only: torch's intra-op threads, which
@@ -436,7 +428,7 @@ class TorchBackend:
         if threads is not None and self.kind != "cpu":
             raise SpecError(f"torch backend option threads={threads} applies to device=cpu, not {self.device}")
         if self.kind == "cpu":
-            self.threads = threads or _available_cores()
+            self.threads = threads or available_cores()
             self.use_threads()
         else:
             self.threads = None
