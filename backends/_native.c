@@ -472,6 +472,23 @@ LC_INLINE void products_simd(int accumulate, int fmt, const float *a, ptrdiff_t 
 }
 #endif
 
+/* The generic products' step: stored row j, decoded into t, against the m rows of a (one
+ * plane): scores out[i, j] = a[i] . t, or sums out[i, :] += a[i, j] t. */
+static void products_row(int accumulate, const float *a, ptrdiff_t a_rs, const float *t, ptrdiff_t j,
+                         float *out, ptrdiff_t out_rs, ptrdiff_t m, ptrdiff_t cols)
+{
+    for (ptrdiff_t i = 0; i < m; i++) {
+        const float *x = a + i * a_rs;
+        float *o = out + i * out_rs, sum = 0.0f;
+        if (accumulate)
+            for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
+        else {
+            for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
+            o[j] = sum;
+        }
+    }
+}
+
 /* out[p, i, j] = sum_c a[p, i, c] * b[p, j, c] (accumulate = 0: scores of queries a
  * (planes, m, cols) against stored keys b (planes, n, cols)), or
  * out[p, i, c] += sum_j a[p, i, j] * b[p, j, c] (accumulate = 1: softmax weights a
@@ -500,16 +517,7 @@ int lc_products(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t j = 0; j < n; j++) {
             decode_run(fmt, (const char *)b + (size_t)(p * b_ps + j * b_rs) * size, t, cols);
-            for (ptrdiff_t i = 0; i < m; i++) {
-                const float *x = a + p * a_ps + i * a_rs;
-                float *o = out + p * out_ps + i * out_rs, sum = 0.0f;
-                if (accumulate)
-                    for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
-                else {
-                    for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
-                    o[j] = sum;
-                }
-            }
+            products_row(accumulate, a + p * a_ps, a_rs, t, j, out + p * out_ps, out_rs, m, cols);
         }
     free(t);
     return 0;
@@ -665,16 +673,7 @@ int lc_q8_products(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_r
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t j = 0; j < n; j++) {
             lc_q8_decode(q + p * q_ps + j * q_rs, 0, 0, d + p * d_ps + j * d_rs, 0, 0, t, 0, 0, 1, 1, cols);
-            for (ptrdiff_t i = 0; i < m; i++) {
-                const float *x = a + p * a_ps + i * a_rs;
-                float *o = out + p * out_ps + i * out_rs, sum = 0.0f;
-                if (accumulate)
-                    for (ptrdiff_t c = 0; c < cols; c++) o[c] += x[j] * t[c];
-                else {
-                    for (ptrdiff_t c = 0; c < cols; c++) sum += x[c] * t[c];
-                    o[j] = sum;
-                }
-            }
+            products_row(accumulate, a + p * a_ps, a_rs, t, j, out + p * out_ps, out_rs, m, cols);
         }
     free(t);
     return 0;

@@ -416,20 +416,8 @@ class CupyBackend:
         read = self.kernels("float32", 128).function("read_sum")
         n4 = np.int64(size // 16)
 
-        def best(fn: Any) -> float:
-            fn()
-            seconds = []
-            for _ in range(repeats):
-                start, stop = cp.cuda.Event(), cp.cuda.Event()
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                seconds.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-            return min(seconds)
-
-        copy_s = best(lambda: cp.copyto(dst, src))
-        read_s = best(lambda: read((partial.size,), (256,), (src, n4, partial)))
+        copy_s = _best_event_seconds(cp, lambda: cp.copyto(dst, src), repeats)
+        read_s = _best_event_seconds(cp, lambda: read((partial.size,), (256,), (src, n4, partial)), repeats)
         return DeviceBandwidth(
             copy_gbps=2 * size / copy_s / 1e9,
             read_gbps=size / read_s / 1e9,
