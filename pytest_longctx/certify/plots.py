@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 Series = Dict[str, List[Tuple[int, Dict[str, Any]]]]
 
@@ -140,6 +140,19 @@ def _roofline_and_floor(ax: Any, i: int, label: str, points: List[Any], roofline
         ax.plot([p for p, _ in floors], [v for _, v in floors], ":", color="gray", label=floor_label)
 
 
+def _measured(ax: Any, data: Dict[str, List[Any]], value: Callable[[Dict[str, Any]], float], name: str,
+              beside: Callable[[int, str, List[Any]], None]) -> List[Any]:
+    """Each label's measured points as a line ("LABEL NAME"), then ``beside`` for what is drawn
+    next to it (roofline, bound); returns the positions, for the ticks."""
+    ticks: List[Any] = []
+    for i, (label, points) in enumerate(data.items()):
+        xs = [p for p, _ in points]
+        ticks += xs
+        ax.plot(xs, [value(r) for _, r in points], "o-", color=_color(ax, i), label=f"{label} {name}")
+        beside(i, label, points)
+    return ticks
+
+
 def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     """Decode attention tokens/s (one query through all layers) with the read-bandwidth roofline."""
     data = series(figures, "decode attention")
@@ -147,12 +160,8 @@ def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
         return None
     fig, ax = _figure("decode attention vs positions", "tokens/s")
     ax.set_yscale("log")
-    ticks = []
-    for i, (label, points) in enumerate(data.items()):
-        xs = [p for p, _ in points]
-        ticks += xs
-        ax.plot(xs, [_number(r["value"]) for _, r in points], "o-", color=_color(ax, i), label=f"{label} measured")
-        _roofline_and_floor(ax, i, label, points, ("read_gbps", "kv_bytes", "read"), "attention floor")
+    ticks = _measured(ax, data, lambda r: _number(r["value"]), "measured", lambda i, label, points: (
+        _roofline_and_floor(ax, i, label, points, ("read_gbps", "kv_bytes", "read"), "attention floor")))
     return _svg(fig, ax, ticks)
 
 
@@ -163,16 +172,14 @@ def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
         return None
     fig, ax = _figure("attention error vs positions", "max |error|")
     ax.set_yscale("log")
-    ticks = []
-    for i, (label, points) in enumerate(data.items()):
-        xs = [p for p, _ in points]
-        ticks += xs
-        ax.plot(xs, [max(_number(r["value"]), 1e-30) for _, r in points], "o-", color=_color(ax, i),
-                label=f"{label} error")
-        allowed = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
-        if allowed:
-            ax.plot([p for p, _ in allowed], [v for _, v in allowed], "--", color=_color(ax, i),
+
+    def allowed(i: int, label: str, points: List[Any]) -> None:
+        bounds = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
+        if bounds:
+            ax.plot([p for p, _ in bounds], [v for _, v in bounds], "--", color=_color(ax, i),
                     label=f"{label} allowed")
+
+    ticks = _measured(ax, data, lambda r: max(_number(r["value"]), 1e-30), "error", allowed)
     return _svg(fig, ax, ticks)
 
 
