@@ -219,9 +219,10 @@ def _suite(pytester: pytest.Pytester, backend: str, *args: str, positions: str =
     return run_suite(pytester, backend, "-rfEs", *args, positions=positions)
 
 
-def test_the_default_form_is_static_on_every_device() -> None:
-    """The NPU's form, and the one whose figures are the plugin's kernels (not a concatenating state)."""
-    assert O.OpenVinoBackend().form == "static" and O.OpenVinoBackend(device="CPU").form == "static"
+def test_the_default_form_is_static() -> None:
+    """The NPU's form, and the one whose figures are the plugin's kernels (not a concatenating
+    state); the default does not depend on the device (only CPU can be constructed here)."""
+    assert O.OpenVinoBackend().form == "static"
 
 
 def test_the_suite_passes_in_the_default_static_form(pytester: pytest.Pytester) -> None:
