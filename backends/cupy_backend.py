@@ -313,6 +313,8 @@ class CupyBackend:
     KV head, matrix products above; kernel or blas forces one), block (keys per block of
     the matrix-product path)."""
 
+    device_aliases = {"gpu": {}}
+
     name = "cupy"
 
     def __init__(self, *, device: int = 0, attention: str = "auto", block: int = DEFAULT_BLOCK) -> None:

@@ -463,6 +463,8 @@ class NumpyBackend:
     (137+42 s against 115+26 s, one run each under load); a fill pays first-touch either
     way for what it writes."""
 
+    device_aliases = {"cpu": {}}
+
     name = "numpy"
 
     def __init__(self, *, block: Optional[int] = None, threads: Optional[int] = None, native: bool = True,

@@ -304,6 +304,10 @@ class OpenVinoBackend:
     default each spec's own), chunk (positions per store call, default 256), align (the
     compiled size must be a multiple of it, default 1)."""
 
+    # OpenVINO's CPU plugin by default; the "npu" alias reaches it with device=NPU, after rkllm
+    # (a backend there by default comes before one that needs options to get there).
+    device_aliases = {"npu": {"device": "NPU"}}
+
     name = "openvino"
 
     def __init__(self, *, device: str = "CPU", form: Optional[str] = None, compute: str = "float32",

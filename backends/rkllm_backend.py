@@ -175,6 +175,8 @@ class RkllmBackend:
     the first logits), ``generate`` (``logits`` or ``native``).
     """
 
+    device_aliases = {"npu": {}}
+
     name = "rkllm"
 
     def __init__(self, library: Optional[str] = None, runtime_version: Optional[str] = None, shape: Any = None,

@@ -4,6 +4,13 @@ Two kinds of backend: a ``KVBackend`` hands out its KV cache (a kernel library,
 a CPU engine); a ``RuntimeBackend`` runs a whole model file and is seen only
 through token ids, logits and its own statistics (an NPU runtime, llama.cpp).
 A backend depends on this module, the specs and the errors; never on the suite.
+
+A backend class may also declare ``device_aliases``, a mapping from a device-kind
+alias (``DEVICE_KINDS``) to the options that put it on that kind of device, e.g.
+``{"cpu": {}, "npu": {"device": "NPU"}}``: ``--longctx-backend=npu`` then tries it,
+after the built-ins, when it is registered under the entry-point group
+``pytest_longctx.backends``. It is read from the class, before construction, so
+it is not part of the protocols below.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ each may import of the project (itself always)::
     reference  pytest_longctx.reference.*  (folder reference/)       contract
     suite      pytest_longctx.conformance.* (folder conformance/)    every layer of the package but tools, reference
 
-Backends and the suite are found at run time (``registry.BUILTINS`` as ``module:factory``
-text, the suite's folder by ``find_spec``), never imported by the plugin. Importing any
+Backends and the suite are found at run time (backends as entry points of the group
+``pytest_longctx.backends``, the suite's folder by ``find_spec``), never imported by the plugin. Importing any
 submodule runs the package ``__init__`` first (the facade) and its subpackage's; those
 implicit steps are not arrows. A new flat module, or a new subpackage, has no layer until
 it is placed here: the test fails until it is.

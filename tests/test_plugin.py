@@ -270,6 +270,40 @@ def test_entry_point_registers_a_backend(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["longctx: backend demo* | shape *"])
 
 
+def test_the_built_ins_are_entry_points_of_this_distribution() -> None:
+    """Found as a third party's backends are: the access layer holds no list of them."""
+    from importlib.metadata import entry_points
+
+    from pytest_longctx.access.registry import ENTRY_POINT_GROUP
+
+    own = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.dist.name == "pytest-longctx"}
+    assert {"numpy", "cupy", "onnxruntime", "rkllm", "llamacpp", "torch", "transformers", "openvino",
+            "openvino-genai"} <= own
+
+
+def test_an_installed_npu_backend_joins_the_npu_alias(pytester: pytest.Pytester) -> None:
+    """A vendor's class declaring ``device_aliases`` answers ``--longctx-backend=npu``: after the
+    built-in there by default (rkllm, absent here), before one that needs options to get there
+    (openvino[device=NPU]). A registered module that cannot be imported is no member, and leaves
+    the other aliases alone."""
+    pytester.makepyfile(vendor_npu="""
+        from broken_backends import CorrectBackend
+
+        class VendorNpu(CorrectBackend):
+            device_aliases = {"npu": {}}
+    """, vendor_broken="raise ImportError('the vendor library is missing')")
+    make_distribution(pytester, "longctx_vendor", """
+        [pytest_longctx.backends]
+        vendor = vendor_npu:VendorNpu
+        broken = vendor_broken:Nothing
+    """)
+    from pytest_longctx.access.registry import _alias_members
+
+    assert [label for label, _, _ in _alias_members("npu")] == ["rkllm", "vendor", "openvino[device=NPU]"]
+    assert type(load_backend("npu")).__name__ == "VendorNpu"
+    assert load_backend("cpu").name == "numpy"
+
+
 @pytest.mark.parametrize("name", ["configurable:Configurable", "registered"])
 def test_options_in_brackets_reach_the_factory(pytester: pytest.Pytester, name: str) -> None:
     """``NAME[key=value,...]`` gives typed keyword options, by import path and by registered name."""

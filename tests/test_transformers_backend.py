@@ -112,9 +112,9 @@ def test_missing_torch_or_transformers_is_unavailable_with_the_install_command(
 
 
 def test_registered_as_a_runtime_and_reports_versions(backend: T.TransformersBackend) -> None:
-    from pytest_longctx.access.registry import BUILTINS
+    from pytest_longctx.access.registry import declared_kind
 
-    assert BUILTINS["transformers"].kind == "runtime"
+    assert declared_kind("transformers") == "runtime"
     loaded = load_backend("transformers[device=cpu,dtype=float32,threads=1]")
     assert isinstance(loaded, T.TransformersBackend) and isinstance(loaded, RuntimeBackend)
     info = backend.info()

@@ -6,10 +6,12 @@ name registered by a third-party package (entry-point group
 import path ``package.module:factory``. Any of them takes options as
 ``NAME[key=value,...]``. Registered names never contain ``:``.
 
-Built-ins are listed below as ``module:factory`` text and resolved by importlib
-when chosen, exactly as a third party's entry point is: the plugin never imports
-``pytest_longctx.backends`` (the layering test holds that arrow), and listing
-them imports nothing heavy.
+Built-ins are entry points of this project's own distribution (pyproject.toml),
+found exactly as a third party's are: nothing here lists them, and the plugin
+never imports ``pytest_longctx.backends`` (the layering test holds that arrow).
+A factory joins a device-kind alias (``cpu``, ``gpu``, ``npu``) by declaring
+``device_aliases`` (see ``protocol``); resolving it imports its module only,
+never its engine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..errors import BackendUnavailable, LongctxError, SpecError
 from ..protocol import KVBackend, RuntimeBackend
@@ -37,39 +39,26 @@ _NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class Builtin(NamedTuple):
-    factory: str  # "module:attribute", called with the backend's options
-    device_kind: str
-    kind: str = "cache"  # "cache": a KVBackend; "runtime": a RuntimeBackend (whole model)
+# Device-kind aliases: the first available registered backend that answers to the kind is used.
+ALIASES = ("cpu", "gpu", "npu")
+# The distribution whose entry points are the built-ins.
+_OWN_DISTRIBUTION = "pytest-longctx"
 
 
-BUILTINS = {
-    "numpy": Builtin("pytest_longctx.backends.numpy_backend:NumpyBackend", "cpu"),
-    "cupy": Builtin("pytest_longctx.backends.cupy_backend:CupyBackend", "gpu"),
-    "onnxruntime": Builtin("pytest_longctx.backends.onnxruntime_backend:OnnxRuntimeBackend", "cpu"),
-    "rkllm": Builtin("pytest_longctx.backends.rkllm_backend:RkllmBackend", "npu", "runtime"),
-    "llamacpp": Builtin("pytest_longctx.backends.llamacpp_backend:LlamaCppBackend", "cpu", "runtime"),
-    # Kind "cpu" although it runs on GPUs too: aliases take the first available built-in of a
-    # kind, so "cpu" always finds numpy first, while "gpu" would land on torch's CPU fallback
-    # when CuPy is missing. torch is reached by name; its info() says where it runs.
-    "torch": Builtin("pytest_longctx.backends.torch_backend:TorchBackend", "cpu"),
-    "transformers": Builtin("pytest_longctx.backends.transformers_backend:TransformersBackend", "cpu", "runtime"),
-    # A GGUF converted by openvino-genai, its stateful IR run by openvino.Core (CPU here; GPU/NPU by option).
-    "openvino-genai": Builtin("pytest_longctx.backends.openvino_genai_backend:OpenVinoGenAIBackend", "cpu",
-                              "runtime"),
-    # OpenVINO's CPU plugin by default; openvino[device=NPU] is a member of the "npu" alias, tried
-    # after rkllm (see ALIAS_MEMBERS).
-    "openvino": Builtin("pytest_longctx.backends.openvino_backend:OpenVinoBackend", "cpu"),
-}
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
-# Device-kind aliases: the first available built-in of that kind is used.
-ALIASES = {"cpu": "cpu", "gpu": "gpu", "npu": "npu"}
 
-# Built-ins an alias also reaches with options that put them on that kind of device, tried after
-# the built-ins of that kind: "npu" is the NPU that is present, RKLLM's (Rockchip) first, as
-# before, then Intel's through OpenVINO. No machine has both, so the order decides only which
-# reasons come first when neither is there.
-ALIAS_MEMBERS = {"npu": (("openvino", {"device": "NPU"}),)}
+def _entry_points() -> list:
+    """The group's entry points, this project's own (the built-ins) first, each part by name:
+    a stable order that does not depend on how distributions happen to be found."""
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+
+    def foreign(ep: Any) -> bool:
+        dist = getattr(ep, "dist", None)
+        return dist is None or _normalized(dist.name) != _OWN_DISTRIBUTION
+
+    return sorted(found, key=lambda ep: (foreign(ep), ep.name))
 
 
 class BackendLoadError(LongctxError):
@@ -128,10 +117,10 @@ def parse_backend(text: str) -> BackendRef:
 
 
 def registered_factories(extra: Optional[Mapping[str, Factory]] = None) -> Dict[str, Factory]:
-    """Built-ins, then entry points, then ``extra`` (from the pluggy hook); later wins."""
-    factories: Dict[str, Factory] = {name: b.factory for name, b in BUILTINS.items()}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        factories[ep.name] = ep.value
+    """Entry points (the built-ins first), then ``extra`` (from the pluggy hook); later wins."""
+    factories: Dict[str, Factory] = {}
+    for ep in _entry_points():
+        factories.setdefault(ep.name, ep.value)
     for name, factory in (extra or {}).items():
         if ":" in name:
             raise SpecError(f"registered backend name {name!r} must not contain ':'")
@@ -202,12 +191,31 @@ def _accepted(factory: Factory) -> str:
     return f"; accepted keys: {', '.join(names)}" if names else "; it takes no options"
 
 
-def _alias_members(kind: str) -> list:
-    """(name, builtin, preset options) of every built-in an alias tries, in order: those of its
-    device kind, then those that ALIAS_MEMBERS puts on it with options."""
-    members = [(name, b, {}) for name, b in BUILTINS.items() if b.device_kind == kind]
-    members += [(name, BUILTINS[name], dict(preset)) for name, preset in ALIAS_MEMBERS.get(kind, ())]
-    return members
+def _declared_aliases(target: Any) -> Mapping[str, Mapping[str, Any]]:
+    """A factory's ``device_aliases`` (see ``protocol``), checked for shape; {} when absent."""
+    aliases = getattr(target, "device_aliases", None) or {}
+    if not isinstance(aliases, Mapping) or not all(isinstance(v, Mapping) for v in aliases.values()):
+        return {}
+    return aliases
+
+
+def _alias_members(kind: str) -> List[Tuple[str, Factory, Dict[str, Any]]]:
+    """(label, factory, preset options) of every registered backend that answers to the alias
+    ``kind``: those there by default before those that need options to get there ("npu":
+    rkllm, then openvino[device=NPU]), each in entry-point order. Resolving a factory imports
+    its module, not its engine (the built-ins import theirs when constructed); one that fails
+    to import is no member."""
+    members = []
+    for ep in _entry_points():
+        try:
+            target = _resolve(ep.value)
+        except LongctxError:
+            continue
+        if kind in _declared_aliases(target):
+            preset = dict(_declared_aliases(target)[kind])
+            label = ep.name if not preset else f"{ep.name}[{','.join(f'{k}={v}' for k, v in preset.items())}]"
+            members.append((label, target, preset))
+    return sorted(members, key=lambda member: bool(member[2]))
 
 
 def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
@@ -216,10 +224,9 @@ def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
     only options no member takes are a usage error."""
     reasons, rejected = [], 0
     members = _alias_members(kind)
-    for name, builtin, preset in members:
-        label = name if not preset else f"{name}[{','.join(f'{k}={v}' for k, v in preset.items())}]"
+    for label, factory, preset in members:
         try:
-            return _construct(label, builtin.factory, {**preset, **options})
+            return _construct(label, factory, {**preset, **options})
         except BackendUnavailable as exc:
             reasons.append(f"{label}: {exc}")
         except SpecError as exc:  # the options do not bind to this member's factory
@@ -227,7 +234,7 @@ def _load_alias(kind: str, options: Mapping[str, Any]) -> Backend:
             rejected += 1
     if members and rejected == len(members):
         raise SpecError("; ".join(reasons))
-    detail = "; ".join(reasons) if reasons else "none is built in"
+    detail = "; ".join(reasons) if reasons else "none is installed"
     raise BackendUnavailable(f"no {kind} backend is available ({detail})")
 
 
@@ -262,23 +269,35 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Ba
     if ref.is_import_path:
         return _construct(ref.text, ref.name, ref.options)
     if ref.name in ALIASES:
-        return _load_alias(ALIASES[ref.name], ref.options)
+        return _load_alias(ref.name, ref.options)
     return _construct(ref.text, factories[ref.name], ref.options)
 
 
-def declared_kind(text: str) -> Optional[str]:
-    """The kind ("cache" or "runtime") a built-in name or alias declares, without constructing
-    it; None when the name does not say (an import path, a third-party name, a mixed alias)."""
+def _factory_kind(target: Any) -> Optional[str]:
+    """The kind a factory's class declares by its methods; None for a plain function."""
+    if hasattr(target, "open_runtime") and not hasattr(target, "open_cache"):
+        return "runtime"
+    return "cache" if hasattr(target, "open_cache") else None
+
+
+def declared_kind(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Optional[str]:
+    """The kind ("cache" or "runtime") a registered name or alias declares, without constructing
+    it; None when it does not say (an import path, a function factory, a mixed alias)."""
     try:
         name = parse_backend(text).name
     except SpecError:
         return None
-    if name in BUILTINS:
-        return BUILTINS[name].kind
     if name in ALIASES:
-        kinds = {b.kind for _, b, _ in _alias_members(ALIASES[name])}
+        kinds = {_factory_kind(factory) for _, factory, _ in _alias_members(name)}
         return kinds.pop() if len(kinds) == 1 else None
-    return None
+    factory = registered_factories(extra).get(name)
+    if factory is None:
+        return None
+    try:
+        target = _resolve(factory) if isinstance(factory, str) else factory
+    except LongctxError:  # loading it will say why, in the case that needs it
+        return None
+    return _factory_kind(target)
 
 
 def alias_first_kind(text: str) -> Optional[str]:
@@ -288,5 +307,5 @@ def alias_first_kind(text: str) -> Optional[str]:
         name = parse_backend(text).name
     except SpecError:
         return None
-    members = _alias_members(ALIASES[name]) if name in ALIASES else []
-    return members[0][1].kind if members else None
+    members = _alias_members(name) if name in ALIASES else []
+    return _factory_kind(members[0][1]) if members else None
