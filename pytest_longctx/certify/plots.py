@@ -33,7 +33,9 @@ def series(figures: List[Dict[str, Any]], check: str) -> Series:
     return {k: sorted(v, key=lambda p: p[0]) for k, v in sorted(out.items())}
 
 
-def _figure(title: str, ylabel: str) -> Tuple[Any, Any]:
+def _figure(title: str, ylabel: str, log_base: Optional[int] = 10) -> Tuple[Any, Any]:
+    """One axes, positions on a log2 x axis; the y axis logarithmic unless ``log_base`` is None
+    (rates, errors and sizes span decades)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.6, 3.4), dpi=100, layout="constrained")
@@ -42,6 +44,8 @@ def _figure(title: str, ylabel: str) -> Tuple[Any, Any]:
     ax.set_xlabel("positions")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
+    if log_base is not None:
+        ax.set_yscale("log", base=log_base)
     ax.grid(True, which="both", alpha=0.3)
     return fig, ax
 
@@ -89,8 +93,7 @@ def memory_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
             **{f"{label} (growth per stretch)": points for label, points in series(figures, RUNTIME_MEMORY).items()}}
     if not data:
         return None
-    fig, ax = _figure("KV memory vs positions", "GiB")
-    ax.set_yscale("log", base=2)
+    fig, ax = _figure("KV memory vs positions", "GiB", log_base=2)
     ticks = []
     for i, (label, points) in enumerate(data.items()):
         xs = [p for p, _ in points]
@@ -111,7 +114,6 @@ def fill_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     if not prefill and not decode:
         return None
     fig, ax = _figure("fill throughput vs positions", "positions/s")
-    ax.set_yscale("log")
     ticks = []
     for i, label in enumerate(sorted(set(prefill) | set(decode))):
         for name, data, style in (("prefill", prefill, "o-"), ("decode", decode, "s-")):
@@ -159,7 +161,6 @@ def attention_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     if not data:
         return None
     fig, ax = _figure("decode attention vs positions", "tokens/s")
-    ax.set_yscale("log")
     ticks = _measured(ax, data, lambda r: _number(r["value"]), "measured", lambda i, label, points: (
         _roofline_and_floor(ax, i, label, points, ("read_gbps", "kv_bytes", "read"), "attention floor")))
     return _svg(fig, ax, ticks)
@@ -171,7 +172,6 @@ def error_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     if not data:
         return None
     fig, ax = _figure("attention error vs positions", "max |error|")
-    ax.set_yscale("log")
 
     def allowed(i: int, label: str, points: List[Any]) -> None:
         bounds = [(p, r["threshold"]) for p, r in points if r.get("threshold")]
@@ -190,7 +190,6 @@ def runtime_rate_plot(figures: List[Dict[str, Any]]) -> Optional[str]:
     if not prefill and not decode:
         return None
     fig, ax = _figure("runtime prefill and decode vs depth", "positions/s, tokens/s")
-    ax.set_yscale("log")
     ticks: List[int] = []
     for i, label in enumerate(sorted(set(prefill) | set(decode))):
         for name, data, style in (("prefill positions/s", prefill, "o-"), ("decode tokens/s", decode, "s-")):
@@ -208,7 +207,7 @@ def context_plot(context: List[Dict[str, Any]]) -> Optional[str]:
     the certified context and the first failure as vertical lines. None without matplotlib."""
     if not available() or not any(search.get("probes") for search in context or ()):
         return None
-    fig, ax = _figure("context finder: probes against length", "seconds per probe")
+    fig, ax = _figure("context finder: probes against length", "seconds per probe", log_base=None)
     ticks: List[int] = []
     for i, search in enumerate(context):
         probes = sorted(search.get("probes") or (), key=lambda p: p["positions"])
