@@ -18,6 +18,7 @@ from pytest_longctx.protocol import KVBackend, KVCache
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
+from _suite_runs import FLOORS_OFF, run_suite
 from _suite_runs import ROPES as SHARED_ROPES
 from _suite_runs import kv as _kv
 
@@ -441,3 +442,16 @@ def test_rope_table_keeps_the_last_long_range_for_the_next_layer() -> None:
     other = table.rows(9000, 17900)
     assert other is not first
     np.testing.assert_array_equal(other[0], K.rope_rows(np, spec, 9000, 17900)[0])
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def test_the_suite_passes_on_a_q4_0_cache(kernels: str, pytester: pytest.Pytester) -> None:
+    """Every question at q4_0, a small shape, with the native kernels and with the NumPy ones:
+    the suite's own q4_0 tolerances, the memory group's analytic size (18 bytes per 32 values)."""
+    result = run_suite(pytester, "cpu", "--longctx-kv-dtype=q4_0", *FLOORS_OFF, positions="1024")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    assert outcomes.get("passed", 0) >= 30 and outcomes.get("skipped", 0) == 0, outcomes  # 34 here
+    result.stdout.fnmatch_lines(["*q4_0*KV memory / analytic*"])
