@@ -654,23 +654,29 @@ void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
  * stored value is value * d in float32 (exact, as lc_quant_decode gives it) before it is
  * multiplied, so the products are those of the decoded block. cols must be a multiple of 32. */
 #if LC_SIMD
-/* Values 8u .. 8u+7 of block b of a stored row, times its scale: u = 0..3, a constant once
- * inlined, so q4_0's nibble half (low for u < 2) is chosen at compile time. */
-LC_INLINE __m256 quant_load8(int fmt, const uint8_t *row, ptrdiff_t b, int u, __m256 scale)
+/* The 32 values of block b of a stored row, times its scale, as four vectors. q4_0: the block's
+ * 16 bytes split into low and high nibbles, less 8, as signed bytes. */
+LC_INLINE void quant_load32(int fmt, const uint8_t *row, ptrdiff_t b, __m256 scale, __m256 y[4])
 {
-    __m256i v;
+    __m128i part[4];
     if (fmt == LC_Q8)
-        v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 32 * b + 8 * u)));
+        for (int u = 0; u < 4; u++)
+            part[u] = _mm_loadl_epi64((const __m128i *)(row + 32 * b + 8 * u));
     else {
-        __m128i n = _mm_loadl_epi64((const __m128i *)(row + 16 * b + 8 * (u & 1)));
-        if (u >= 2)
-            n = _mm_srli_epi16(n, 4);
-        n = _mm_and_si128(n, _mm_set1_epi8(0x0F));
-        v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(n), _mm256_set1_epi32(8));
+        __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * b)), mask = _mm_set1_epi8(0x0F);
+        __m128i eight = _mm_set1_epi8(8);
+        part[0] = _mm_sub_epi8(_mm_and_si128(v, mask), eight);                      /* values 0-15 */
+        part[2] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);  /* values 16-31 */
+        part[1] = _mm_srli_si128(part[0], 8);
+        part[3] = _mm_srli_si128(part[2], 8);
     }
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale);
+    for (int u = 0; u < 4; u++)
+        y[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[u])), scale);
 }
 
+/* Stored rows j and j1 (adjacent, or j1 == j for a lone last row) against query rows, or
+ * weight rows, i and i1: each stored value is converted once for both query rows, and in
+ * the weighted sums each output row is read and written once per pair of stored rows. */
 LC_INLINE void quant_products_simd(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
                                    const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
                                    const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
@@ -679,39 +685,47 @@ LC_INLINE void quant_products_simd(int accumulate, int fmt, const float *a, ptrd
 {
     for (ptrdiff_t p = 0; p < planes; p++) {
         const float *ap = a + p * a_ps;
-        const uint8_t *qp = q + p * q_ps;
-        const uint16_t *dp = d + p * d_ps;
         float *op = out + p * out_ps;
-        for (ptrdiff_t j = 0; j < n; j++) {   /* stored rows in memory order, the sums in L1 */
-            const uint8_t *k = qp + j * q_rs;
-            const uint16_t *s = dp + j * d_rs;
+        for (ptrdiff_t j = 0; j < n; j += 2) {   /* stored rows in memory order, the sums in L1 */
+            ptrdiff_t j1 = j + 1 < n ? j + 1 : j;
+            const uint8_t *k0 = q + p * q_ps + j * q_rs, *k1 = q + p * q_ps + j1 * q_rs;
+            const uint16_t *s0 = d + p * d_ps + j * d_rs, *s1 = d + p * d_ps + j1 * d_rs;
             for (ptrdiff_t i = 0; i < m; i += 2) {
                 ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
                 if (!accumulate) {
                     const float *x0 = ap + i * a_rs, *x1 = ap + i1 * a_rs;
-                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
                     for (ptrdiff_t b = 0; b < cols / 32; b++) {
-                        __m256 scale = _mm256_set1_ps(f16_to_float(s[b]));
+                        __m256 y0[4], y1[4];
+                        quant_load32(fmt, k0, b, _mm256_set1_ps(f16_to_float(s0[b])), y0);
+                        quant_load32(fmt, k1, b, _mm256_set1_ps(f16_to_float(s1[b])), y1);
                         for (int u = 0; u < 4; u++) {
-                            __m256 y = quant_load8(fmt, k, b, u, scale);
-                            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + 32 * b + 8 * u), y, s0);
-                            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + 32 * b + 8 * u), y, s1);
+                            __m256 z0 = _mm256_loadu_ps(x0 + 32 * b + 8 * u), z1 = _mm256_loadu_ps(x1 + 32 * b + 8 * u);
+                            c00 = _mm256_fmadd_ps(z0, y0[u], c00);
+                            c01 = _mm256_fmadd_ps(z0, y1[u], c01);
+                            c10 = _mm256_fmadd_ps(z1, y0[u], c10);
+                            c11 = _mm256_fmadd_ps(z1, y1[u], c11);
                         }
                     }
-                    op[i * out_rs + j] = hsum(s0);
-                    op[i1 * out_rs + j] = hsum(s1);
+                    op[i * out_rs + j] = hsum(c00);
+                    op[i1 * out_rs + j] = hsum(c10);
+                    op[i * out_rs + j1] = hsum(c01);   /* j1 == j: the same sum again */
+                    op[i1 * out_rs + j1] = hsum(c11);
                     continue;
                 }
-                __m256 x0 = _mm256_broadcast_ss(ap + i * a_rs + j), x1 = _mm256_broadcast_ss(ap + i1 * a_rs + j);
+                const float *w0 = ap + i * a_rs, *w1 = ap + i1 * a_rs;
+                __m256 x00 = _mm256_set1_ps(w0[j]), x10 = _mm256_set1_ps(w1[j]);
+                __m256 x01 = _mm256_set1_ps(j1 != j ? w0[j1] : 0.0f), x11 = _mm256_set1_ps(j1 != j ? w1[j1] : 0.0f);
                 float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
                 for (ptrdiff_t b = 0; b < cols / 32; b++) {
-                    __m256 scale = _mm256_set1_ps(f16_to_float(s[b]));
+                    __m256 y0[4], y1[4];
+                    quant_load32(fmt, k0, b, _mm256_set1_ps(f16_to_float(s0[b])), y0);
+                    quant_load32(fmt, k1, b, _mm256_set1_ps(f16_to_float(s1[b])), y1);
                     for (int u = 0; u < 4; u++) {
-                        __m256 y = quant_load8(fmt, k, b, u, scale);
                         float *e0 = o0 + 32 * b + 8 * u, *e1 = o1 + 32 * b + 8 * u;
-                        _mm256_storeu_ps(e0, _mm256_fmadd_ps(x0, y, _mm256_loadu_ps(e0)));
+                        _mm256_storeu_ps(e0, _mm256_fmadd_ps(x01, y1[u], _mm256_fmadd_ps(x00, y0[u], _mm256_loadu_ps(e0))));
                         if (o1 != o0)
-                            _mm256_storeu_ps(e1, _mm256_fmadd_ps(x1, y, _mm256_loadu_ps(e1)));
+                            _mm256_storeu_ps(e1, _mm256_fmadd_ps(x11, y1[u], _mm256_fmadd_ps(x10, y0[u], _mm256_loadu_ps(e1))));
                     }
                 }
             }
