@@ -580,21 +580,24 @@ static void q8_block(const float *x, int8_t *q, uint16_t *d)
  * with the unrounded d, in double, as _kernels.q4_0_encode computes them (the same bits). */
 static void q4_block(const float *x, uint8_t *q, uint16_t *d)
 {
-    uint32_t amax = 0;
-    int first = 0;
+    uint32_t a[32], amax = 0;                     /* |x| as bits, as q8_block */
     for (int j = 0; j < 32; j++) {
-        uint32_t a = bits_of(x[j]) & 0x7FFFFFFFu;
-        if (a > amax) {                           /* strict: a tie keeps the first */
-            amax = a;
-            first = j;
-        }
+        a[j] = bits_of(x[j]) & 0x7FFFFFFFu;
+        amax = a[j] > amax ? a[j] : amax;
+    }
+    int first = 31;                               /* the first of that magnitude: a minimum, */
+    for (int j = 0; j < 32; j++) {                /* with no branch to mispredict */
+        int at = a[j] == amax ? j : 31;
+        first = at < first ? at : first;
     }
     double scale = (double)x[first] / -8.0;
     double inverse = scale != 0.0 ? 1.0 / scale : 0.0;
     uint8_t v[32];
-    for (int j = 0; j < 32; j++) {
+    for (int j = 0; j < 32; j++) {                /* branch-free, so that it vectorizes */
         double t = (double)x[j] * inverse + 8.5;
-        v[j] = t >= 15.0 ? 15u : t > 0.0 ? (uint8_t)t : 0u;   /* the cast truncates */
+        t = t < 15.0 ? t : 15.0;
+        t = t > 0.0 ? t : 0.0;
+        v[j] = (uint8_t)(int32_t)t;               /* the cast truncates */
     }
     for (int j = 0; j < 16; j++)
         q[j] = (uint8_t)(v[j] | (v[j + 16] << 4));
