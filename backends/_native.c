@@ -577,7 +577,37 @@ static void q8_block(const float *x, int8_t *q, uint16_t *d)
 }
 
 /* m = the first value of largest magnitude, d = m / -8 and q = min(15, trunc(x/d + 8.5))
- * with the unrounded d, in double, as _kernels.q4_0_encode computes them (the same bits). */
+ * with the unrounded d, in double, as _kernels.q4_0_encode computes them (the same bits).
+ * With AVX2 four values at a time, min/max_pd keeping the portable code's comparisons. */
+#if LC_SIMD
+static void q4_block(const float *x, uint8_t *q, uint16_t *d)
+{
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i a[4], top = _mm256_setzero_si256();
+    for (int u = 0; u < 4; u++) {
+        a[u] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * u)), magnitude);
+        top = _mm256_max_epu32(top, a[u]);
+    }
+    top = _mm256_max_epu32(top, _mm256_permute2x128_si256(top, top, 1));
+    top = _mm256_max_epu32(top, _mm256_shuffle_epi32(top, 0x4E));
+    top = _mm256_max_epu32(top, _mm256_shuffle_epi32(top, 0xB1));   /* every lane: the largest */
+    uint32_t at = 0;
+    for (int u = 0; u < 4; u++)
+        at |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a[u], top))) << (8 * u);
+    double scale = (double)x[__builtin_ctz(at)] / -8.0;   /* the first of largest magnitude */
+    __m256d inverse = _mm256_set1_pd(scale != 0.0 ? 1.0 / scale : 0.0);
+    __m128i r[8];
+    for (int k = 0; k < 8; k++) {
+        __m256d t = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + 4 * k)), inverse), _mm256_set1_pd(8.5));
+        t = _mm256_max_pd(_mm256_min_pd(t, _mm256_set1_pd(15.0)), _mm256_setzero_pd());
+        r[k] = _mm256_cvttpd_epi32(t);
+    }
+    __m128i low = _mm_packus_epi16(_mm_packs_epi32(r[0], r[1]), _mm_packs_epi32(r[2], r[3]));   /* values 0-15 */
+    __m128i high = _mm_packus_epi16(_mm_packs_epi32(r[4], r[5]), _mm_packs_epi32(r[6], r[7]));  /* 16-31 */
+    _mm_storeu_si128((__m128i *)q, _mm_or_si128(low, _mm_slli_epi16(high, 4)));   /* bytes <= 15: no carry */
+    *d = f16_from_scale(scale);
+}
+#else
 static void q4_block(const float *x, uint8_t *q, uint16_t *d)
 {
     uint32_t a[32], amax = 0;                     /* |x| as bits, as q8_block */
@@ -603,6 +633,29 @@ static void q4_block(const float *x, uint8_t *q, uint16_t *d)
         q[j] = (uint8_t)(v[j] | (v[j + 16] << 4));
     *d = f16_from_scale(scale);
 }
+#endif
+
+#if LC_SIMD
+/* The 32 values of block b of a stored row, times its scale, as four vectors. q4_0: the block's
+ * 16 bytes split into low and high nibbles, less 8, as signed bytes. */
+LC_INLINE void quant_load32(int fmt, const uint8_t *row, ptrdiff_t b, __m256 scale, __m256 y[4])
+{
+    __m128i part[4];
+    if (fmt == LC_Q8)
+        for (int u = 0; u < 4; u++)
+            part[u] = _mm_loadl_epi64((const __m128i *)(row + 32 * b + 8 * u));
+    else {
+        __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * b)), mask = _mm_set1_epi8(0x0F);
+        __m128i eight = _mm_set1_epi8(8);
+        part[0] = _mm_sub_epi8(_mm_and_si128(v, mask), eight);                      /* values 0-15 */
+        part[2] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);  /* values 16-31 */
+        part[1] = _mm_srli_si128(part[0], 8);
+        part[3] = _mm_srli_si128(part[2], 8);
+    }
+    for (int u = 0; u < 4; u++)
+        y[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[u])), scale);
+}
+#endif
 
 /* src (planes, rows, cols) float32 -> values q (planes, rows, cols * bits / 8) and d (planes,
  * rows, cols/32) half bits; strides in elements of each array (q's are bytes). */
@@ -629,7 +682,6 @@ void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
                      const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
                      float *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
 {
-    ptrdiff_t size = block_bytes(fmt);
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t r = 0; r < rows; r++) {
             const uint8_t *in = q + p * q_ps + r * q_rs;
@@ -637,8 +689,14 @@ void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
             float *out = dst + p * dst_ps + r * dst_rs;
             for (ptrdiff_t b = 0; b < cols / 32; b++) {
                 float scale = f16_to_float(scales[b]);
-                const uint8_t *v = in + size * b;
                 float *o = out + 32 * b;
+#if LC_SIMD
+                __m256 y[4];
+                quant_load32(fmt, in, b, _mm256_set1_ps(scale), y);
+                for (int u = 0; u < 4; u++)
+                    _mm256_storeu_ps(o + 8 * u, y[u]);
+#else
+                const uint8_t *v = in + block_bytes(fmt) * b;
                 if (fmt == LC_Q8)
                     for (int j = 0; j < 32; j++) o[j] = (float)(int8_t)v[j] * scale;
                 else
@@ -646,6 +704,7 @@ void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
                         o[j] = (float)((int)(v[j] & 15u) - 8) * scale;
                         o[j + 16] = (float)((int)(v[j] >> 4) - 8) * scale;
                     }
+#endif
             }
         }
 }
@@ -657,26 +716,6 @@ void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
  * stored value is value * d in float32 (exact, as lc_quant_decode gives it) before it is
  * multiplied, so the products are those of the decoded block. cols must be a multiple of 32. */
 #if LC_SIMD
-/* The 32 values of block b of a stored row, times its scale, as four vectors. q4_0: the block's
- * 16 bytes split into low and high nibbles, less 8, as signed bytes. */
-LC_INLINE void quant_load32(int fmt, const uint8_t *row, ptrdiff_t b, __m256 scale, __m256 y[4])
-{
-    __m128i part[4];
-    if (fmt == LC_Q8)
-        for (int u = 0; u < 4; u++)
-            part[u] = _mm_loadl_epi64((const __m128i *)(row + 32 * b + 8 * u));
-    else {
-        __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * b)), mask = _mm_set1_epi8(0x0F);
-        __m128i eight = _mm_set1_epi8(8);
-        part[0] = _mm_sub_epi8(_mm_and_si128(v, mask), eight);                      /* values 0-15 */
-        part[2] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);  /* values 16-31 */
-        part[1] = _mm_srli_si128(part[0], 8);
-        part[3] = _mm_srli_si128(part[2], 8);
-    }
-    for (int u = 0; u < 4; u++)
-        y[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[u])), scale);
-}
-
 /* Stored rows j and j1 (adjacent, or j1 == j for a lone last row) against query rows, or
  * weight rows, i and i1: each stored value is converted once for both query rows, and in
  * the weighted sums each output row is read and written once per pair of stored rows. */
