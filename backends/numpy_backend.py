@@ -8,7 +8,7 @@ by position blocks (append) and KV heads (attend); NumPy and BLAS release the
 GIL.
 
 When the native kernels (_native.c, built on first use) are available, they
-encode and decode float16 and bfloat16 and rotate K as they store it, straight
+encode and decode float16, bfloat16, q8_0 and q4_0 and rotate K as they store it, straight
 into the storage layout (otherwise the NumPy kernels of _kernels do, giving the
 same stored bytes), and attention with few query rows (decode) reads K and V
 as stored through their products instead of decoding blocks for BLAS.
