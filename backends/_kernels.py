@@ -2,7 +2,7 @@
 
 Every function takes ``xp``, the array module, and works on its arrays:
 RoPE cos/sin tables and rotation, the storage codecs (float16 and bfloat16
-from float32 bits, ggml's q8_0) and blockwise causal attention with an online
+from float32 bits, ggml's q8_0 and q4_0) and blockwise causal attention with an online
 softmax. They allocate little and write into ``out`` where they can, so that a
 backend can keep its scratch buffers.
 """
@@ -238,6 +238,40 @@ def q8_0_decode(xp: Any, q: Array, d: Array, out: Array) -> Array:
     """
     out[...] = q
     blocks = out.reshape(out.shape[:-1] + (out.shape[-1] // Q8_BLOCK, Q8_BLOCK))
+    xp.multiply(blocks, d.astype(xp.float32)[..., None], out=blocks)
+    return out
+
+
+def q4_0_encode(xp: Any, x: Array, q_out: Array, d_out: Array) -> None:
+    """ggml q4_0 of x (..., d): packed nibbles q_out (..., d/2) uint8, float16 scales d_out (..., d/32).
+
+    Per block of 32: m is the first value of largest magnitude, d = m / -8 and
+    q = min(15, trunc(x/d + 8.5)) with the unrounded d, so m itself is stored
+    exactly as q = 0; byte j of a block holds element j (low nibble) and j + 16
+    (high nibble). Computed in float64 like the reference quantizer, bit for bit.
+    """
+    blocks = x.astype(xp.float64).reshape(x.shape[:-1] + (x.shape[-1] // Q8_BLOCK, Q8_BLOCK))
+    first_largest = xp.argmax(xp.abs(blocks), axis=-1)[..., None]
+    scale = xp.take_along_axis(blocks, first_largest, axis=-1)[..., 0] / -8.0
+    zero = scale == 0  # an all-zero block: every q is 8, a value of 0
+    inverse = xp.where(zero, 0.0, 1.0 / xp.where(zero, 1.0, scale))
+    scaled = blocks * inverse[..., None]
+    scaled += 8.5
+    q = xp.clip(xp.trunc(scaled), 0.0, 15.0).astype(xp.uint8)
+    half = Q8_BLOCK // 2
+    q_out[...] = (q[..., :half] | (q[..., half:] << 4)).reshape(q_out.shape)
+    d_out[...] = scale
+
+
+def q4_0_decode(xp: Any, q: Array, d: Array, out: Array) -> Array:
+    """float32 ``out`` (..., d) = (nibble - 8) * scale per block of 32; exact (at most 15
+    significant bits). q (..., d/2) as q4_0_encode packs it; out contiguous in its last axis."""
+    half = Q8_BLOCK // 2
+    packed = q.reshape(q.shape[:-1] + (q.shape[-1] // half, half))
+    blocks = out.reshape(out.shape[:-1] + (out.shape[-1] // Q8_BLOCK, Q8_BLOCK))
+    blocks[..., :half] = xp.bitwise_and(packed, 0x0F)
+    blocks[..., half:] = xp.right_shift(packed, 4)
+    blocks -= xp.float32(8.0)
     xp.multiply(blocks, d.astype(xp.float32)[..., None], out=blocks)
     return out
 

@@ -15,7 +15,9 @@
  * RoPE is the same float32 arithmetic as _kernels.rotate, each product
  * rounded (build with -ffp-contract=off), so both give the same bits.
  * The products of decode attention (few query rows against a block of keys
- * or values) read the storage directly and convert it in registers.
+ * or values) read the storage directly and convert it in registers. ggml's
+ * q8_0 and q4_0 blocks (values and half scales in separate arrays) have their
+ * own codecs and products at the end.
  */
 
 #include <stddef.h>
@@ -523,20 +525,34 @@ int lc_products(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff
     return 0;
 }
 
-/* --- q8_0: ggml's blocks of 32 int8 values and a half scale ------------------------ */
+/* --- q8_0 and q4_0: ggml's blocks of 32 values and a half scale ------------------------
+ *
+ * q8_0 stores a block as 32 int8 values, q4_0 as 16 bytes whose low nibbles are values 0-15
+ * and high nibbles values 16-31, each value q - 8. The scales are a separate array of half
+ * bits (the backend keeps values and scales apart, as its q8_0 always has). */
 
-/* A scale (>= 0) to half with one rounding: through float rounded to odd (float keeps more
- * than two bits beyond half's precision, so the final round to nearest even is exact), as
- * NumPy's float64 -> float16 cast rounds. */
+enum { LC_Q8 = 8, LC_Q4 = 4 };   /* bits per value: the C side of _native.QUANT */
+
+/* Bytes of values per block of 32. */
+static ptrdiff_t block_bytes(int fmt) { return fmt == LC_Q8 ? 32 : 16; }
+
+/* A double scale to half with one rounding: the magnitude through float rounded to odd
+ * (float keeps more than two bits beyond half's precision, so the final round to nearest
+ * even is exact), as NumPy's float64 -> float16 cast rounds; the sign is kept, -0 included. */
 static uint16_t f16_from_scale(double x)
 {
+    uint64_t w;
+    memcpy(&w, &x, 8);
+    uint16_t sign = (uint16_t)((w >> 48) & 0x8000u);
+    w &= 0x7FFFFFFFFFFFFFFFull;
+    memcpy(&x, &w, 8);
     float f = (float)x;
     uint32_t u = bits_of(f);
     if ((double)f > x)
         u -= 1u;                                  /* toward zero */
     if ((double)float_of(u) != x)
         u |= 1u;                                  /* inexact: odd */
-    return f16_from_float(float_of(u));
+    return (uint16_t)(sign | f16_from_float(float_of(u)));
 }
 
 /* d = amax/127 and q = round half away from zero of x/d with the unrounded d, in double,
@@ -560,96 +576,198 @@ static void q8_block(const float *x, int8_t *q, uint16_t *d)
     *d = f16_from_scale(scale);
 }
 
-/* src (planes, rows, cols) float32 -> q (planes, rows, cols) int8 and d (planes, rows,
- * cols/32) half bits; strides in elements of each array. */
-void lc_q8_encode(const float *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
-                  int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
-                  ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+/* m = the first value of largest magnitude, d = m / -8 and q = min(15, trunc(x/d + 8.5))
+ * with the unrounded d, in double, as _kernels.q4_0_encode computes them (the same bits).
+ * With AVX2 four values at a time, min/max_pd keeping the portable code's comparisons. */
+#if LC_SIMD
+static void q4_block(const float *x, uint8_t *q, uint16_t *d)
 {
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i a[4], top = _mm256_setzero_si256();
+    for (int u = 0; u < 4; u++) {
+        a[u] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * u)), magnitude);
+        top = _mm256_max_epu32(top, a[u]);
+    }
+    top = _mm256_max_epu32(top, _mm256_permute2x128_si256(top, top, 1));
+    top = _mm256_max_epu32(top, _mm256_shuffle_epi32(top, 0x4E));
+    top = _mm256_max_epu32(top, _mm256_shuffle_epi32(top, 0xB1));   /* every lane: the largest */
+    uint32_t at = 0;
+    for (int u = 0; u < 4; u++)
+        at |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a[u], top))) << (8 * u);
+    double scale = (double)x[__builtin_ctz(at)] / -8.0;   /* the first of largest magnitude */
+    __m256d inverse = _mm256_set1_pd(scale != 0.0 ? 1.0 / scale : 0.0);
+    __m128i r[8];
+    for (int k = 0; k < 8; k++) {
+        __m256d t = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + 4 * k)), inverse), _mm256_set1_pd(8.5));
+        t = _mm256_max_pd(_mm256_min_pd(t, _mm256_set1_pd(15.0)), _mm256_setzero_pd());
+        r[k] = _mm256_cvttpd_epi32(t);
+    }
+    __m128i low = _mm_packus_epi16(_mm_packs_epi32(r[0], r[1]), _mm_packs_epi32(r[2], r[3]));   /* values 0-15 */
+    __m128i high = _mm_packus_epi16(_mm_packs_epi32(r[4], r[5]), _mm_packs_epi32(r[6], r[7]));  /* 16-31 */
+    _mm_storeu_si128((__m128i *)q, _mm_or_si128(low, _mm_slli_epi16(high, 4)));   /* bytes <= 15: no carry */
+    *d = f16_from_scale(scale);
+}
+#else
+static void q4_block(const float *x, uint8_t *q, uint16_t *d)
+{
+    uint32_t a[32], amax = 0;                     /* |x| as bits, as q8_block */
+    for (int j = 0; j < 32; j++) {
+        a[j] = bits_of(x[j]) & 0x7FFFFFFFu;
+        amax = a[j] > amax ? a[j] : amax;
+    }
+    int first = 31;                               /* the first of that magnitude: a minimum, */
+    for (int j = 0; j < 32; j++) {                /* with no branch to mispredict */
+        int at = a[j] == amax ? j : 31;
+        first = at < first ? at : first;
+    }
+    double scale = (double)x[first] / -8.0;
+    double inverse = scale != 0.0 ? 1.0 / scale : 0.0;
+    uint8_t v[32];
+    for (int j = 0; j < 32; j++) {                /* branch-free, so that it vectorizes */
+        double t = (double)x[j] * inverse + 8.5;
+        t = t < 15.0 ? t : 15.0;
+        t = t > 0.0 ? t : 0.0;
+        v[j] = (uint8_t)(int32_t)t;               /* the cast truncates */
+    }
+    for (int j = 0; j < 16; j++)
+        q[j] = (uint8_t)(v[j] | (v[j + 16] << 4));
+    *d = f16_from_scale(scale);
+}
+#endif
+
+#if LC_SIMD
+/* The 32 values of block b of a stored row, times its scale, as four vectors. q4_0: the block's
+ * 16 bytes split into low and high nibbles, less 8, as signed bytes. */
+LC_INLINE void quant_load32(int fmt, const uint8_t *row, ptrdiff_t b, __m256 scale, __m256 y[4])
+{
+    __m128i part[4];
+    if (fmt == LC_Q8)
+        for (int u = 0; u < 4; u++)
+            part[u] = _mm_loadl_epi64((const __m128i *)(row + 32 * b + 8 * u));
+    else {
+        __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * b)), mask = _mm_set1_epi8(0x0F);
+        __m128i eight = _mm_set1_epi8(8);
+        part[0] = _mm_sub_epi8(_mm_and_si128(v, mask), eight);                      /* values 0-15 */
+        part[2] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);  /* values 16-31 */
+        part[1] = _mm_srli_si128(part[0], 8);
+        part[3] = _mm_srli_si128(part[2], 8);
+    }
+    for (int u = 0; u < 4; u++)
+        y[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[u])), scale);
+}
+#endif
+
+/* src (planes, rows, cols) float32 -> values q (planes, rows, cols * bits / 8) and d (planes,
+ * rows, cols/32) half bits; strides in elements of each array (q's are bytes). */
+void lc_quant_encode(int fmt, const float *src, ptrdiff_t src_ps, ptrdiff_t src_rs,
+                     uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                     ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+{
+    ptrdiff_t size = block_bytes(fmt);
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t r = 0; r < rows; r++)
-            for (ptrdiff_t b = 0; b < cols / 32; b++)
-                q8_block(src + p * src_ps + r * src_rs + 32 * b, q + p * q_ps + r * q_rs + 32 * b,
-                         d + p * d_ps + r * d_rs + b);
+            for (ptrdiff_t b = 0; b < cols / 32; b++) {
+                const float *x = src + p * src_ps + r * src_rs + 32 * b;
+                uint8_t *o = q + p * q_ps + r * q_rs + size * b;
+                uint16_t *s = d + p * d_ps + r * d_rs + b;
+                if (fmt == LC_Q8)
+                    q8_block(x, (int8_t *)o, s);
+                else
+                    q4_block(x, o, s);
+            }
 }
 
-/* dst = q * d per block of 32, in float32: exact (at most 19 significant bits). */
-void lc_q8_decode(const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
-                  float *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
+/* dst = value * d per block of 32, in float32: exact (at most 19 significant bits). */
+void lc_quant_decode(int fmt, const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
+                     const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                     float *dst, ptrdiff_t dst_ps, ptrdiff_t dst_rs, ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols)
 {
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t r = 0; r < rows; r++) {
-            const int8_t *in = q + p * q_ps + r * q_rs;
+            const uint8_t *in = q + p * q_ps + r * q_rs;
             const uint16_t *scales = d + p * d_ps + r * d_rs;
             float *out = dst + p * dst_ps + r * dst_rs;
             for (ptrdiff_t b = 0; b < cols / 32; b++) {
                 float scale = f16_to_float(scales[b]);
-                for (int j = 0; j < 32; j++)
-                    out[32 * b + j] = (float)in[32 * b + j] * scale;
+                float *o = out + 32 * b;
+#if LC_SIMD
+                __m256 y[4];
+                quant_load32(fmt, in, b, _mm256_set1_ps(scale), y);
+                for (int u = 0; u < 4; u++)
+                    _mm256_storeu_ps(o + 8 * u, y[u]);
+#else
+                const uint8_t *v = in + block_bytes(fmt) * b;
+                if (fmt == LC_Q8)
+                    for (int j = 0; j < 32; j++) o[j] = (float)(int8_t)v[j] * scale;
+                else
+                    for (int j = 0; j < 16; j++) {
+                        o[j] = (float)((int)(v[j] & 15u) - 8) * scale;
+                        o[j + 16] = (float)((int)(v[j] >> 4) - 8) * scale;
+                    }
+#endif
             }
         }
 }
 
-/* --- q8_0 products: decode attention read straight from int8 values and half scales --- */
+/* --- q8_0 and q4_0 products: decode attention read straight from values and half scales --- */
 
-/* As lc_products, for keys or values b stored as q8_0: int8 q (planes, n, cols) and half-bit
- * scales d (planes, n, cols/32), strides in elements of each. Each stored value is q * d in
- * float32 (exact, as lc_q8_decode gives it) before it is multiplied, so the products are
- * those of the decoded block. cols must be a multiple of 32. */
+/* As lc_products, for keys or values b stored as q8_0 or q4_0: values q (planes, n, cols *
+ * bits / 8) and half-bit scales d (planes, n, cols/32), strides in elements of each. Each
+ * stored value is value * d in float32 (exact, as lc_quant_decode gives it) before it is
+ * multiplied, so the products are those of the decoded block. cols must be a multiple of 32. */
 #if LC_SIMD
-LC_INLINE __m256 q8_load8(const int8_t *q, __m256 scale)
-{
-    __m128i b = _mm_loadl_epi64((const __m128i *)q);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale);
-}
-
-static void q8_products_simd(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
-                             const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
-                             const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
-                             float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
-                             ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+/* Stored rows j and j1 (adjacent, or j1 == j for a lone last row) against query rows, or
+ * weight rows, i and i1: each stored value is converted once for both query rows, and in
+ * the weighted sums each output row is read and written once per pair of stored rows. */
+LC_INLINE void quant_products_simd(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                                   const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs,
+                                   const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                                   float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                                   ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
 {
     for (ptrdiff_t p = 0; p < planes; p++) {
         const float *ap = a + p * a_ps;
-        const int8_t *qp = q + p * q_ps;
-        const uint16_t *dp = d + p * d_ps;
         float *op = out + p * out_ps;
-        if (!accumulate) {
-            for (ptrdiff_t j = 0; j < n; j++) {
-                const int8_t *k = qp + j * q_rs;
-                const uint16_t *s = dp + j * d_rs;
-                for (ptrdiff_t i = 0; i < m; i += 2) {
-                    ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
-                    const float *x0 = ap + i * a_rs, *x1 = ap + i1 * a_rs;
-                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-                    for (ptrdiff_t c = 0; c < cols; c += 32) {
-                        __m256 scale = _mm256_set1_ps(f16_to_float(s[c / 32]));
-                        for (ptrdiff_t e = c; e < c + 32; e += 8) {
-                            __m256 y = q8_load8(k + e, scale);
-                            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + e), y, s0);
-                            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + e), y, s1);
-                        }
-                    }
-                    op[i * out_rs + j] = hsum(s0);
-                    op[i1 * out_rs + j] = hsum(s1);
-                }
-            }
-            continue;
-        }
-        for (ptrdiff_t j = 0; j < n; j++) {   /* stored rows in memory order, the sums in L1 */
-            const int8_t *k = qp + j * q_rs;
-            const uint16_t *sc = dp + j * d_rs;
+        for (ptrdiff_t j = 0; j < n; j += 2) {   /* stored rows in memory order, the sums in L1 */
+            ptrdiff_t j1 = j + 1 < n ? j + 1 : j;
+            const uint8_t *k0 = q + p * q_ps + j * q_rs, *k1 = q + p * q_ps + j1 * q_rs;
+            const uint16_t *s0 = d + p * d_ps + j * d_rs, *s1 = d + p * d_ps + j1 * d_rs;
             for (ptrdiff_t i = 0; i < m; i += 2) {
                 ptrdiff_t i1 = i + 1 < m ? i + 1 : i;
-                __m256 x0 = _mm256_broadcast_ss(ap + i * a_rs + j), x1 = _mm256_broadcast_ss(ap + i1 * a_rs + j);
+                if (!accumulate) {
+                    const float *x0 = ap + i * a_rs, *x1 = ap + i1 * a_rs;
+                    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
+                    for (ptrdiff_t b = 0; b < cols / 32; b++) {
+                        __m256 y0[4], y1[4];
+                        quant_load32(fmt, k0, b, _mm256_set1_ps(f16_to_float(s0[b])), y0);
+                        quant_load32(fmt, k1, b, _mm256_set1_ps(f16_to_float(s1[b])), y1);
+                        for (int u = 0; u < 4; u++) {
+                            __m256 z0 = _mm256_loadu_ps(x0 + 32 * b + 8 * u), z1 = _mm256_loadu_ps(x1 + 32 * b + 8 * u);
+                            c00 = _mm256_fmadd_ps(z0, y0[u], c00);
+                            c01 = _mm256_fmadd_ps(z0, y1[u], c01);
+                            c10 = _mm256_fmadd_ps(z1, y0[u], c10);
+                            c11 = _mm256_fmadd_ps(z1, y1[u], c11);
+                        }
+                    }
+                    op[i * out_rs + j] = hsum(c00);
+                    op[i1 * out_rs + j] = hsum(c10);
+                    op[i * out_rs + j1] = hsum(c01);   /* j1 == j: the same sum again */
+                    op[i1 * out_rs + j1] = hsum(c11);
+                    continue;
+                }
+                const float *w0 = ap + i * a_rs, *w1 = ap + i1 * a_rs;
+                __m256 x00 = _mm256_set1_ps(w0[j]), x10 = _mm256_set1_ps(w1[j]);
+                __m256 x01 = _mm256_set1_ps(j1 != j ? w0[j1] : 0.0f), x11 = _mm256_set1_ps(j1 != j ? w1[j1] : 0.0f);
                 float *o0 = op + i * out_rs, *o1 = op + i1 * out_rs;
-                for (ptrdiff_t c = 0; c < cols; c += 32) {
-                    __m256 scale = _mm256_set1_ps(f16_to_float(sc[c / 32]));
-                    for (ptrdiff_t e = c; e < c + 32; e += 8) {
-                        __m256 y = q8_load8(k + e, scale);
-                        _mm256_storeu_ps(o0 + e, _mm256_fmadd_ps(x0, y, _mm256_loadu_ps(o0 + e)));
+                for (ptrdiff_t b = 0; b < cols / 32; b++) {
+                    __m256 y0[4], y1[4];
+                    quant_load32(fmt, k0, b, _mm256_set1_ps(f16_to_float(s0[b])), y0);
+                    quant_load32(fmt, k1, b, _mm256_set1_ps(f16_to_float(s1[b])), y1);
+                    for (int u = 0; u < 4; u++) {
+                        float *e0 = o0 + 32 * b + 8 * u, *e1 = o1 + 32 * b + 8 * u;
+                        _mm256_storeu_ps(e0, _mm256_fmadd_ps(x01, y1[u], _mm256_fmadd_ps(x00, y0[u], _mm256_loadu_ps(e0))));
                         if (o1 != o0)
-                            _mm256_storeu_ps(o1 + e, _mm256_fmadd_ps(x1, y, _mm256_loadu_ps(o1 + e)));
+                            _mm256_storeu_ps(e1, _mm256_fmadd_ps(x11, y1[u], _mm256_fmadd_ps(x10, y0[u], _mm256_loadu_ps(e1))));
                     }
                 }
             }
@@ -658,13 +776,18 @@ static void q8_products_simd(int accumulate, const float *a, ptrdiff_t a_ps, ptr
 }
 #endif
 
-int lc_q8_products(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
-                   const int8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
-                   float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
-                   ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
+int lc_quant_products(int accumulate, int fmt, const float *a, ptrdiff_t a_ps, ptrdiff_t a_rs,
+                      const uint8_t *q, ptrdiff_t q_ps, ptrdiff_t q_rs, const uint16_t *d, ptrdiff_t d_ps, ptrdiff_t d_rs,
+                      float *out, ptrdiff_t out_ps, ptrdiff_t out_rs,
+                      ptrdiff_t planes, ptrdiff_t m, ptrdiff_t n, ptrdiff_t cols)
 {
 #if LC_SIMD
-    q8_products_simd(accumulate, a, a_ps, a_rs, q, q_ps, q_rs, d, d_ps, d_rs, out, out_ps, out_rs, planes, m, n, cols);
+    if (fmt == LC_Q8)
+        quant_products_simd(accumulate, LC_Q8, a, a_ps, a_rs, q, q_ps, q_rs, d, d_ps, d_rs, out, out_ps, out_rs,
+                            planes, m, n, cols);
+    else
+        quant_products_simd(accumulate, LC_Q4, a, a_ps, a_rs, q, q_ps, q_rs, d, d_ps, d_rs, out, out_ps, out_rs,
+                            planes, m, n, cols);
     return 0;
 #else
     float *t = (float *)malloc((size_t)cols * sizeof(float));
@@ -672,7 +795,7 @@ int lc_q8_products(int accumulate, const float *a, ptrdiff_t a_ps, ptrdiff_t a_r
         return -1;
     for (ptrdiff_t p = 0; p < planes; p++)
         for (ptrdiff_t j = 0; j < n; j++) {
-            lc_q8_decode(q + p * q_ps + j * q_rs, 0, 0, d + p * d_ps + j * d_rs, 0, 0, t, 0, 0, 1, 1, cols);
+            lc_quant_decode(fmt, q + p * q_ps + j * q_rs, 0, 0, d + p * d_ps + j * d_rs, 0, 0, t, 0, 0, 1, 1, cols);
             products_row(accumulate, a + p * a_ps, a_rs, t, j, out + p * out_ps, out_rs, m, cols);
         }
     free(t);

@@ -1,7 +1,7 @@
 """The numpy backend's optional native fast path: _native.c, compiled on first use.
 
-The float16 and bfloat16 codecs, RoPE fused into the encode of K, and the
-products of decode attention read straight from storage, as plain C with
+The float16, bfloat16, q8_0 and q4_0 codecs, RoPE fused into the encode of K,
+and the products of decode attention read straight from storage, as plain C with
 AVX2/F16C/FMA, loaded with ctypes, which releases the GIL so the
 backend's threads run it in parallel. The shared library is built with the
 system C compiler into a per-user cache directory
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -129,10 +130,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lc_rope_encode.restype = i
     lib.lc_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, n, n, n, n]
     lib.lc_products.restype = i
-    lib.lc_q8_products.argtypes = [i, p, n, n, p, n, n, p, n, n, p, n, n, n, n, n, n]
-    lib.lc_q8_products.restype = i
-    for name in ("lc_q8_encode", "lc_q8_decode"):
-        getattr(lib, name).argtypes = [p, n, n, p, n, n, p, n, n, n, n, n]
+    lib.lc_quant_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, p, n, n, n, n, n, n]
+    lib.lc_quant_products.restype = i
+    for name in ("lc_quant_encode", "lc_quant_decode"):
+        getattr(lib, name).argtypes = [i, p, n, n, p, n, n, p, n, n, n, n, n]
         getattr(lib, name).restype = None
 
 
@@ -257,42 +258,55 @@ def decode(kind: str, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-_I8, _U16 = np.dtype(np.int8), np.dtype(np.uint16)
+_U16 = np.dtype(np.uint16)
 
 
-def _q8_layouts(x: np.ndarray, x_dtype: np.dtype, q: np.ndarray, d: np.ndarray, writable: str):
-    """Shapes and strides of a float32 or int8 (..., cols) and its scales (..., cols/32)."""
-    shape, x_ps, x_rs = _layout(x, x_dtype, "x" if x_dtype == _F32 else "q", writable == "x")
-    if x_dtype == _F32:
-        _, q_ps, q_rs = _layout(q, _I8, "q", writable=True)
-    else:
-        q_ps, q_rs = x_ps, x_rs
-    d_shape, d_ps, d_rs = _layout(d, _U16, "d", writable == "d")
-    if shape[2] % 32 or d_shape != shape[:2] + (shape[2] // 32,):
-        raise ValueError(f"scales of shape {d.shape} do not fit values of shape {x.shape} (blocks of 32)")
-    return shape, (x_ps, x_rs), (q_ps, q_rs), (d_ps, d_rs)
+@dataclass(frozen=True)
+class Quant:
+    """A ggml block format as the C code takes it: its LC_Q* number, the dtype of its values
+    array and how many values one element of it holds."""
+
+    fmt: int
+    values: np.dtype
+    per_element: int
 
 
-def q8_encode(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
-    """q8_0 of float32 x (..., cols): int8 q (..., cols) and half-bit scales d (..., cols/32),
-    the bits _kernels.q8_0_encode gives."""
-    if x.shape != q.shape:
-        raise ValueError(f"x {x.shape} and q {q.shape} differ in shape")
-    shape, (x_ps, x_rs), (q_ps, q_rs), (d_ps, d_rs) = _q8_layouts(x, _F32, q, d, "d")
+# q8_0: an int8 per value; q4_0: two 4-bit values a byte. Scales: float16 bits per 32 values.
+QUANT = {"q8_0": Quant(8, np.dtype(np.int8), 1), "q4_0": Quant(4, np.dtype(np.uint8), 2)}
+
+
+def _quant_layouts(kind: str, shape: Tuple[int, ...], q: np.ndarray, d: np.ndarray,
+                   writable: bool = False) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(plane, row) strides of the values q and scales d of ``kind`` that hold values of
+    ``shape`` (..., cols); raises, naming the argument, unless they fit."""
+    quant = QUANT[kind]
+    cols = shape[-1]
+    if cols % 32:
+        raise ValueError(f"values of shape {shape} have {cols} columns, but {kind} needs a multiple of 32")
+    _shaped("q", q, shape[:-1] + (cols // quant.per_element,), f" for {kind} values of shape {shape}")
+    _, q_ps, q_rs = _layout(q, quant.values, "q", writable)
+    _shaped("d", d, shape[:-1] + (cols // 32,), f" (a scale per 32 values of {shape})")
+    _, d_ps, d_rs = _layout(d, _U16, "d", writable)
+    return (q_ps, q_rs), (d_ps, d_rs)
+
+
+def quant_encode(kind: str, x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """``kind`` (q8_0 or q4_0) of float32 x (..., cols): values q and half-bit scales d
+    (..., cols/32), the bits _kernels' q8_0_encode or q4_0_encode gives."""
+    shape, x_ps, x_rs = _layout(x, _F32, "x")
+    (q_ps, q_rs), (d_ps, d_rs) = _quant_layouts(kind, x.shape, q, d, writable=True)
     if x.size:
-        _library().lc_q8_encode(x.ctypes.data, x_ps, x_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
-                                *shape)
+        _library().lc_quant_encode(QUANT[kind].fmt, x.ctypes.data, x_ps, x_rs, q.ctypes.data, q_ps, q_rs,
+                                   d.ctypes.data, d_ps, d_rs, *shape)
 
 
-def q8_decode(q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float32 out = q * d per block of 32; exact."""
-    if q.shape != out.shape:
-        raise ValueError(f"q {q.shape} and out {out.shape} differ in shape")
-    shape, (q_ps, q_rs), _, (d_ps, d_rs) = _q8_layouts(q, _I8, q, d, "")
-    _, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
-    if q.size:
-        _library().lc_q8_decode(q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs, out.ctypes.data, out_ps, out_rs,
-                                *shape)
+def quant_decode(kind: str, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 out (..., cols) = the values ``kind`` stores in q and d; exact."""
+    shape, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
+    (q_ps, q_rs), (d_ps, d_rs) = _quant_layouts(kind, out.shape, q, d)
+    if out.size:
+        _library().lc_quant_decode(QUANT[kind].fmt, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
+                                   out.ctypes.data, out_ps, out_rs, *shape)
     return out
 
 
@@ -372,39 +386,42 @@ def accumulate(kind: str, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.n
     return out
 
 
-def _q8_products(accumulate: bool, a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
-    a_shape, a_ps, a_rs = _layout(a, _F32, "a" if not accumulate else "w")
-    q_shape, q_ps, q_rs = _layout(q, _I8, "q")
-    d_shape, d_ps, d_rs = _layout(d, _U16, "d")
+def _quant_products(accumulate: bool, kind: str, a: np.ndarray, values: Tuple[int, int, int], q: np.ndarray,
+                    d: np.ndarray, out: np.ndarray) -> None:
+    a_shape, a_ps, a_rs = _layout(a, _F32, "w" if accumulate else "a")
+    (q_ps, q_rs), (d_ps, d_rs) = _quant_layouts(kind, values, q, d)
     _, out_ps, out_rs = _layout(out, _F32, "out", writable=True)
-    if q_shape[2] % 32 or d_shape != q_shape[:2] + (q_shape[2] // 32,):
-        raise ValueError(f"d has shape {d.shape}, but should be {q.shape[:-1] + (q.shape[-1] // 32,)} "
-                         f"(a scale per 32 values of q {q.shape})")
     if any(np.may_share_memory(out, x) for x in (a, q, d)):
         raise ValueError("out overlaps an input")
     if out.size == 0:
         return
-    status = _library().lc_q8_products(
-        int(accumulate), a.ctypes.data, a_ps, a_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data, d_ps, d_rs,
-        out.ctypes.data, out_ps, out_rs, a_shape[0], a_shape[1], q_shape[1], q_shape[2])
+    status = _library().lc_quant_products(
+        int(accumulate), QUANT[kind].fmt, a.ctypes.data, a_ps, a_rs, q.ctypes.data, q_ps, q_rs, d.ctypes.data,
+        d_ps, d_rs, out.ctypes.data, out_ps, out_rs, a_shape[0], a_shape[1], values[1], values[2])
     if status != 0:
-        raise MemoryError("native q8_0 products could not allocate their row buffer")
+        raise MemoryError(f"native {kind} products could not allocate their row buffer")
 
 
-def q8_dot(a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (h, m, n) = a (h, m, cols) @ K.T per head, K (h, n, cols) the q8_0 int8 q times the
-    half-bit scales d (h, n, cols/32), decoded exactly in registers."""
+def _stored_rows(name: str, q: np.ndarray) -> int:
+    """How many stored rows q (h, n, ...) holds: a one-line error unless it has three axes."""
+    _shaped(name, q, (None, None, None))
+    return q.shape[1]
+
+
+def quant_dot(kind: str, a: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, n) = a (h, m, cols) @ K.T per head, K (h, n, cols) stored as ``kind``: values
+    q and half-bit scales d (h, n, cols/32), decoded exactly in registers."""
     _shaped("a", a, (None, None, None))
-    _shaped("q", q, (a.shape[0], None, a.shape[2]), f" to fit a {a.shape}")
-    _shaped("out", out, (a.shape[0], a.shape[1], q.shape[1]), f" for a {a.shape} and q {q.shape}")
-    _q8_products(False, a, q, d, out)
+    values = (a.shape[0], _stored_rows("q", q), a.shape[2])
+    _shaped("out", out, (a.shape[0], a.shape[1], values[1]), f" for a {a.shape} and q {q.shape}")
+    _quant_products(False, kind, a, values, q, d, out)
     return out
 
 
-def q8_accumulate(w: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (h, m, cols) += w (h, m, n) @ V per head, V (h, n, cols) the q8_0 q times scales d."""
+def quant_accumulate(kind: str, w: np.ndarray, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (h, m, cols) += w (h, m, n) @ V per head, V (h, n, cols) stored as ``kind`` in q and d."""
     _shaped("w", w, (None, None, None))
-    _shaped("q", q, (w.shape[0], w.shape[2], None), f" to fit w {w.shape}")
-    _shaped("out", out, (w.shape[0], w.shape[1], q.shape[2]), f" for w {w.shape} and q {q.shape}")
-    _q8_products(True, w, q, d, out)
+    _shaped("out", out, (w.shape[0], w.shape[1], None))
+    values = (w.shape[0], w.shape[2], out.shape[2])
+    _quant_products(True, kind, w, values, q, d, out)
     return out

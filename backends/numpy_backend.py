@@ -2,13 +2,13 @@
 
 Each layer stores K (rotated) and V as (n_kv_heads, max_positions, head_dim)
 in the storage type, so a key block of one KV head is a contiguous matrix for
-sgemm. Blocks in float16, bfloat16 or q8_0 are decoded into float32 scratch
+sgemm. Blocks in float16, bfloat16, q8_0 or q4_0 are decoded into float32 scratch
 block by block; NumPy has no half-precision BLAS. Work is split over threads
 by position blocks (append) and KV heads (attend); NumPy and BLAS release the
 GIL.
 
 When the native kernels (_native.c, built on first use) are available, they
-encode and decode float16 and bfloat16 and rotate K as they store it, straight
+encode and decode float16, bfloat16, q8_0 and q4_0 and rotate K as they store it, straight
 into the storage layout (otherwise the NumPy kernels of _kernels do, giving the
 same stored bytes), and attention with few query rows (decode) reads K and V
 as stored through their products instead of decoding blocks for BLAS.
@@ -30,7 +30,7 @@ from . import _kernels as K
 from . import _native as N
 from ._host import available_cores, cpu_name_and_vendor
 
-KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+KV_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0")
 PREPARE = ("open", "write")
 # Keys per attention block, unless the block option says: decoded into float32 scratch for
 # BLAS, or read as stored by the native products (no scratch; fewer steps in Python).
@@ -209,20 +209,25 @@ class _BFloat16Store(_Store):
         return K.bfloat16_decode(np, bits, out)
 
 
-class _Q8Store(_Store):
-    """int8 values and a float16 scale per 32 along head_dim: 34 bytes per 32 values.
+class _QuantStore(_Store):
+    """ggml's block formats: values and a float16 scale per 32 along head_dim, in two arrays.
 
-    The native kernels quantize and dequantize in one pass with the NumPy kernels'
-    bits; RoPE is applied before (no fused path), and attention decodes blocks for BLAS.
+    The native kernels quantize and dequantize in one pass with the NumPy kernels' bits;
+    K is rotated before (in float32, no fused path), and attention with few query rows
+    reads values and scales as stored, through the native products.
     """
 
+    kind: str
+    values: Any  # the dtype of the values array
+    per_element: int  # values a stored element holds
+    kernels: Tuple[Callable[..., Any], Callable[..., Any]]  # _kernels' encode and decode
+
     def __init__(self, shape: Tuple[int, ...], native: bool) -> None:
-        self.q = _storage(shape, np.int8)
+        self.q = _storage(shape[:-1] + (shape[-1] // self.per_element,), self.values)
         self.d = _storage(shape[:-1] + (shape[-1] // K.Q8_BLOCK,), np.float16)
         self.nbytes = self.q.nbytes + self.d.nbytes
-        self.native_q8 = native
-        # Attention with few query rows reads q and d as stored, through the native q8 products.
-        self.native = "q8_0" if native else None
+        self.native_quant = native
+        self.native = self.kind if native else None
 
     def arrays(self) -> List[np.ndarray]:
         return [self.q, self.d]
@@ -231,7 +236,7 @@ class _Q8Store(_Store):
         return self.q[layer, heads, start:stop], self.d[layer, heads, start:stop].view(np.uint16)
 
     def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
-        if rope is not None and self.native_q8:  # rotated by the native float32 kernel, in one pass
+        if rope is not None and self.native_quant:  # rotated by the native float32 kernel, in one pass
             x = N.rope_encode("float32", x, rope[0], rope[1], rope[2], np.empty_like(x))
             rope = None
         super().write(layer, start, x, rope)
@@ -240,18 +245,33 @@ class _Q8Store(_Store):
         stop = start + x.shape[0]
         q = self.q[layer, :, start:stop].transpose(1, 0, 2)
         d = self.d[layer, :, start:stop].transpose(1, 0, 2)
-        if self.native_q8:
-            N.q8_encode(x, q, d.view(np.uint16))
+        if self.native_quant:
+            N.quant_encode(self.kind, x, q, d.view(np.uint16))
         else:
-            K.q8_0_encode(np, x, q, d)
+            self.kernels[0](np, x, q, d)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
     ) -> np.ndarray:
         q, d = self.q[layer, heads, start:stop], self.d[layer, heads, start:stop]
-        if self.native_q8:
-            return N.q8_decode(q, d.view(np.uint16), out)
-        return K.q8_0_decode(np, q, d, out)
+        if self.native_quant:
+            return N.quant_decode(self.kind, q, d.view(np.uint16), out)
+        return self.kernels[1](np, q, d, out)
+
+
+class _Q8Store(_QuantStore):
+    """q8_0: an int8 per value, 34 bytes per 32 values."""
+
+    kind, values, per_element = "q8_0", np.int8, 1
+    kernels = (K.q8_0_encode, K.q8_0_decode)
+
+
+class _Q4Store(_QuantStore):
+    """q4_0: two 4-bit values a byte (value j of a block in the low nibble of byte j, value
+    j + 16 in its high nibble), 18 bytes per 32 values."""
+
+    kind, values, per_element = "q4_0", np.uint8, 2
+    kernels = (K.q4_0_encode, K.q4_0_decode)
 
 
 _STORES = {
@@ -259,6 +279,7 @@ _STORES = {
     "float16": _Float16Store,
     "bfloat16": _BFloat16Store,
     "q8_0": _Q8Store,
+    "q4_0": _Q4Store,
 }
 
 
@@ -369,10 +390,10 @@ class NumpyCache:
         # Few query rows: the native products read K and V as stored, once (exponent is 0).
         native = k_store.native if grouped.shape[1] <= NATIVE_ROWS else None
         products: Optional[K.Products] = None
-        if native == "q8_0":
+        if native in N.QUANT:
             products = (
-                lambda q, k: N.q8_dot(q, k[0], k[1], np.empty(q.shape[:2] + k[0].shape[1:2], np.float32)),
-                lambda p, v, acc: N.q8_accumulate(p, v[0], v[1], acc),
+                lambda q, k: N.quant_dot(native, q, k[0], k[1], np.empty(q.shape[:2] + k[0].shape[1:2], np.float32)),
+                lambda p, v, acc: N.quant_accumulate(native, p, v[0], v[1], acc),
             )
         elif native:
             products = (

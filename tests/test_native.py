@@ -237,7 +237,7 @@ def test_products_against_stored_blocks(kind: str, h: int, m: int, n: int, d: in
 def test_longctx_native_portable_runs_the_backend_on_the_portable_c(monkeypatch: pytest.MonkeyPatch,
                                                                     tmp_path: Path) -> None:
     """A CPU without F16C gets the portable build: forced here, the backend stores the bits the
-    NumPy kernels store and decode attention (q8_0 included) agrees with theirs."""
+    NumPy kernels store and decode attention (q8_0 and q4_0 included) agrees with theirs."""
     _forget(monkeypatch)
     monkeypatch.setenv("LONGCTX_NATIVE", "portable")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -249,7 +249,7 @@ def test_longctx_native_portable_runs_the_backend_on_the_portable_c(monkeypatch:
     k = rng.standard_normal((n, 2, 64)).astype(np.float32)
     v = rng.standard_normal((n, 2, 64)).astype(np.float32)
     q = rng.standard_normal((1, 4, 64)).astype(np.float32)
-    for kv_dtype in ("float16", "q8_0"):
+    for kv_dtype in ("float16", "q8_0", "q4_0"):
         spec = SMALL.replace(kv_dtype=kv_dtype, max_positions=n)
         portable = _fill(spec, True, k, v, (100, 1000), threads=2)
         numpy = _fill(spec, False, k, v, (100, 1000), threads=1)
@@ -258,33 +258,47 @@ def test_longctx_native_portable_runs_the_backend_on_the_portable_c(monkeypatch:
         np.testing.assert_allclose(portable.attend(0, q), numpy.attend(0, q), rtol=1e-5, atol=1e-5)
 
 
+# The NumPy kernels of each block format, and the shape of the values array for (..., d) values.
+QUANT_KERNELS = {"q8_0": (K.q8_0_encode, K.q8_0_decode), "q4_0": (K.q4_0_encode, K.q4_0_decode)}
+
+
+def _quantized(kind: str, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Values and float16 scales of float32 x (..., d) as the NumPy kernels store ``kind``."""
+    q = np.empty(x.shape[:-1] + (x.shape[-1] // N.QUANT[kind].per_element,), N.QUANT[kind].values)
+    scales = np.empty(x.shape[:-1] + (x.shape[-1] // 32,), np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        QUANT_KERNELS[kind][0](np, x, q, scales)
+    return q, scales
+
+
+@pytest.mark.parametrize("kind", list(N.QUANT))
 @pytest.mark.parametrize("build", ["simd", "scalar"])
 @pytest.mark.parametrize("h,m,n,d", [(2, 2, 1030, 128), (3, 1, 37, 64), (1, 5, 6, 32)])
-def test_q8_0_products_read_the_stored_blocks(request: pytest.FixtureRequest, build: str, h: int, m: int, n: int,
-                                              d: int) -> None:
-    """Scores and weighted sums read from int8 values and half scales agree with float64
+def test_quantized_products_read_the_stored_blocks(request: pytest.FixtureRequest, kind: str, build: str, h: int,
+                                                   m: int, n: int, d: int) -> None:
+    """Scores and weighted sums read from stored values and half scales agree with float64
     products of the decoded values, through the AVX2 build and the portable one."""
     if not N.available():
         pytest.skip(f"native kernels unavailable: {N.reason()}")
     lib = N._load() if build == "simd" else request.getfixturevalue("scalar_lib")
     rng = np.random.default_rng(8)
     x = rng.standard_normal((h, n + 4, d)).astype(np.float32)
-    q, scales = np.empty(x.shape, np.int8), np.empty(x.shape[:-1] + (d // 32,), np.float16)
-    K.q8_0_encode(np, x, q, scales)
-    values = K.q8_0_decode(np, q, scales, np.empty(x.shape, np.float32)).astype(np.float64)[:, 3:3 + n]
+    q, scales = _quantized(kind, x)
+    values = QUANT_KERNELS[kind][1](np, q, scales, np.empty(x.shape, np.float32)).astype(np.float64)[:, 3:3 + n]
     q, d_bits = q[:, 3:3 + n], scales.view(np.uint16)[:, 3:3 + n]
     a = rng.standard_normal((h, m, d)).astype(np.float32)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(N, "_load", lambda: lib)
-        scores = N.q8_dot(a, q, d_bits, np.empty((h, m, n), np.float32))
+        scores = N.quant_dot(kind, a, q, d_bits, np.empty((h, m, n), np.float32))
         weights = rng.random((h, m, n)).astype(np.float32)
         acc = rng.standard_normal((h, m, d)).astype(np.float32)
         want = acc + weights @ values
-        N.q8_accumulate(weights, q, d_bits, acc)
+        N.quant_accumulate(kind, weights, q, d_bits, acc)
     np.testing.assert_allclose(scores, a @ values.transpose(0, 2, 1), rtol=0, atol=1e-4 * np.sqrt(d))
     np.testing.assert_allclose(acc, want, rtol=0, atol=1e-5 * n)
     with pytest.raises(ValueError, match=r"d has shape \(1, 2, 1\), but should be \(1, 3, 1\)"):
-        N.q8_dot(a[:1, :, :32], q[:1, :3, :32], d_bits[:1, :2, :1], np.empty((1, m, 3), np.float32))
+        N.quant_dot(kind, a[:1, :, :32], q[:1, :3, :q.shape[2] * 32 // d], d_bits[:1, :2, :1],
+                    np.empty((1, m, 3), np.float32))
 
 
 @needs_native
@@ -411,9 +425,10 @@ def test_the_backend_stores_the_same_bytes_with_and_without_native(kv_dtype: str
     np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", list(N.QUANT))
 @pytest.mark.parametrize("build", ["simd", "scalar"])
-def test_q8_0_is_the_numpy_quantizer_bit_for_bit(request: pytest.FixtureRequest, build: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantizers_are_the_numpy_ones_bit_for_bit(request: pytest.FixtureRequest, kind: str, build: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of every scale (zero, subnormal-half scales, overflow to an inf scale), strided
     like the backend's storage, through both builds."""
     if not N.available():
@@ -425,23 +440,49 @@ def test_q8_0_is_the_numpy_quantizer_bit_for_bit(request: pytest.FixtureRequest,
     x = (rng.standard_normal((300, 4, 64)) * scales).astype(np.float32)
     x[0, 0, :32], x[1, 1, :32] = 0.0, -0.0
     x[2, 2, 5], x[3, 3, 40] = 3e38, -127.5  # a block's max near float32's and a half-way value
-    want_q, want_d = np.empty(x.shape, np.int8), np.empty((300, 4, 2), np.float16)
-    with np.errstate(over="ignore", invalid="ignore"):
-        K.q8_0_encode(np, x, want_q, want_d)
-    q, d = np.empty((4, 300, 64), np.int8), np.empty((4, 300, 2), np.uint16)  # (heads, positions, d)
-    N.q8_encode(x, q.transpose(1, 0, 2), d.transpose(1, 0, 2))
+    x[4, 0, :32] = np.abs(x[4, 0, :32])
+    x[4, 0, 3], x[4, 0, 9] = 9.0, -9.0  # a tie in magnitude: the first sets q4_0's sign
+    x[5, 1, 32:] = -np.abs(x[5, 1, 32:]) - 1.0  # every value of a block negative
+    want_q, want_d = _quantized(kind, x)
+    half = N.QUANT[kind].per_element
+    q, d = np.empty((4, 300, 64 // half), want_q.dtype), np.empty((4, 300, 2), np.uint16)  # (heads, positions, d)
+    N.quant_encode(kind, x, q.transpose(1, 0, 2), d.transpose(1, 0, 2))
     np.testing.assert_array_equal(q.transpose(1, 0, 2), want_q)
     np.testing.assert_array_equal(d.transpose(1, 0, 2), want_d.view(np.uint16))
     with np.errstate(invalid="ignore"):  # an inf scale times 0 is NaN in both
-        want = K.q8_0_decode(np, want_q, want_d, np.empty(x.shape, np.float32))
-    got = N.q8_decode(q.transpose(1, 0, 2), d.transpose(1, 0, 2), np.empty(x.shape, np.float32))
+        want = QUANT_KERNELS[kind][1](np, want_q, want_d, np.empty(x.shape, np.float32))
+    got = N.quant_decode(kind, q.transpose(1, 0, 2), d.transpose(1, 0, 2), np.empty(x.shape, np.float32))
     np.testing.assert_array_equal(got, want)
 
 
 @needs_native
-def test_q8_0_wrappers_refuse_scales_that_do_not_fit() -> None:
-    with pytest.raises(ValueError, match="scales of shape"):
-        N.q8_encode(np.zeros((2, 64), np.float32), np.zeros((2, 64), np.int8), np.zeros((2, 3), np.uint16))
+@pytest.mark.parametrize("kind", list(N.QUANT))
+def test_quantized_wrappers_name_the_argument_they_refuse_and_touch_nothing(kind: str) -> None:
+    per = N.QUANT[kind].per_element
+    x, out = np.ones((2, 64), np.float32), np.full((2, 64), 7.0, np.float32)
+    q, d = np.full((2, 64 // per), 3, N.QUANT[kind].values), np.full((2, 2), 5, np.uint16)
+    a, w = np.ones((1, 2, 64), np.float32), np.ones((1, 2, 2), np.float32)
+    refused = [
+        (lambda: N.quant_encode(kind, x, q, d[:, :1]), "d has shape (2, 1), but should be (2, 2)"),
+        (lambda: N.quant_encode(kind, x, q[:, :8], d), f"q has shape (2, 8), but should be (2, {64 // per})"),
+        (lambda: N.quant_encode(kind, x[:, :48], q, d), "values of shape (2, 48) have 48 columns"),
+        (lambda: N.quant_encode(kind, x.astype(np.float64), q, d), "x should be a NumPy array of float32"),
+        (lambda: N.quant_encode(kind, x, q.astype(np.int16), d), "q should be a NumPy array of"),
+        (lambda: N.quant_encode(kind, x, q, d.view(np.float16)), "d should be a NumPy array of uint16"),
+        (lambda: N.quant_encode(kind, x, q, np.full((2, 4), 5, np.uint16)[:, ::2]), "d is not contiguous"),
+        (lambda: N.quant_decode(kind, q, d, out[:, ::2]), "out is not contiguous"),
+        (lambda: N.quant_decode(kind, np.full((2, 128 // per), 3, q.dtype)[:, ::2], d, out), "q is not contiguous"),
+        (lambda: N.quant_decode(kind, q, d, out.astype(np.float16)), "out should be a NumPy array of float32"),
+        (lambda: N.quant_dot(kind, a, q[None], d[None], np.empty((1, 2, 3), np.float32)), "out has shape (1, 2, 3)"),
+        (lambda: N.quant_dot(kind, a, q, d[None], np.empty((1, 2, 2), np.float32)), "q has shape"),
+        (lambda: N.quant_accumulate(kind, w, q[None], d[None, :1], out[None]), "d has shape (1, 1, 2)"),
+        (lambda: N.quant_accumulate(kind, w[:, :, :1], q[None], d[None], out[None]), "q has shape (1, 2,"),
+    ]
+    for call, message in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert np.all(q == 3) and np.all(d == 5) and np.all(out == 7)
 
 
 # ---------------------------------------------------------------- streamed writes, argument checks

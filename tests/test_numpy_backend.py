@@ -18,6 +18,7 @@ from pytest_longctx.protocol import KVBackend, KVCache
 from pytest_longctx.rope import rope_frequencies
 from pytest_longctx.spec import CacheSpec, RopeSpec
 
+from _suite_runs import FLOORS_OFF, run_suite
 from _suite_runs import ROPES as SHARED_ROPES
 from _suite_runs import kv as _kv
 
@@ -76,7 +77,7 @@ def test_backend_satisfies_protocol_and_describes_cpu(kernels: str) -> None:
     assert isinstance(backend, KVBackend) and backend.name == "numpy"
     info = backend.info()
     assert info.name == "numpy" and info.device_kind == "cpu" and info.device_name
-    assert info.kv_dtypes == ("float32", "float16", "bfloat16", "q8_0")
+    assert info.kv_dtypes == ("float32", "float16", "bfloat16", "q8_0", "q4_0")
     assert info.versions["numpy"] == np.__version__ and info.max_positions is None
     assert info.versions["kernels"] == ("native" if kernels == "native" else "numpy (off for this test)")
     assert isinstance(backend.open_cache(SMALL), KVCache)
@@ -124,7 +125,7 @@ def test_storage_is_prepared_at_open_or_a_layer_at_its_first_write(kernels: str)
         del cache
 
 
-@pytest.mark.parametrize("kv_dtype", ["q4_0", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3"])
 def test_unsupported_storage_is_refused(kv_dtype: str) -> None:
     with pytest.raises(NotSupported, match=kv_dtype):
         NumpyBackend().open_cache(SMALL.replace(kv_dtype=kv_dtype))
@@ -220,6 +221,12 @@ def test_k_is_stored_rotated_at_its_positions(kv_dtype: str) -> None:
         step = np.abs(truth).reshape(8, 2, 2, 32).max(axis=-1, keepdims=True) / 127
         err = np.abs(got - truth).reshape(8, 2, 2, 32)
         assert np.all(err <= 0.53 * step + 1e-6)
+    elif kv_dtype == "q4_0":  # a step is max/8; the side opposite the max clamps at 7 steps (error
+        # up to one step), the rest round to half a step; plus the scale's rounding (7 of 2**-11)
+        step = np.abs(truth).reshape(8, 2, 2, 32).max(axis=-1, keepdims=True) / 8
+        err = np.abs(got - truth).reshape(8, 2, 2, 32)
+        assert np.all(err <= (1 + 7 * 2.0**-11) * step + 1e-6)
+        assert np.mean(err <= 0.5 * (1 + 8 * 2.0**-11) * step + 1e-6) > 0.9
     else:
         assert np.all(np.abs(got - truth) <= STORAGE_RTOL[kv_dtype] * np.abs(truth) + 1e-6)
 
@@ -273,6 +280,37 @@ def test_bfloat16_and_q8_0_codecs_match_the_reference() -> None:
     np.testing.assert_array_equal(d, want_d)
     out = np.empty(y.shape, np.float32)
     np.testing.assert_array_equal(K.q8_0_decode(np, q, d, out), ref.roundtrip(y, "q8_0"))
+
+
+@pytest.mark.parametrize("shape", [(32,), (5, 96), (3, 7, 64)])
+def test_q4_0_codec_matches_the_reference(kernels: str, shape: Tuple[int, ...]) -> None:
+    """The native codec, or the NumPy one, gives ggml's q4_0 bits as reference/quant.py does:
+    odd shapes, all-zero blocks of either sign, a block whose largest magnitude is negative,
+    a tie in magnitude (the first sets the scale's sign), values a rounding tie away."""
+    rng = _rng(12)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 6, shape)).astype(np.float32)
+    flat = x.reshape(-1, 32)
+    flat[0, 5] = -2 * np.abs(flat[0]).max()  # the block's max is negative
+    if len(flat) > 3:
+        flat[1], flat[2] = 0.0, -0.0
+        flat[3] = np.linspace(-1.0, 1.0, 32, dtype=np.float32)
+        flat[3, 4], flat[3, 20] = 3.0, -3.0  # a tie: d = -3/8 from the first
+        flat[3, 7], flat[3, 8] = 1.5 * 0.375, 2.5 * 0.375  # x/d + 8.5 lands on an integer
+    q = np.empty(shape[:-1] + (shape[-1] // 2,), np.uint8)
+    d = np.empty(shape[:-1] + (shape[-1] // 32,), np.float16)
+    out = np.empty(shape, np.float32)
+    if kernels == "native":
+        N.quant_encode("q4_0", x, q, d.view(np.uint16))
+        N.quant_decode("q4_0", q, d.view(np.uint16), out)
+    else:
+        K.q4_0_encode(np, x, q, d)
+        K.q4_0_decode(np, q, d, out)
+    want_d, want_q = ref.quantize_q4_0(x)
+    np.testing.assert_array_equal(q, want_q.reshape(q.shape))
+    np.testing.assert_array_equal(d.view(np.uint16), want_d.view(np.uint16))  # the sign of a zero scale too
+    np.testing.assert_array_equal(out, ref.roundtrip(x, "q4_0"))
+    if len(flat) > 3:
+        assert np.all(q.reshape(-1, 16)[1:3] == 0x88) and d.reshape(-1)[3] == np.float16(-0.375)
 
 
 def test_float16_inf_and_nan_are_held_and_other_layers_stay_fast() -> None:
@@ -404,3 +442,16 @@ def test_rope_table_keeps_the_last_long_range_for_the_next_layer() -> None:
     other = table.rows(9000, 17900)
     assert other is not first
     np.testing.assert_array_equal(other[0], K.rope_rows(np, spec, 9000, 17900)[0])
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def test_the_suite_passes_on_a_q4_0_cache(kernels: str, pytester: pytest.Pytester) -> None:
+    """Every question at q4_0, a small shape, with the native kernels and with the NumPy ones:
+    the suite's own q4_0 tolerances, the memory group's analytic size (18 bytes per 32 values)."""
+    result = run_suite(pytester, "cpu", "--longctx-kv-dtype=q4_0", *FLOORS_OFF, positions="1024")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-4000:]
+    assert outcomes.get("passed", 0) >= 30 and outcomes.get("skipped", 0) == 0, outcomes  # 34 here
+    result.stdout.fnmatch_lines(["*q4_0*KV memory / analytic*"])
