@@ -150,9 +150,17 @@ def _resolve(path: str) -> Callable[..., Any]:
     return target
 
 
+def _factory_kind(target: Any) -> Optional[str]:
+    """The kind a backend, or its factory's class, declares by its methods: "runtime" for a
+    whole-model RuntimeBackend, "cache" for a KVBackend; None for a plain function."""
+    if hasattr(target, "open_runtime") and not hasattr(target, "open_cache"):
+        return "runtime"
+    return "cache" if hasattr(target, "open_cache") else None
+
+
 def backend_kind(backend: Any) -> str:
     """"runtime" for a whole-model RuntimeBackend, else "cache" (a KVBackend)."""
-    return "runtime" if hasattr(backend, "open_runtime") and not hasattr(backend, "open_cache") else "cache"
+    return _factory_kind(backend) or "cache"
 
 
 def _construct(label: str, factory: Factory, options: Mapping[str, Any]) -> Backend:
@@ -211,8 +219,9 @@ def _alias_members(kind: str) -> List[Tuple[str, Factory, Dict[str, Any]]]:
             target = _resolve(ep.value)
         except LongctxError:
             continue
-        if kind in _declared_aliases(target):
-            preset = dict(_declared_aliases(target)[kind])
+        aliases = _declared_aliases(target)
+        if kind in aliases:
+            preset = dict(aliases[kind])
             label = ep.name if not preset else f"{ep.name}[{','.join(f'{k}={v}' for k, v in preset.items())}]"
             members.append((label, target, preset))
     return sorted(members, key=lambda member: bool(member[2]))
@@ -273,16 +282,10 @@ def load_backend(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Ba
     return _construct(ref.text, factories[ref.name], ref.options)
 
 
-def _factory_kind(target: Any) -> Optional[str]:
-    """The kind a factory's class declares by its methods; None for a plain function."""
-    if hasattr(target, "open_runtime") and not hasattr(target, "open_cache"):
-        return "runtime"
-    return "cache" if hasattr(target, "open_cache") else None
-
-
-def declared_kind(text: str, extra: Optional[Mapping[str, Factory]] = None) -> Optional[str]:
-    """The kind ("cache" or "runtime") a registered name or alias declares, without constructing
-    it; None when it does not say (an import path, a function factory, a mixed alias)."""
+def declared_kind(text: str) -> Optional[str]:
+    """The kind ("cache" or "runtime") an entry-point name or alias declares, without constructing
+    it; None when it does not say (an import path, a name only the hook registers, a function
+    factory, a mixed alias)."""
     try:
         name = parse_backend(text).name
     except SpecError:
@@ -290,7 +293,7 @@ def declared_kind(text: str, extra: Optional[Mapping[str, Factory]] = None) -> O
     if name in ALIASES:
         kinds = {_factory_kind(factory) for _, factory, _ in _alias_members(name)}
         return kinds.pop() if len(kinds) == 1 else None
-    factory = registered_factories(extra).get(name)
+    factory = registered_factories().get(name)
     if factory is None:
         return None
     try:
