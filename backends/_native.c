@@ -18,12 +18,19 @@
  * or values) read the storage directly and convert it in registers. ggml's
  * q8_0 and q4_0 blocks (values and half scales in separate arrays) have their
  * own codecs and products at the end.
+ * lc_fill writes one append (K rotated, and V) on several cores at once, with a
+ * team of worker threads kept warm between calls (see "the team" below).
  */
 
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -343,6 +350,183 @@ int lc_rope_encode(int fmt, const float *x, ptrdiff_t x_ps, ptrdiff_t x_rs,
         }
     free(t);
     return 0;
+}
+
+/* --- the team: one append on every core ---------------------------------------------- */
+
+/* A prefill appends one layer at a time, about 0.2 ms of work per layer for a 512-position
+ * chunk of a small model. Handing half of it to a thread that sleeps costs a wake-up each
+ * time (tens of microseconds in a VM, measured here as no gain over one core), so the
+ * workers poll for the next job for LC_SPIN_NS after each one before they sleep: from one
+ * layer's append to the next they are awake, and an idle team costs nothing. One caller
+ * uses the team at a time; another caller meanwhile does its whole job itself. After a
+ * fork the child has no workers; pthread_atfork resets the team there, and the next call
+ * starts new ones. Workers block every signal, so that signals reach the caller's thread. */
+
+#define LC_TEAM_MAX 64
+#define LC_SPIN_NS 300000L
+
+typedef void (*lc_part_fn)(const void *job, int part, int parts);
+
+static struct {
+    pthread_mutex_t use;                 /* held by the caller of the current job */
+    pthread_mutex_t sleep;               /* with wake: where idle workers wait */
+    pthread_cond_t wake;
+    unsigned long generation;            /* bumped for each job (__atomic) */
+    int remaining;                       /* workers still on the current job (__atomic) */
+    int size;                            /* workers started */
+    int forks_registered;
+    lc_part_fn fn;
+    const void *job;
+    int parts;
+    unsigned long born[LC_TEAM_MAX + 1];  /* the generation when worker i was started */
+} team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, {0}};
+
+static long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long)t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *team_worker(void *arg)
+{
+    int index = (int)(intptr_t)arg;
+    unsigned long seen = team.born[index];          /* a job posted before it ran is its first */
+    for (;;) {
+        long deadline = now_ns() + LC_SPIN_NS;
+        unsigned long polls = 0;
+        while (__atomic_load_n(&team.generation, __ATOMIC_ACQUIRE) == seen) {
+            if (++polls % 256 == 0 && now_ns() > deadline) {
+                pthread_mutex_lock(&team.sleep);
+                while (__atomic_load_n(&team.generation, __ATOMIC_ACQUIRE) == seen)
+                    pthread_cond_wait(&team.wake, &team.sleep);
+                pthread_mutex_unlock(&team.sleep);
+            } else
+                relax();
+        }
+        seen = __atomic_load_n(&team.generation, __ATOMIC_ACQUIRE);
+        if (index < team.parts)
+            team.fn(team.job, index, team.parts);
+        __atomic_sub_fetch(&team.remaining, 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+static void team_after_fork(void)
+{
+    pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+    team.use = mutex;
+    team.sleep = mutex;
+    team.wake = cond;
+    team.size = 0;
+    team.remaining = 0;
+}
+
+/* Start workers until there are want (team.use held); returns how many there are. */
+static int team_grow(int want)
+{
+    if (!team.forks_registered && pthread_atfork(NULL, NULL, team_after_fork) == 0)
+        team.forks_registered = 1;
+    if (!team.forks_registered)
+        return 0;                        /* a fork would leave a child waiting on no one */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    while (team.size < want && team.size < LC_TEAM_MAX) {
+        pthread_attr_t attr;
+        pthread_t thread;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        team.born[team.size + 1] = team.generation;
+        int failed = pthread_create(&thread, &attr, team_worker, (void *)(intptr_t)(team.size + 1));
+        pthread_attr_destroy(&attr);
+        if (failed)
+            break;
+        team.size++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return team.size;
+}
+
+/* fn(job, p, parts) for p in 0 .. parts-1: part 0 here, the others on the team's workers
+ * when the team is free and can be had; otherwise all of them here, in order. */
+static void team_run(lc_part_fn fn, const void *job, int parts)
+{
+    if (parts > 1 && pthread_mutex_trylock(&team.use) == 0) {
+        int workers = team_grow(parts - 1);
+        if (workers >= 1) {
+            int on_team = workers + 1 < parts ? workers + 1 : parts;
+            team.fn = fn;
+            team.job = job;
+            team.parts = on_team;
+            __atomic_store_n(&team.remaining, workers, __ATOMIC_RELAXED);
+            pthread_mutex_lock(&team.sleep);
+            __atomic_add_fetch(&team.generation, 1, __ATOMIC_RELEASE);
+            pthread_cond_broadcast(&team.wake);
+            pthread_mutex_unlock(&team.sleep);
+            fn(job, 0, on_team);
+            for (int p = on_team; p < parts; p++)    /* more parts than workers: rare */
+                fn(job, p, parts);
+            for (unsigned long polls = 0; __atomic_load_n(&team.remaining, __ATOMIC_ACQUIRE) > 0; polls++)
+                if (polls < 4096)
+                    relax();
+                else                         /* a worker was descheduled: let it run */
+                    sched_yield();
+            pthread_mutex_unlock(&team.use);
+            return;
+        }
+        pthread_mutex_unlock(&team.use);
+    }
+    for (int p = 0; p < parts; p++)
+        fn(job, p, parts);
+}
+
+/* One append: K (rotated) and V, each (planes, rows, cols) with the same strides, into
+ * their storage (also sharing strides). Parts split the rows (positions). */
+typedef struct {
+    int fmt, gptj;
+    const float *k, *v, *cos, *sin;
+    ptrdiff_t x_ps, x_rs, table_rs, half;
+    char *dk, *dv;
+    ptrdiff_t dst_ps, dst_rs, planes, rows, cols;
+    int status;                          /* any part's failure (__atomic) */
+} fill_job;
+
+static void fill_part(const void *arg, int part, int parts)
+{
+    const fill_job *j = (const fill_job *)arg;
+    ptrdiff_t r0 = j->rows * part / parts, r1 = j->rows * (part + 1) / parts;
+    size_t size = item_size(j->fmt);
+    if (r1 <= r0)
+        return;
+    if (lc_rope_encode(j->fmt, j->k + r0 * j->x_rs, j->x_ps, j->x_rs, j->cos + r0 * j->table_rs,
+                       j->sin + r0 * j->table_rs, j->table_rs, j->half, j->gptj,
+                       j->dk + (size_t)(r0 * j->dst_rs) * size, j->dst_ps, j->dst_rs, j->planes, r1 - r0, j->cols))
+        __atomic_store_n((int *)&j->status, -1, __ATOMIC_RELAXED);
+    /* V position by position (planes and rows swapped): its input is read in order, as K's is. */
+    lc_encode(j->fmt, j->v + r0 * j->x_rs, j->x_rs, j->x_ps, j->dv + (size_t)(r0 * j->dst_rs) * size,
+              j->dst_rs, j->dst_ps, r1 - r0, j->planes, j->cols);
+}
+
+int lc_fill(int fmt, const float *k, const float *v, ptrdiff_t x_ps, ptrdiff_t x_rs,
+            const float *cos, const float *sin, ptrdiff_t table_rs, ptrdiff_t half, int gptj,
+            void *dk, void *dv, ptrdiff_t dst_ps, ptrdiff_t dst_rs,
+            ptrdiff_t planes, ptrdiff_t rows, ptrdiff_t cols, int threads)
+{
+    fill_job job = {fmt, gptj, k, v, cos, sin, x_ps, x_rs, table_rs, half, (char *)dk, (char *)dv,
+                    dst_ps, dst_rs, planes, rows, cols, 0};
+    int parts = threads < 1 ? 1 : (ptrdiff_t)threads > rows ? (int)rows : threads;
+    team_run(fill_part, &job, parts);
+    return job.status;
 }
 
 /* --- products of attention against stored blocks ------------------------------------ */

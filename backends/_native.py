@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 SOURCE = Path(__file__).with_name("_native.c")
-COMMON_FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC")
+COMMON_FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 # Tried in order: the first that builds is used.
 FLAG_SETS = (("-march=native",) + COMMON_FLAGS, COMMON_FLAGS)
 FORMATS = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -128,6 +128,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = None
     lib.lc_rope_encode.argtypes = [i, p, n, n, p, p, n, n, i, p, n, n, n, n, n]
     lib.lc_rope_encode.restype = i
+    lib.lc_fill.argtypes = [i, p, p, n, n, p, p, n, n, i, p, p, n, n, n, n, n, i]
+    lib.lc_fill.restype = i
     lib.lc_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, n, n, n, n]
     lib.lc_products.restype = i
     lib.lc_quant_products.argtypes = [i, i, p, n, n, p, n, n, p, n, n, p, n, n, n, n, n, n]
@@ -310,13 +312,9 @@ def quant_decode(kind: str, q: np.ndarray, d: np.ndarray, out: np.ndarray) -> np
     return out
 
 
-def rope_encode(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str, out: np.ndarray) -> np.ndarray:
-    """out = x (n, heads, d) rotated with table rows cos, sin (n, rotary_dim/2), stored as kind.
-
-    The same float32 arithmetic as _kernels.rotate; out may be any view whose
-    last axis is contiguous, such as the (heads, positions, d) storage
-    transposed to (positions, heads, d).
-    """
+def _rope_args(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str,
+               out: np.ndarray) -> Tuple[Tuple[int, ...], int, int, int, int]:
+    """Checks of a rotate-and-store: (shape, x's plane and row strides, out's), in elements."""
     if style not in ("neox", "gptj"):
         raise ValueError(f"style is {style!r}, but should be neox or gptj")
     _shaped("x", x, (None, None, None))
@@ -332,6 +330,17 @@ def rope_encode(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, styl
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, np.ndarray) or table.dtype != _F32 or not table.flags.c_contiguous:
             raise ValueError(f"{name} should be a C-contiguous float32 array")
+    return shape, x_ps, x_rs, out_ps, out_rs
+
+
+def rope_encode(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str, out: np.ndarray) -> np.ndarray:
+    """out = x (n, heads, d) rotated with table rows cos, sin (n, rotary_dim/2), stored as kind.
+
+    The same float32 arithmetic as _kernels.rotate; out may be any view whose
+    last axis is contiguous, such as the (heads, positions, d) storage
+    transposed to (positions, heads, d).
+    """
+    shape, x_ps, x_rs, out_ps, out_rs = _rope_args(kind, x, cos, sin, style, out)
     if x.size == 0:
         return out
     half = cos.shape[1]
@@ -342,6 +351,32 @@ def rope_encode(kind: str, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, styl
     if status != 0:
         raise MemoryError("native rope_encode could not allocate its row buffer")
     return out
+
+
+def fill(kind: str, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str,
+         out_k: np.ndarray, out_v: np.ndarray, threads: int) -> None:
+    """One append: out_k = rope_encode of k, out_v = encode of v, the positions split over
+    ``threads`` cores (the native team). k and v share a layout, as do out_k and out_v."""
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r}, but should be a positive integer")
+    shape, x_ps, x_rs, out_ps, out_rs = _rope_args(kind, k, cos, sin, style, out_k)
+    for name, array, like, dtype in (("v", v, k, _F32), ("out_v", out_v, out_k, STORED_DTYPES[kind])):
+        _layout(array, dtype, name, writable=name == "out_v")
+        if array.shape != like.shape or array.strides != like.strides:
+            raise ValueError(f"{name} has shape {array.shape} and strides {array.strides}, but should have "
+                             f"those of {'k' if like is k else 'out_k'}: {like.shape}, {like.strides}")
+    for a, b in ((v, out_k), (v, out_v), (k, out_v), (out_k, out_v)):
+        if np.may_share_memory(a, b):
+            raise ValueError("k, v, out_k and out_v overlap")
+    if k.size == 0:
+        return
+    half = cos.shape[1]
+    status = _library().lc_fill(
+        FORMATS[kind], k.ctypes.data, v.ctypes.data, x_rs, x_ps, cos.ctypes.data, sin.ctypes.data, half, half,
+        int(style == "gptj"), out_k.ctypes.data, out_v.ctypes.data, out_rs, out_ps, shape[1], shape[0], shape[2],
+        threads)
+    if status != 0:
+        raise MemoryError("native fill could not allocate its row buffer")
 
 
 def _products(accumulate: bool, kind: str, a: np.ndarray, b: np.ndarray, out: np.ndarray, cols: int) -> None:

@@ -73,7 +73,7 @@ class _Store:
         rotated first by rope (K.rotate's cos, sin and style) when given."""
         if rope is not None:
             if self.native:
-                N.rope_encode(self.native, x, rope[0], rope[1], rope[2], self._slots(layer, start, x.shape[0]))
+                N.rope_encode(self.native, x, rope[0], rope[1], rope[2], self.slots(layer, start, x.shape[0]))
                 return
             x = K.rotate(np, x, rope[0], rope[1], rope[2], np.empty_like(x))
         self.put(layer, start, x)
@@ -82,7 +82,7 @@ class _Store:
         """write, x already rotated."""
         raise NotImplementedError
 
-    def _slots(self, layer: int, start: int, n: int) -> np.ndarray:
+    def slots(self, layer: int, start: int, n: int) -> np.ndarray:
         """The storage of positions start .. start+n-1 as (n, n_kv, d), for the native kernels."""
         return self.data[layer, :, start : start + n].transpose(1, 0, 2)
 
@@ -132,7 +132,7 @@ class _Float32Store(_Store):
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
         if self.native:  # streamed past the cache, as the rotated K is
-            N.encode("float32", x, self._slots(layer, start, x.shape[0]))
+            N.encode("float32", x, self.slots(layer, start, x.shape[0]))
         else:
             self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
 
@@ -158,7 +158,7 @@ class _Float16Store(_Store):
         self.native = "float16" if native else None
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
-        out = self._slots(layer, start, x.shape[0])
+        out = self.slots(layer, start, x.shape[0])
         if x.size == 0:
             return
         if self.native:
@@ -196,9 +196,9 @@ class _BFloat16Store(_Store):
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
         if self.native:
-            N.encode("bfloat16", x, self._slots(layer, start, x.shape[0]))
+            N.encode("bfloat16", x, self.slots(layer, start, x.shape[0]))
         else:
-            K.bfloat16_encode(np, x, self._slots(layer, start, x.shape[0]))
+            K.bfloat16_encode(np, x, self.slots(layer, start, x.shape[0]))
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
@@ -343,7 +343,14 @@ class NumpyCache:
             self._unprepared.discard(layer)
 
         cos, sin = self._rope.rows(start, start + n)
-        if k_store.native:
+        if k_store.native in N.FORMATS:
+            # One native call: K rotated and V, the positions split over the native team, whose
+            # workers stay awake from one layer's append to the next (a hand-over to a pool
+            # thread costs a wake-up per layer). An append too small to repay it runs on one core.
+            threads = self._threads if n * spec.n_kv_heads * spec.head_dim >= NATIVE_PARALLEL_VALUES else 1
+            N.fill(k_store.native, k, v, cos, sin, spec.rope.style, k_store.slots(layer, start, n),
+                   v_store.slots(layer, start, n), threads)
+        elif k_store.native:
             # K (rotated) and V are written by separate tasks, so that a prefill chunk keeps
             # both cores streaming; a chunk past NATIVE_APPEND_STEP per thread is split further.
             # An append too small to repay a hand-over to a thread runs here.

@@ -551,3 +551,117 @@ def test_kernels_name_the_argument_they_refuse_and_touch_nothing() -> None:
             call()
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
     assert np.all(out == 7) and np.all(acc == 0)
+
+
+def _fill_inputs(n: int, heads: int, d: int, half: int) -> Tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(12)
+    k = (rng.standard_normal((n, heads, d)) * 10.0 ** rng.uniform(-3, 3, (n, heads, d))).astype(np.float32)
+    v = (rng.standard_normal((n, heads, d)) * 3).astype(np.float32)
+    angles = rng.uniform(0, 1000, (n, half))
+    return k, v, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("n,threads", [(1, 2), (7, 2), (7, 5), (300, 1), (300, 2), (300, 3)])
+def test_fill_on_the_team_stores_what_rope_encode_and_encode_store(kind: str, style: str, n: int,
+                                                                   threads: int) -> None:
+    """One append split over the native team (positions per core, 300 x 4 x 64 values past the
+    streaming size): the bits of the one-core kernels, in place, nothing beside them moved."""
+    heads, d = 4, 64
+    k, v, cos, sin = _fill_inputs(n, heads, d, 24)
+    stored = N.STORED_DTYPES[kind]
+    store_k, store_v = (np.full((heads, n + 2, d), 7, stored) for _ in range(2))
+    N.fill(kind, k, v, cos, sin, style, store_k[:, 1:n + 1].transpose(1, 0, 2),
+           store_v[:, 1:n + 1].transpose(1, 0, 2), threads)
+    want_k, want_v = np.empty((n, heads, d), stored), np.empty((n, heads, d), stored)
+    N.rope_encode(kind, k, cos, sin, style, want_k)
+    N.encode(kind, v, want_v)
+    np.testing.assert_array_equal(store_k[:, 1:n + 1].transpose(1, 0, 2), want_k)
+    np.testing.assert_array_equal(store_v[:, 1:n + 1].transpose(1, 0, 2), want_v)
+    for store in (store_k, store_v):
+        assert np.all(store[:, 0] == 7) and np.all(store[:, -1] == 7)
+
+
+@needs_native
+def test_fill_names_the_argument_it_refuses_and_touches_nothing() -> None:
+    k, v, cos, sin = _fill_inputs(4, 2, 8, 4)
+    out_k, out_v = np.full((4, 2, 8), 7, np.uint16), np.full((4, 2, 8), 7, np.uint16)
+    storage = np.full((2, 6, 8), 7, np.uint16)  # (heads, positions, d): other strides than out_k
+    refused = [
+        (lambda: N.fill("float16", k, v[:3], cos, sin, "neox", out_k, out_v, 2), "v has shape (3, 2, 8)"),
+        (lambda: N.fill("float16", k, v, cos, sin, "neox", out_k, storage[:, :4].transpose(1, 0, 2), 2),
+         "out_v has shape (4, 2, 8) and strides (16, 96, 2)"),
+        (lambda: N.fill("float16", k, v.astype(np.float64), cos, sin, "neox", out_k, out_v, 2), "v should be"),
+        (lambda: N.fill("float16", k, v, cos, sin, "neox", out_k, out_k, 2), "overlap"),
+        (lambda: N.fill("float16", k, v, cos[:3], sin, "neox", out_k, out_v, 2), "cos has shape (3, 4)"),
+        (lambda: N.fill("float16", k, v, cos, sin, "neox", out_k, out_v, 0), "threads=0"),
+    ]
+    for call, message in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert np.all(out_k == 7) and np.all(out_v == 7) and np.all(storage == 7)
+
+
+@needs_native
+def test_concurrent_fills_share_the_team_and_each_gets_its_bits() -> None:
+    """Two callers at once: one has the team, the other does its whole append itself."""
+    import threading
+
+    k, v, cos, sin = _fill_inputs(300, 4, 64, 32)
+    want_k, want_v = np.empty(k.shape, np.uint16), np.empty(v.shape, np.uint16)
+    N.fill("float16", k, v, cos, sin, "neox", want_k, want_v, 1)
+    wrong: list = []
+
+    def caller() -> None:
+        out_k, out_v = np.empty_like(want_k), np.empty_like(want_v)
+        for _ in range(50):
+            out_k.fill(0)
+            out_v.fill(0)
+            N.fill("float16", k, v, cos, sin, "neox", out_k, out_v, 2)
+            if not (np.array_equal(out_k, want_k) and np.array_equal(out_v, want_v)):
+                wrong.append(1)
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a fill on the team did not return"
+    assert not wrong
+
+
+FORKED_FILL = """
+import os, sys, time
+import numpy as np
+from pytest_longctx.backends import _native as N
+k = np.ones((300, 4, 64), np.float32); v = 2 * k
+cos, sin = np.ones((300, 32), np.float32), np.zeros((300, 32), np.float32)
+out_k, out_v = np.empty(k.shape, np.uint16), np.empty(k.shape, np.uint16)
+N.fill("float16", k, v, cos, sin, "neox", out_k, out_v, 2)  # the team's workers are running
+pid = os.fork()
+if pid == 0:
+    out_k.fill(0); out_v.fill(0)
+    N.fill("float16", k, v, cos, sin, "neox", out_k, out_v, 2)  # a new team in the child
+    ok = (out_k == 0x3C00).all() and (out_v == 0x4000).all()
+    os._exit(0 if ok else 3)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)
+print("the forked child hung in fill")
+sys.exit(4)
+"""
+
+
+@needs_native
+def test_a_forked_child_fills_with_a_team_of_its_own() -> None:
+    """--longctx-isolate forks the process: the child has none of the parent's workers and
+    must start its own, not wait on them."""
+    done = subprocess.run([sys.executable, "-c", FORKED_FILL], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
