@@ -172,7 +172,7 @@ class Limits:
             self.method = f"{found.method}; copy counted one way"
         else:
             self._host = HostProbe()
-            self.method = HostProbe.method
+            self.method = self._host.method
         self.matmul_flops, self.matmul_method = rooflines.matmul(label, backend)
 
     def sample(self) -> Roofline:
