@@ -145,6 +145,7 @@ static int streamable(const void *dst, ptrdiff_t ps, ptrdiff_t rs, ptrdiff_t pla
 /* nt: dst is 16-byte aligned and n a multiple of 8 (see streamable); stores bypass the cache. */
 static void encode_run(int fmt, const float *src, void *dst, ptrdiff_t n, int nt)
 {
+    (void)nt;                                           /* streaming needs the SIMD stores */
     ptrdiff_t i = 0;
     uint16_t *out = (uint16_t *)dst;
 #if LC_SIMD
@@ -415,6 +416,8 @@ static void *team_worker(void *arg)
         seen = __atomic_load_n(&team.generation, __ATOMIC_ACQUIRE);
         if (index < team.parts)
             team.fn(team.job, index, team.parts);
+        /* Every worker answers every job, those without a part too: none can then read the
+         * next job's fields as if they were the one it woke for. */
         __atomic_sub_fetch(&team.remaining, 1, __ATOMIC_RELEASE);
     }
     return NULL;
@@ -422,11 +425,9 @@ static void *team_worker(void *arg)
 
 static void team_after_fork(void)
 {
-    pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
-    pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
-    team.use = mutex;
-    team.sleep = mutex;
-    team.wake = cond;
+    pthread_mutex_init(&team.use, NULL);
+    pthread_mutex_init(&team.sleep, NULL);
+    pthread_cond_init(&team.wake, NULL);
     team.size = 0;
     team.remaining = 0;
 }

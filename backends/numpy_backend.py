@@ -44,11 +44,12 @@ NATIVE_BLOCK_RANGE = (1024, 16384)
 # Positions encoded per step of an append: bounds the float32 temporaries (a few MiB)
 # and is the unit of work handed to the threads.
 APPEND_STEP = 256
-# The native kernels rotate and encode with no temporaries, and handing a task to a thread
-# costs ~50 us; their appends go in one step per thread of at least this many positions.
+# The quantized stores' native kernels work with no large temporaries, and handing a task to
+# a pool thread costs ~50 us; their appends go in one step per thread of at least this many
+# positions, K and V in separate tasks (float stores go through the native team, N.fill).
 NATIVE_APPEND_STEP = 1024
-# Values (positions x KV heads x head_dim) from which an append hands V to another thread:
-# below, the hand-over (~50 us) costs more than writing it.
+# Values (positions x KV heads x head_dim) from which an append is split over the cores:
+# below, waking a thread (~50 us) costs more than writing it.
 NATIVE_PARALLEL_VALUES = 1 << 15
 # Values up to which one NumPy cast beats the kernels' dozen passes (per-call overhead).
 CAST_BELOW = 16384
@@ -351,9 +352,10 @@ class NumpyCache:
             N.fill(k_store.native, k, v, cos, sin, spec.rope.style, k_store.slots(layer, start, n),
                    v_store.slots(layer, start, n), threads)
         elif k_store.native:
-            # K (rotated) and V are written by separate tasks, so that a prefill chunk keeps
-            # both cores streaming; a chunk past NATIVE_APPEND_STEP per thread is split further.
-            # An append too small to repay a hand-over to a thread runs here.
+            # Quantized: K (rotated) and V are written by separate pool tasks (the block
+            # quantizer is bound by arithmetic, 0.5-1 ms a layer, so a wake-up per task is cheap);
+            # a chunk past NATIVE_APPEND_STEP per thread is split further. An append too small
+            # to repay a hand-over to a thread runs here.
             size = max(NATIVE_APPEND_STEP, -(-n // self._threads))
             steps = [(store, a) for a in range(0, n, size) for store in (k_store, v_store)]
             if n * spec.n_kv_heads * spec.head_dim < NATIVE_PARALLEL_VALUES:

@@ -457,7 +457,7 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="longctx-bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="longctx-bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--backend", action="append",
                         help="backend name, NAME[key=value] or module:factory; repeat for a side-by-side table "
                              "(default cpu)")
