@@ -296,6 +296,31 @@ def test_host_bandwidth_is_plausible() -> None:
     assert found.method.startswith("host numpy")
 
 
+def test_the_read_probe_streams_a_buffer_of_its_own_past_the_last_level_cache() -> None:
+    """Read right after the copy, the copy's source was partly cached and read 20% fast: the
+    read probe has its own buffer, four times the last-level cache, and says so."""
+    probe = bandwidth.HostProbe(1 * MiB)
+    try:
+        assert not np.shares_memory(probe._read_src, probe._src)
+        assert not np.shares_memory(probe._read_src, probe._dst)
+        assert probe.read_nbytes >= max(probe.nbytes, 4 * bandwidth.last_level_cache_bytes() - 4096)
+        assert f"read of {probe.read_nbytes >> 20} MiB" in probe.method
+        sample = probe.sample()
+        assert 0.1 < sample.copy_gbps < 10_000 and 0.1 < sample.read_gbps < 10_000
+    finally:
+        probe.close()
+
+
+def test_last_level_cache_size_falls_back_when_the_c_library_does_not_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bandwidth.last_level_cache_bytes() > 0
+
+    def unknown(name: str) -> int:
+        raise ValueError(name)
+
+    monkeypatch.setattr(bandwidth.os, "sysconf", unknown)
+    assert bandwidth.last_level_cache_bytes(default=5 * MiB) == 5 * MiB
+
+
 def test_roofline_cache_prefers_the_backend_and_measures_once_per_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     host = Bandwidth(copy_gbps=20.0, read_gbps=30.0, nbytes=1, method="stub")
     monkeypatch.setattr(bandwidth, "host_bandwidth", lambda: host)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -25,6 +25,14 @@ Codec = Callable[[str, str, np.ndarray, np.ndarray], None]  # (function, kind, s
 
 def _floats(bits: Any) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint32).view(np.float32)
+
+
+def _each_refused_in_one_line(refused: List[Tuple[Callable[[], Any], str]]) -> None:
+    """Every call raises ValueError or TypeError, one line holding its expected message."""
+    for call, message in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 @pytest.fixture(scope="module")
@@ -478,10 +486,7 @@ def test_quantized_wrappers_name_the_argument_they_refuse_and_touch_nothing(kind
         (lambda: N.quant_accumulate(kind, w, q[None], d[None, :1], out[None]), "d has shape (1, 1, 2)"),
         (lambda: N.quant_accumulate(kind, w[:, :, :1], q[None], d[None], out[None]), "q has shape (1, 2,"),
     ]
-    for call, message in refused:
-        with pytest.raises((ValueError, TypeError)) as info:
-            call()
-        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    _each_refused_in_one_line(refused)
     assert np.all(q == 3) and np.all(d == 5) and np.all(out == 7)
 
 
@@ -546,10 +551,7 @@ def test_kernels_name_the_argument_they_refuse_and_touch_nothing() -> None:
         (lambda: N.accumulate("float16", np.ones((2, 1, 5), np.float32), b, acc[:, :, :4]), "out has shape"),
         (lambda: N.encode("float16", x, out[:, :1]), "destination has shape (4, 1, 8)"),
     ]
-    for call, message in refused:
-        with pytest.raises((ValueError, TypeError)) as info:
-            call()
-        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    _each_refused_in_one_line(refused)
     assert np.all(out == 7) and np.all(acc == 0)
 
 
@@ -598,10 +600,7 @@ def test_fill_names_the_argument_it_refuses_and_touches_nothing() -> None:
         (lambda: N.fill("float16", k, v, cos[:3], sin, "neox", out_k, out_v, 2), "cos has shape (3, 4)"),
         (lambda: N.fill("float16", k, v, cos, sin, "neox", out_k, out_v, 0), "threads=0"),
     ]
-    for call, message in refused:
-        with pytest.raises((ValueError, TypeError)) as info:
-            call()
-        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    _each_refused_in_one_line(refused)
     assert np.all(out_k == 7) and np.all(out_v == 7) and np.all(storage == 7)
 
 
