@@ -458,25 +458,25 @@ static int team_grow(int want)
     return team.size;
 }
 
-/* fn(job, p, parts) for p in 0 .. parts-1: part 0 here, the others on the team's workers
- * when the team is free and can be had; otherwise all of them here, in order. */
+/* The job cut into parts: part 0 here, the others on the team's workers when the team is
+ * free and can be had (fewer parts when fewer workers could be started); otherwise the job
+ * is one part, done here. */
 static void team_run(lc_part_fn fn, const void *job, int parts)
 {
     if (parts > 1 && pthread_mutex_trylock(&team.use) == 0) {
         int workers = team_grow(parts - 1);
         if (workers >= 1) {
-            int on_team = workers + 1 < parts ? workers + 1 : parts;
+            if (parts > workers + 1)
+                parts = workers + 1;
             team.fn = fn;
             team.job = job;
-            team.parts = on_team;
+            team.parts = parts;
             __atomic_store_n(&team.remaining, workers, __ATOMIC_RELAXED);
             pthread_mutex_lock(&team.sleep);
             __atomic_add_fetch(&team.generation, 1, __ATOMIC_RELEASE);
             pthread_cond_broadcast(&team.wake);
             pthread_mutex_unlock(&team.sleep);
-            fn(job, 0, on_team);
-            for (int p = on_team; p < parts; p++)    /* more parts than workers: rare */
-                fn(job, p, parts);
+            fn(job, 0, parts);
             for (unsigned long polls = 0; __atomic_load_n(&team.remaining, __ATOMIC_ACQUIRE) > 0; polls++)
                 if (polls < 4096)
                     relax();
@@ -487,8 +487,7 @@ static void team_run(lc_part_fn fn, const void *job, int parts)
         }
         pthread_mutex_unlock(&team.use);
     }
-    for (int p = 0; p < parts; p++)
-        fn(job, p, parts);
+    fn(job, 0, 1);
 }
 
 /* One append: K (rotated) and V, each (planes, rows, cols) with the same strides, into
