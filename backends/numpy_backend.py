@@ -71,11 +71,9 @@ class _Store:
 
     def write(self, layer: int, start: int, x: np.ndarray, rope: Optional[Rope] = None) -> None:
         """Store float32 x (n, n_kv, d), contiguous, at positions start .. start+n-1,
-        rotated first by rope (K.rotate's cos, sin and style) when given."""
+        rotated first by rope (K.rotate's cos, sin and style) when given. Float stores with
+        the native kernels are written by NumpyCache.append through N.fill, not here."""
         if rope is not None:
-            if self.native:
-                N.rope_encode(self.native, x, rope[0], rope[1], rope[2], self.slots(layer, start, x.shape[0]))
-                return
             x = K.rotate(np, x, rope[0], rope[1], rope[2], np.empty_like(x))
         self.put(layer, start, x)
 
@@ -132,10 +130,7 @@ class _Float32Store(_Store):
         self.native = "float32" if native else None  # rope fused into the copy; attention products
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
-        if self.native:  # streamed past the cache, as the rotated K is
-            N.encode("float32", x, self.slots(layer, start, x.shape[0]))
-        else:
-            self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
+        self.data[layer, :, start : start + x.shape[0]] = x.transpose(1, 0, 2)
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
@@ -161,9 +156,6 @@ class _Float16Store(_Store):
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
         out = self.slots(layer, start, x.shape[0])
         if x.size == 0:
-            return
-        if self.native:
-            N.encode("float16", x, out)
             return
         if x.size > CAST_BELOW:
             nonfinite = K.float16_encode(np, x, out)
@@ -196,10 +188,7 @@ class _BFloat16Store(_Store):
         self.native = "bfloat16" if native else None
 
     def put(self, layer: int, start: int, x: np.ndarray) -> None:
-        if self.native:
-            N.encode("bfloat16", x, self.slots(layer, start, x.shape[0]))
-        else:
-            K.bfloat16_encode(np, x, self.slots(layer, start, x.shape[0]))
+        K.bfloat16_encode(np, x, self.slots(layer, start, x.shape[0]))
 
     def read(
         self, layer: int, heads: slice, start: int, stop: int, out: np.ndarray, exponent: int = 0
